@@ -1,0 +1,91 @@
+"""Backend facts: a fast BLAS for MLX's Linux CPU wheel, and the dtype per device.
+
+MLX's Linux CPU wheel links the reference BLAS (~6 GFLOP/s on a 576x1536
+matmul). Loading OpenBLAS with RTLD_GLOBAL *before* mlx is imported makes
+libmlx bind its cblas symbols there (~100-175 GFLOP/s). Set
+MLX_REDRAFTER_BLAS=off to keep the reference BLAS, or MLX_REDRAFTER_BLAS=PATH
+to name a library. Install one with `apt-get install libopenblas0-pthread`
+(Debian/Ubuntu) or `dnf install openblas` (Fedora).
+"""
+
+import ctypes
+import glob
+import os
+import platform
+import sys
+
+_CANDIDATES = [
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+    "/usr/local/lib/libopenblas.so.0",
+]
+
+blas_library = None  # the library preloaded, if any
+
+
+def find_blas():
+    setting = os.environ.get("MLX_REDRAFTER_BLAS", "auto")
+    if setting.lower() in ("off", "0", "no", "false"):
+        return None
+    if setting not in ("auto", ""):
+        return setting
+    for pattern in _CANDIDATES:
+        found = glob.glob(pattern)
+        if found:
+            return found[0]
+    return None
+
+
+def preload_blas():
+    """On Linux, load an optimized BLAS globally before mlx; a no-op elsewhere."""
+    global blas_library
+    if platform.system() != "Linux" or blas_library is not None:
+        return blas_library
+    path = find_blas()
+    if path is None:
+        return None
+    if "mlx.core" in sys.modules:
+        print(
+            "mlx-redrafter: mlx was imported before mlx_redrafter, so the fast BLAS could not be "
+            "preloaded; import mlx_redrafter first",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        print(f"mlx-redrafter: could not load BLAS {path}: {e}", file=sys.stderr)
+        return None
+    blas_library = path
+    return path
+
+
+def on_gpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.gpu
+
+
+def default_dtype():
+    """fp32 on the CPU (fastest there, measured); bf16 on CUDA, fp16 on Metal."""
+    import mlx.core as mx
+
+    if not on_gpu():
+        return mx.float32
+    return mx.float16 if platform.system() == "Darwin" else mx.bfloat16
+
+
+def parse_dtype(name):
+    import mlx.core as mx
+
+    if name is None or name == "auto":
+        return default_dtype()
+    names = {"float32": mx.float32, "fp32": mx.float32, "float16": mx.float16, "fp16": mx.float16,
+             "bfloat16": mx.bfloat16, "bf16": mx.bfloat16}
+    if name not in names:
+        raise ValueError(f"unknown dtype {name!r}: use one of float32, float16, bfloat16, auto")
+    return names[name]

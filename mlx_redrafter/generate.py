@@ -1,0 +1,149 @@
+"""Text generation API: plain decoding with the base model, or ReDrafter speculation.
+
+    model, tokenizer, _ = load()
+    for r in stream_generate(model, tokenizer, "Hello", max_tokens=32):
+        print(r.text, end="")
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Union
+
+import mlx.core as mx
+
+from .sampling import SamplingConfig, choose_tokens
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text segment
+    token: int
+    from_draft: bool  # accepted from the drafter (False for the base model's own token)
+    step_accepted: int  # drafted tokens accepted in the step that produced this token
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    steps: int  # base-model forward passes after the prompt
+    peak_memory: float  # GB
+    finish_reason: Optional[str] = None  # "stop" | "length" | None
+
+
+def encode_prompt(tokenizer, prompt: Union[str, List[int]], chat_template: bool = True) -> List[int]:
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if chat_template and getattr(tokenizer, "has_chat_template", False):
+        messages = [{"role": "user", "content": prompt}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+    return list(tokenizer.encode(prompt))
+
+
+def prefill(model, tokens: List[int], cache) -> mx.array:
+    """Run the prompt through the model in chunks; return the last hidden state (1, H)."""
+    if not tokens:
+        raise ValueError("the prompt is empty")
+    for start in range(0, len(tokens) - PREFILL_CHUNK, PREFILL_CHUNK):
+        model(mx.array([tokens[start : start + PREFILL_CHUNK]]), cache)
+        mx.eval(cache.state())
+    done = (len(tokens) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+    return model(mx.array([tokens[done:]]), cache)[:, -1]
+
+
+def plain_steps(model, prompt: List[int], sampling: SamplingConfig) -> Iterator[List[int]]:
+    """Autoregressive decoding: yields [token] per step, the next step already queued."""
+    cache = model.make_cache()
+    y = choose_tokens(model.logits(prefill(model, prompt, cache)), sampling)
+    mx.async_eval(y)
+    while True:
+        next_y = choose_tokens(model.logits(model(y[None], cache)[:, -1]), sampling)
+        mx.async_eval(next_y)
+        yield [y.item()], 0
+        y = next_y
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, List[int]],
+    drafter=None,
+    max_tokens: int = 256,
+    sampling: Optional[SamplingConfig] = None,
+    beam=None,
+    chat_template: bool = True,
+) -> Iterator[GenerationResponse]:
+    """Yield one GenerationResponse per generated token.
+
+    drafter: a ReDrafter `Drafter` for speculative decoding, or None for plain decoding.
+    beam: a `BeamShape` (width, length) for the drafter's beam search.
+    """
+    sampling = sampling or SamplingConfig()
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    ids = encode_prompt(tokenizer, prompt, chat_template)
+    if drafter is None:
+        steps = plain_steps(model, ids, sampling)
+    else:
+        from .speculative import BeamShape, speculative_steps
+
+        steps = speculative_steps(model, drafter, ids, sampling, beam or BeamShape())
+    yield from _responses(tokenizer, steps, len(ids), max_tokens)
+
+
+def _responses(tokenizer, steps, prompt_len: int, max_tokens: int):
+    detok = tokenizer.detokenizer
+    detok.reset()
+    eos = set(tokenizer.eos_token_ids)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    n = n_steps = 0
+    prompt_tps = 0.0
+    for tokens, accepted in steps:
+        if n_steps == 0:
+            first = time.perf_counter()
+            prompt_tps = prompt_len / (first - start)
+        n_steps += 1
+        for i, token in enumerate(tokens):
+            n += 1
+            finish = "stop" if token in eos else ("length" if n >= max_tokens else None)
+            if token not in eos:
+                detok.add_token(token)
+            if finish:
+                detok.finalize()
+            elapsed = time.perf_counter() - first
+            yield GenerationResponse(
+                text=detok.last_segment,
+                token=token,
+                from_draft=i > 0,
+                step_accepted=accepted,
+                prompt_tokens=prompt_len,
+                prompt_tps=prompt_tps,
+                generation_tokens=n,
+                generation_tps=n / elapsed if elapsed > 0 else 0.0,
+                steps=n_steps,
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish,
+            )
+            if finish:
+                return
+
+
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    """The whole response as a string; see `stream_generate` for the arguments."""
+    text, last = [], None
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        text.append(last.text)
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print_report(last)
+    return "".join(text)
+
+
+def print_report(r: GenerationResponse, file=None):
+    print("=" * 10, file=file)
+    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
+    print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)

@@ -1,0 +1,204 @@
+"""The Llama family in MLX: Llama 1/2/3, Vicuna, Mistral, Qwen2/2.5, Qwen3, SmolLM.
+
+Parameter names equal mlx-lm's, so mlx-lm checkpoints (quantized too) load
+as they are. Unlike mlx-lm the forward takes explicit per-token positions and
+an optional attention mask, which tree verification needs, and returns the
+final-norm hidden states; `logits` maps only the rows the caller asks for.
+
+    model = Model(ModelArgs.from_dict(config))
+    cache = model.make_cache()
+    h = model(mx.array([[1, 2, 3]]), cache)      # (1, 3, H), cache.length == 3
+    logits = model.logits(h[:, -1:])              # (1, 1, V)
+"""
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+
+from .kv_cache import KVCache, LayerKV
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2", "vicuna")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    rope_theta: float = 10000.0
+    rope_traditional: bool = False
+    rope_scaling: Optional[Dict[str, Union[float, str]]] = None
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ModelArgs":
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED:
+            raise ValueError(
+                f"unsupported architecture {model_type!r}: mlx-redrafter runs the Llama family "
+                f"({', '.join(SUPPORTED)})"
+            )
+        names = {f.name for f in fields(cls)} - {"extra"}
+        args = {k: v for k, v in config.items() if k in names}
+        rope = config.get("rope_parameters") or {}  # transformers >= 5 nests these
+        default_theta = 1e6 if model_type == "qwen2" else 10000.0  # mlx-lm's defaults
+        args.setdefault("rope_theta", rope.get("rope_theta", default_theta))
+        if args.get("rope_scaling") is None and rope.get("rope_type", "default") != "default":
+            args["rope_scaling"] = rope
+        if model_type == "qwen2":  # Qwen2 always has q/k/v biases
+            args["attention_bias"] = True
+        try:
+            return cls(**args, extra={k: v for k, v in config.items() if k not in names})
+        except TypeError as e:
+            raise ValueError(f"config.json is missing required fields: {e}") from None
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+def apply_rope(rope: nn.Module, x: mx.array, positions: Union[int, mx.array]) -> mx.array:
+    """Rotate x (B, heads, n, D) by positions: an int offset or a (B, n) array."""
+    if isinstance(positions, int):
+        return rope(x, offset=positions)
+    B, H, n, D = x.shape
+    # mx.fast.rope takes one offset per batch row: fold the tokens into the batch.
+    folded = x.transpose(0, 2, 1, 3).reshape(B * n, H, 1, D)
+    rotated = rope(folded, offset=positions.reshape(-1))
+    return rotated.reshape(B, n, H, D).transpose(0, 2, 1, 3)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hd = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.scale = hd**-0.5
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=bias and args.model_type != "qwen2")
+        if args.model_type == "qwen3":
+            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.rope = initialize_rope(
+            hd, args.rope_theta, args.rope_traditional, args.rope_scaling, args.max_position_embeddings
+        )
+
+    def __call__(self, x, positions, mask, cache: Optional[LayerKV], start: int):
+        B, n, _ = x.shape
+        q = self.q_proj(x).reshape(B, n, self.n_heads, -1)
+        k = self.k_proj(x).reshape(B, n, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(self.rope, q.transpose(0, 2, 1, 3), positions)
+        k = apply_rope(self.rope, k.transpose(0, 2, 1, 3), positions)
+        if cache is not None:
+            k, v = cache.write(k, v, start)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x, positions, mask, cache, start):
+        h = x + self.self_attn(self.input_layernorm(x), positions, mask, cache, start)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = LlamaModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(
+        self,
+        tokens: mx.array,
+        cache: Optional[KVCache] = None,
+        positions: Optional[mx.array] = None,
+        mask: Optional[Union[mx.array, str]] = None,
+    ) -> mx.array:
+        """Hidden states after the final norm for tokens (B, n): shape (B, n, H).
+
+        The new K/V are written at [cache.length, cache.length + n) and the cache
+        advances by n. positions (B, n) defaults to cache.length + arange(n);
+        mask (additive or boolean, broadcastable to (B, heads, n, cache.length + n))
+        defaults to causal.
+        """
+        start = cache.length if cache is not None else 0
+        pos = start if positions is None else positions
+        if mask is None and tokens.shape[1] > 1:
+            mask = "causal"
+        h = self.model.embed_tokens(tokens)
+        layer_caches = cache.layers if cache is not None else [None] * len(self.model.layers)
+        for layer, layer_cache in zip(self.model.layers, layer_caches):
+            h = layer(h, pos, mask, layer_cache, start)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        return self.model.norm(h)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        return self.model.embed_tokens(tokens)
+
+    def make_cache(self) -> KVCache:
+        return KVCache(len(self.model.layers))
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def sanitize(self, weights: dict) -> dict:
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights

@@ -1,0 +1,61 @@
+"""Sampling settings and the per-row token choice shared by plain and speculative decoding.
+
+Both paths call `choose_tokens` on the base model's logits, so the speculative
+decoder samples from exactly the distribution the plain decoder samples from.
+Filters apply in Hugging Face's order: temperature, then top-k, then top-p.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filtered_logits(logits: mx.array, cfg: SamplingConfig) -> mx.array:
+    """Tempered logits (..., V) with tokens outside top-k / top-p set to -inf."""
+    logits = logits.astype(mx.float32) / cfg.temperature
+    if 0 < cfg.top_k < logits.shape[-1]:
+        kth = mx.topk(logits, cfg.top_k, axis=-1).min(axis=-1, keepdims=True)
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    if cfg.top_p < 1:
+        ordered = -mx.sort(-logits, axis=-1)
+        probs = mx.softmax(ordered, axis=-1)
+        before = mx.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+        kept = mx.maximum((before < cfg.top_p).sum(axis=-1, keepdims=True), 1)
+        threshold = mx.take_along_axis(ordered, kept - 1, axis=-1)
+        logits = mx.where(logits < threshold, -mx.inf, logits)
+    return logits
+
+
+def choose_tokens(logits: mx.array, cfg: SamplingConfig) -> mx.array:
+    """One token per row of logits (..., V): argmax if greedy, else a sample."""
+    if cfg.greedy:
+        return logits.argmax(axis=-1).astype(mx.int32)
+    return mx.random.categorical(filtered_logits(logits, cfg), axis=-1).astype(mx.int32)
+
+
+def target_probs(logits: mx.array, cfg: SamplingConfig) -> mx.array:
+    """The distribution `choose_tokens` draws from (one-hot when greedy)."""
+    if cfg.greedy:
+        return (mx.arange(logits.shape[-1]) == logits.argmax(axis=-1, keepdims=True)).astype(mx.float32)
+    return mx.softmax(filtered_logits(logits, cfg), axis=-1)
