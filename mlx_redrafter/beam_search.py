@@ -1,0 +1,61 @@
+"""Beam search over the drafter, entirely on the device (no host round trip).
+
+Beam length Lb counts the base model's own next token g0, as Apple's code
+does; the drafter runs Lb - 1 steps. (TensorRT-LLM's draft_len_per_beam is
+Lb - 1.) Worked example, W = 2, Lb = 3, g0 = 7:
+
+    step 1: one live beam [7]; its top-2 next tokens 3, 5   -> [7 3], [7 5]
+    step 2: top-2 of the 2 x V continuations               -> [7 3 9], [7 3 4]
+    result tokens (2, 3) = [[7, 3, 9], [7, 3, 4]], both starting with g0
+"""
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class BeamShape:
+    width: int = 4  # W: beams kept
+    length: int = 5  # Lb: tokens per beam, g0 included
+
+    def __post_init__(self):
+        if self.width < 1 or self.length < 2:
+            raise ValueError(f"beam width must be >= 1 and beam length >= 2, got {self.width} x {self.length}")
+
+
+def beam_search(drafter, base, hidden: mx.array, g0: mx.array, shape: BeamShape) -> Tuple[mx.array, mx.array]:
+    """Draft W beams of Lb tokens.
+
+    hidden: (H,) base model's last hidden state; g0: () the base model's next token.
+    Returns tokens (W, Lb) int32 with tokens[:, 0] == g0, and the drafter's
+    log-probability of each drafted token, (W, Lb - 1).
+    """
+    W = shape.width
+    g0 = g0.reshape(1).astype(mx.int32)
+    tokens = mx.broadcast_to(g0[None], (W, 1))
+    scores = mx.where(mx.arange(W) == 0, 0.0, -mx.inf)  # one live beam at first
+    state = mx.zeros((W, hidden.shape[-1]), dtype=hidden.dtype)
+    last = mx.broadcast_to(g0, (W,))
+    token_logprobs = mx.zeros((W, 0))
+    for _ in range(shape.length - 1):
+        state = drafter.next_state(state, base.embed(last))
+        logprobs = nn_log_softmax(drafter(hidden, state, base))  # (W, Vd)
+        vocab = logprobs.shape[-1]
+        candidates = (scores[:, None] + logprobs).reshape(-1)
+        top = mx.argpartition(-candidates, W - 1)[:W]
+        top = top[mx.argsort(-candidates[top])]  # best beam first
+        beam, draft_id = top // vocab, top % vocab
+        step_logprob = logprobs.reshape(-1)[top]
+        scores = candidates[top]
+        state = state[beam]
+        last = drafter.to_token_ids(draft_id).astype(mx.int32)
+        tokens = mx.concatenate([tokens[beam], last[:, None]], axis=1)
+        token_logprobs = mx.concatenate([token_logprobs[beam], step_logprob[:, None]], axis=1)
+    return tokens, token_logprobs
+
+
+def nn_log_softmax(logits: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)

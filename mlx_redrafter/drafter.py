@@ -1,0 +1,186 @@
+"""The ReDrafter draft head: an RNN over drafted tokens feeding ResBlocks and an LM head.
+
+Checkpoint-compatible with Apple's ReDrafter (same key names and shapes):
+
+    s_0 = 0
+    s_t = SiLU(rnn_w(e_t) + rnn_u(s_{t-1}))      (without rnn: s_t = s_{t-1} + e_t)
+    x   = input_proj(concat([h, s_t]))            (input_proj only when 2H != E)
+    x   = x + SiLU(lm_head.i.linear(x))           for i < L
+    logits = lm_head.L(x)                         (V x E)
+
+e_t is the base model's embedding of the last drafted token and h the base
+model's last hidden state (after its final norm). Two variants for small base
+models, set in config.json:
+
+- shared_lm_head: no lm_head.L; logits = base model's LM head applied to x
+  (needs exit_dim == hidden_size). Saves the V x E matrix.
+- draft_vocab_size: lm_head.L is (Vd, E) over a reduced vocabulary and
+  `draft_to_token` (Vd,) maps draft ids to token ids.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+MODEL_TYPE = "recurrent_drafting_drafter"
+
+
+@dataclass
+class DrafterConfig:
+    vocab_size: int
+    hidden_size: int
+    exit_dim: int
+    num_draft_layers: int
+    rnn: bool = True
+    shared_lm_head: bool = False
+    draft_vocab_size: Optional[int] = None
+    model_type: str = MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DrafterConfig":
+        names = {f.name for f in fields(cls)}
+        try:
+            cfg = cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as e:
+            raise ValueError(f"drafter config.json is incomplete: {e}") from None
+        if cfg.shared_lm_head and cfg.exit_dim != cfg.hidden_size:
+            raise ValueError("a drafter with shared_lm_head needs exit_dim == hidden_size")
+        return cfg
+
+    @property
+    def draft_vocab(self) -> int:
+        return self.draft_vocab_size or self.vocab_size
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+
+    def __call__(self, x):
+        return x + nn.silu(self.linear(x))
+
+
+class Drafter(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = config
+        H, E = config.hidden_size, config.exit_dim
+        if 2 * H != E:
+            self.input_proj = nn.Linear(2 * H, E)
+        head = [ResBlock(E) for _ in range(config.num_draft_layers)]
+        if not config.shared_lm_head:
+            head.append(nn.Linear(E, config.draft_vocab, bias=False))
+        self.lm_head = head
+        if config.rnn:
+            self.rnn_u = nn.Linear(H, H)
+            self.rnn_w = nn.Linear(H, H, bias=False)
+        if config.draft_vocab_size:
+            self.draft_to_token = mx.arange(config.draft_vocab_size, dtype=mx.int32)
+            self.freeze(keys=["draft_to_token"], recurse=False)
+
+    def next_state(self, state: mx.array, embedding: mx.array) -> mx.array:
+        """s_t from s_{t-1} (..., H) and the embedding of the token drafted last (..., H)."""
+        if self.config.rnn:
+            return nn.silu(self.rnn_w(embedding) + self.rnn_u(state))
+        return state + embedding
+
+    def __call__(self, hidden: mx.array, state: mx.array, base=None) -> mx.array:
+        """Draft logits (..., Vd) from the base hidden state (..., H) and RNN state (..., H)."""
+        hidden = mx.broadcast_to(hidden, state.shape)
+        x = mx.concatenate([hidden, state], axis=-1)
+        if "input_proj" in self:
+            x = self.input_proj(x)
+        for layer in self.lm_head:
+            x = layer(x)
+        if self.config.shared_lm_head:
+            return base.logits(x)
+        return x
+
+    def to_token_ids(self, draft_ids: mx.array) -> mx.array:
+        if self.config.draft_vocab_size:
+            return self.draft_to_token[draft_ids]
+        return draft_ids
+
+    def check_base(self, base) -> None:
+        """Refuse a base model this drafter was not made for."""
+        args = base.args
+        if (self.config.hidden_size, self.config.vocab_size) != (args.hidden_size, args.vocab_size):
+            raise ValueError(
+                f"drafter does not match the base model: drafter hidden_size={self.config.hidden_size}, "
+                f"vocab_size={self.config.vocab_size}; base model hidden_size={args.hidden_size}, "
+                f"vocab_size={args.vocab_size}; train or convert a drafter for this model"
+            )
+
+
+def init_drafter(config: DrafterConfig, base=None, draft_to_token: Optional[mx.array] = None) -> Drafter:
+    """A fresh drafter; with a base model, checked against it."""
+    drafter = Drafter(config)
+    if draft_to_token is not None:
+        drafter.draft_to_token = draft_to_token.astype(mx.int32)
+    if base is not None:
+        drafter.check_base(base)
+    return drafter
+
+
+def save_drafter(drafter: Drafter, path, dtype=None, extra_config: Optional[dict] = None) -> Path:
+    """Write config.json + model.safetensors into `path` atomically (temp dir, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(drafter.parameters()))
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        config = {**asdict(drafter.config), **(extra_config or {})}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "d")
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_drafter(path, base=None, dtype=None) -> Drafter:
+    """Load a drafter directory (config.json + *.safetensors); check it against `base`."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"no drafter at {path}: expected config.json and model.safetensors there")
+    config = DrafterConfig.from_dict(json.loads(config_file.read_text()))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"drafter {path} has no *.safetensors weights")
+    from .loading import read_safetensors
+
+    weights = read_safetensors(files)
+    drafter = Drafter(config)
+    try:
+        drafter.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ValueError(f"drafter weights in {path} do not match its config.json: {e}".replace("\n", " ")) from None
+    if base is not None:
+        drafter.check_base(base)
+        if dtype is None:
+            dtype = base.model.norm.weight.dtype
+    if dtype is not None:
+        from .loading import cast
+
+        cast(drafter, dtype)
+    mx.eval(drafter.parameters())
+    return drafter

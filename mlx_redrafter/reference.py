@@ -1,0 +1,24 @@
+"""mlx-lm's own model with this project's weights: the reference for parity tests and benchmarks."""
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes
+
+
+def to_mlx_lm(model, config: dict) -> nn.Module:
+    """An mlx-lm model of the same architecture holding the same weights (shared, not copied)."""
+    config = {**config, **{k: v for k, v in model.args.__dict__.items() if k != "extra" and v is not None}}
+    config.pop("quantization", None)
+    model_class, args_class = _get_classes(config)
+    ref = model_class(args_class.from_dict(config))
+    quantized = {name for name, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    if quantized:
+        first = next(m for name, m in model.named_modules() if name in quantized)
+        nn.quantize(ref, first.group_size, first.bits, class_predicate=lambda p, m: p in quantized and _params(model, p))
+    ref.load_weights(tree_flatten(model.parameters()), strict=True)
+    return ref
+
+
+def _params(model, path):
+    module = dict(model.named_modules())[path]
+    return {"group_size": module.group_size, "bits": module.bits}

@@ -1,0 +1,85 @@
+"""The ReDrafter decoding loop: draft, pack, verify, commit — one host sync per step.
+
+Each step, on the device and in one lazy graph:
+
+1. verify the packed tree of the previous step's beams in one base-model
+   forward (tree attention, positions committed + depth);
+2. pick a target token at every node (`choose_tokens`: argmax, or a sample
+   from the base model's filtered distribution);
+3. accept along each beam while the drafted token equals the target at its
+   parent; keep the beam with the most accepted tokens (a);
+4. gather that beam's K/V into the cache (fixed shape Lb);
+5. the target after the accepted tokens is the next g0 (bonus token) and its
+   hidden state drives the drafter's beam search for the next step.
+
+Then one sync brings back a, the chosen beam and the next beams; the host
+emits g0 plus a accepted tokens and packs the next tree.
+
+Why sampling stays exact: drawing one target y ~ p at every node and
+accepting the child equal to y is the rule "try the distinct children x_i in
+turn, accept with p(x_i) / (mass not yet rejected), else sample from the rest"
+in distribution (each x_i is taken with probability p(x_i), any other token
+with its own p). Each node's draw is independent and read only where the
+walk reaches that node, so every emitted token is a fresh draw from the base
+model's distribution given the tokens before it: plain sampling, exactly.
+Greedy is the same walk with y = argmax.
+"""
+
+from typing import Callable, Iterator, List, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .beam_search import BeamShape, beam_search
+from .generate import prefill
+from .sampling import SamplingConfig, choose_tokens
+from .tree_attention import attention_mask, build_tree
+
+__all__ = ["BeamShape", "speculative_steps", "exact_acceptance"]
+
+
+def exact_acceptance(beams, node_of, logits, draft_logprobs, sampling: SamplingConfig):
+    """Lossless verification (module docstring).
+
+    beams (W, Lb), node_of (W, Lb), logits (n_pad, V), draft_logprobs (W, Lb-1) unused.
+    Returns (best beam (), accepted count (), bonus token ()).
+    """
+    targets = choose_tokens(logits, sampling)  # (n_pad,)
+    match = beams[:, 1:] == targets[node_of[:, :-1]]
+    accepted = mx.cumprod(match.astype(mx.int32), axis=1).sum(axis=1)
+    best = mx.argmax(accepted)
+    a = accepted[best]
+    return best, a, targets[node_of[best, a]]
+
+
+def speculative_steps(
+    model,
+    drafter,
+    prompt: List[int],
+    sampling: SamplingConfig,
+    shape: BeamShape,
+    acceptance: Callable = exact_acceptance,
+    bucket: int = 8,
+) -> Iterator[Tuple[List[int], int]]:
+    """Yield (tokens, accepted) per step: g0 plus the accepted drafted tokens."""
+    cache = model.make_cache()
+    hidden = prefill(model, prompt, cache)[0]
+    g0 = choose_tokens(model.logits(hidden), sampling)
+    beams, draft_lp = beam_search(drafter, model, hidden, g0, shape)
+    mx.eval(beams, draft_lp)
+    beams_np = np.array(beams)
+    while True:
+        tree = build_tree(beams_np, bucket)
+        start = cache.length
+        positions = mx.array(start + tree.depth)[None]
+        h = model(mx.array(tree.tokens)[None], cache, positions, attention_mask(tree, start))[0]
+        node_of = mx.array(tree.node_of)
+        best, a, bonus = acceptance(beams, node_of, model.logits(h), draft_lp, sampling)
+        path = node_of[best]
+        cache.copy_path(start, path)
+        beams_next, draft_lp = beam_search(drafter, model, h[path[a]], bonus, shape)
+        mx.eval(best, a, beams_next, draft_lp, cache.state())
+        best_i, a_i = best.item(), a.item()
+        cache.truncate(start + a_i + 1)
+        yield beams_np[best_i, : a_i + 1].tolist(), a_i
+        beams, beams_np = beams_next, np.array(beams_next)

@@ -1,0 +1,57 @@
+import mlx_redrafter  # noqa: F401  (before mlx: preloads the fast BLAS)
+import mlx.core as mx
+import pytest
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from mlx_redrafter.llama import Model, ModelArgs
+
+FAMILIES = {
+    "llama3": dict(model_type="llama", tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=256,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "llama2": dict(model_type="llama", tie_word_embeddings=False, num_key_value_heads=4),
+    "vicuna-linear-rope": dict(model_type="llama", tie_word_embeddings=False, rope_scaling={"type": "linear", "factor": 2.0}),
+    "mistral": dict(model_type="mistral", tie_word_embeddings=False, rope_theta=1e6, sliding_window=4096),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6),
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=24, rope_theta=1e6, max_position_embeddings=256),
+    "smollm": dict(model_type="llama", tie_word_embeddings=True, rope_theta=100000.0),
+}
+
+
+def tiny_config(family="smollm", vocab_size=64, hidden_size=48, layers=2, **overrides):
+    config = dict(hidden_size=hidden_size, num_hidden_layers=layers, intermediate_size=96, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab_size, rms_norm_eps=1e-5, max_position_embeddings=512)
+    config.update(FAMILIES[family])
+    config.update(overrides)
+    return config
+
+
+def tiny_model(config, seed=0, scale=1.0):
+    """A random model; `scale` sharpens its output distribution."""
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(config))
+    if scale != 1.0:
+        model.model.norm.weight = model.model.norm.weight * scale
+    mx.eval(model.parameters())
+    return model
+
+
+def word_tokenizer(vocab_size, eos=1):
+    """A whitespace tokenizer over words t0..t{V-1}, wrapped as mlx-lm does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}", unk_token="t0")
+    return TokenizerWrapper(hf)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model (fetched into the user cache once)."""
+    from mlx_redrafter import load
+
+    return load()

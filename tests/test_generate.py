@@ -1,0 +1,87 @@
+"""Plain decoding: greedy equals a hand-written argmax loop, EOS and max tokens, sampling settings."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import tiny_config, tiny_model, word_tokenizer
+from mlx_redrafter import SamplingConfig, stream_generate
+from mlx_redrafter.sampling import choose_tokens, filtered_logits, target_probs
+
+VOCAB = 32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(tiny_config(vocab_size=VOCAB), scale=3.0), word_tokenizer(VOCAB, eos=1)
+
+
+def argmax_loop(model, prompt, n):
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(model.logits(model(mx.array([tokens])))[0, -1].argmax().item())
+    return tokens[len(prompt):]
+
+
+def test_greedy_equals_uncached_argmax(tiny):
+    model, tok = tiny
+    tok._eos_token_ids = set()
+    got = [r.token for r in stream_generate(model, tok, [3, 4, 5], max_tokens=20)]
+    assert got == argmax_loop(model, [3, 4, 5], 20)
+
+
+def test_stops_at_eos_and_max_tokens(tiny):
+    model, tok = tiny
+    tok._eos_token_ids = set()
+    free = [r.token for r in stream_generate(model, tok, [7, 8], max_tokens=12)]
+    tok._eos_token_ids = {free[4]}
+    stopped = list(stream_generate(model, tok, [7, 8], max_tokens=12))
+    first = free.index(free[4])
+    assert [r.token for r in stopped] == free[: first + 1]
+    assert stopped[-1].finish_reason == "stop" and stopped[-1].text == ""
+    tok._eos_token_ids = set()
+    short = list(stream_generate(model, tok, [7, 8], max_tokens=5))
+    assert len(short) == 5 and short[-1].finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    model, tok = tiny
+    tok._eos_token_ids = set()
+    cfg = SamplingConfig(temperature=1.0, seed=7)
+    runs = [[r.token for r in stream_generate(model, tok, [2], max_tokens=16, sampling=cfg)] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_top_k_one_is_greedy(tiny):
+    model, tok = tiny
+    tok._eos_token_ids = set()
+    greedy = [r.token for r in stream_generate(model, tok, [9], max_tokens=10)]
+    topk = [r.token for r in stream_generate(model, tok, [9], max_tokens=10,
+                                             sampling=SamplingConfig(temperature=0.8, top_k=1, seed=1))]
+    assert greedy == topk
+
+
+def test_filters_keep_the_right_tokens():
+    logits = mx.log(mx.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    p = target_probs(logits, SamplingConfig(temperature=1.0, top_p=0.7))
+    np.testing.assert_allclose(np.array(p[0]), [0.5 / 0.7, 0.2 / 0.7, 0, 0, 0], atol=1e-6)
+    p = target_probs(logits, SamplingConfig(temperature=1.0, top_k=3))
+    np.testing.assert_allclose(np.array(p[0]), np.array([0.5, 0.2, 0.15, 0, 0]) / 0.85, atol=1e-6)
+    p = target_probs(logits, SamplingConfig(temperature=0.5))
+    want = np.array([0.5, 0.2, 0.15, 0.1, 0.05]) ** 2
+    np.testing.assert_allclose(np.array(p[0]), want / want.sum(), atol=1e-6)
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    mx.random.seed(3)
+    logits = mx.log(mx.array([0.4, 0.3, 0.2, 0.1]))
+    cfg = SamplingConfig(temperature=1.0, top_p=0.75)
+    draws = np.array(choose_tokens(mx.broadcast_to(logits, (20000, 4)), cfg))
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0], atol=0.015)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)])
+def test_bad_sampling_settings(bad):
+    with pytest.raises(ValueError):
+        SamplingConfig(**bad)
