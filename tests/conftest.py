@@ -55,3 +55,28 @@ def default_model():
     from mlx_redrafter import load
 
     return load()
+
+
+DRAFTER_VARIANTS = {
+    "apple": dict(exit_dim=96, num_draft_layers=2),  # E = 2H: no input_proj, own V x E head
+    "proj": dict(exit_dim=64, num_draft_layers=1),  # E != 2H: input_proj
+    "shared-head": dict(exit_dim=48, num_draft_layers=1, shared_lm_head=True),
+    "reduced-vocab": dict(exit_dim=96, num_draft_layers=1, draft_vocab_size=12),
+    "no-rnn": dict(exit_dim=96, num_draft_layers=1, rnn=False),
+}
+
+
+def tiny_drafter(base, variant="apple", seed=1, scale=1.0):
+    from mlx_redrafter.drafter import DrafterConfig, init_drafter
+
+    mx.random.seed(seed)
+    args = base.args
+    config = DrafterConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, **DRAFTER_VARIANTS[variant])
+    draft_to_token = None
+    if config.draft_vocab_size:
+        draft_to_token = mx.random.permutation(args.vocab_size)[: config.draft_vocab_size]
+    drafter = init_drafter(config, base, draft_to_token)
+    if scale != 1.0 and not config.shared_lm_head:
+        drafter.lm_head[-1].weight = drafter.lm_head[-1].weight * scale
+    mx.eval(drafter.parameters())
+    return drafter
