@@ -217,6 +217,51 @@ def eval_drafter(
     typer.echo(f"saved {out}/acceptance.json, .md and .png")
 
 
+@app.command()
+@guarded
+def benchmark(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    drafter: Optional[str] = typer.Option(None, "--drafter", "-d"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file (default: MT-Bench first turns)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N prompts."),
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1),
+    beam_width: int = typer.Option(4, "--beam-width", "-W", min=1),
+    beam_length: int = typer.Option(5, "--beam-length", "-L", min=2),
+    temp: float = typer.Option(0.7, "--temp", min=0.0, help="Temperature of the sampled ReDrafter run."),
+    sweep_widths: str = typer.Option("", "--sweep-widths", help="Also sweep these beam widths (e.g. 1,2,4)."),
+    sweep_lengths: str = typer.Option("3,4,5,6", "--sweep-lengths"),
+    sweep_limit: Optional[int] = typer.Option(None, "--sweep-limit", min=1, help="Prompts used by the sweep."),
+    no_mlx_lm_spec: bool = typer.Option(False, "--no-mlx-lm-spec", help="Skip mlx-lm's draft-model speculative decoding."),
+    out: Path = typer.Option(Path("results"), "--out"),
+    tag: Optional[str] = typer.Option(None, "--tag", help="Name of the saved files (default: cpu or gpu)."),
+    dtype: str = typer.Option("auto", "--dtype"),
+):
+    """Benchmark ReDrafter against plain decoding and mlx-lm, with an optional W x Lb sweep."""
+    from . import backend, load
+    from . import benchmark as bench
+    from .beam_search import BeamShape
+    from .data import mt_bench_prompts, read_conversations
+    from .drafter import load_drafter
+
+    base, tokenizer, config = load(model, dtype=dtype)
+    path = find_drafter(model, drafter)
+    draft = load_drafter(path, base) if path else None
+    if draft is None:
+        typer.echo("note: no drafter, so only the plain decoders are measured", err=True)
+    texts = [c.prompt for c in read_conversations(prompts)] if prompts else mt_bench_prompts()
+    texts = texts[:limit] if limit else texts
+    shape = BeamShape(beam_width, beam_length)
+    result = bench.run_benchmark(base, tokenizer, config, draft, texts, max_tokens, shape, temp, not no_mlx_lm_spec)
+    sweep = None
+    if sweep_widths and draft is not None:
+        sweep = bench.run_sweep(base, tokenizer, config, draft, texts[: sweep_limit or len(texts)], max_tokens,
+                                parse_grid(sweep_widths, "--sweep-widths"), parse_grid(sweep_lengths, "--sweep-lengths"))
+    tag = tag or ("gpu" if backend.on_gpu() else "cpu")
+    bench.save(result, sweep, out, tag)
+    typer.echo(bench.markdown(result))
+    typer.echo(f"saved {out}/speed-{tag}.json and .md" + (f", {out}/speedup-{tag}.png" if sweep else ""))
+
+
 def main():
     app()
 

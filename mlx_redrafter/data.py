@@ -70,7 +70,12 @@ def read_conversations(path, limit: Optional[int] = None) -> List[Conversation]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such prompt file: {path}")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".gz":
+        import gzip
+
+        text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    else:
+        text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         records = _json_records(text, path)
     else:

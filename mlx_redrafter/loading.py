@@ -168,8 +168,10 @@ def load(
     path_or_id: an mlx-lm / Hugging Face directory, a Hub id, a .gguf file, or
         None for the embedded default model.
     dtype: "float32" | "float16" | "bfloat16" | None (auto: fp32 on CPU, 16-bit on GPU).
-    dequantize: expand quantized weights to dtype; None = on the CPU only, where
-        MLX's quantized matmuls are slow.
+    dequantize: expand quantized weights to dtype. None = on the CPU (MLX's quantized
+        matmuls are slow there) and for models under 1B parameters (quantized
+        matmuls do not share the weight read across the rows of a verify pass, and
+        memory is no concern); larger models stay quantized on the GPU.
     """
     path = default_model_path() if path_or_id is None else resolve(str(path_or_id))
     if path.is_dir():
@@ -180,7 +182,7 @@ def load(
         raise ValueError(f"{path}: expected a model directory or a .gguf file")
     model = build_model(config, weights, str(path))
     if dequantize is None:
-        dequantize = not backend.on_gpu()
+        dequantize = not backend.on_gpu() or parameter_count(model, unpacked=True) < 1e9
     if dequantize and config.get("quantization"):
         model = dequantize_model(model)
         config = {k: v for k, v in config.items() if k != "quantization"}
@@ -190,5 +192,14 @@ def load(
     return model, tokenizer, config
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(v.size for _, v in tree_flatten(model.parameters()))
+def parameter_count(model: nn.Module, unpacked: bool = False) -> int:
+    """Number of parameters; with unpacked, quantized weights count at their logical size."""
+    quantized = {f"{n}.weight": m for n, m in model.named_modules()
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    total = 0
+    for name, value in tree_flatten(model.parameters()):
+        if name in quantized and unpacked:
+            total += value.size * 32 // quantized[name].bits
+        elif not (unpacked and name.endswith((".scales", ".biases"))):
+            total += value.size
+    return total

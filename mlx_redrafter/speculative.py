@@ -25,7 +25,8 @@ model's distribution given the tokens before it: plain sampling, exactly.
 Greedy is the same walk with y = argmax.
 """
 
-from typing import Callable, Iterator, List, Tuple
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -60,8 +61,15 @@ def speculative_steps(
     shape: BeamShape,
     acceptance: Callable = exact_acceptance,
     bucket: int = 8,
+    profile: Optional[Dict[str, float]] = None,
 ) -> Iterator[Tuple[List[int], int]]:
-    """Yield (tokens, accepted) per step: g0 plus the accepted drafted tokens."""
+    """Yield (tokens, accepted) per step: g0 plus the accepted drafted tokens.
+
+    profile: if given, each phase is evaluated on its own and its seconds are
+    added under "tree", "verify", "accept+commit", "draft" and "host" (this
+    serializes the step, so use it to see proportions, not for end-to-end speed).
+    """
+    clock = _Clock(profile)
     cache = model.make_cache()
     hidden = prefill(model, prompt, cache)[0]
     g0 = choose_tokens(model.logits(hidden), sampling)
@@ -69,17 +77,45 @@ def speculative_steps(
     mx.eval(beams, draft_lp)
     beams_np = np.array(beams)
     while True:
+        clock.start()
         tree = build_tree(beams_np, bucket)
         start = cache.length
         positions = mx.array(start + tree.depth)[None]
-        h = model(mx.array(tree.tokens)[None], cache, positions, attention_mask(tree, start))[0]
         node_of = mx.array(tree.node_of)
-        best, a, bonus = acceptance(beams, node_of, model.logits(h), draft_lp, sampling)
+        clock.lap("tree", node_of)
+        h = model(mx.array(tree.tokens)[None], cache, positions, attention_mask(tree, start))[0]
+        logits = model.logits(h)
+        clock.lap("verify", logits, cache.state())
+        best, a, bonus = acceptance(beams, node_of, logits, draft_lp, sampling)
         path = node_of[best]
         cache.copy_path(start, path)
+        clock.lap("accept+commit", bonus, cache.state())
         beams_next, draft_lp = beam_search(drafter, model, h[path[a]], bonus, shape)
+        clock.lap("draft", beams_next, draft_lp)
         mx.eval(best, a, beams_next, draft_lp, cache.state())
         best_i, a_i = best.item(), a.item()
         cache.truncate(start + a_i + 1)
-        yield beams_np[best_i, : a_i + 1].tolist(), a_i
+        emitted = beams_np[best_i, : a_i + 1].tolist()
         beams, beams_np = beams_next, np.array(beams_next)
+        clock.lap("host")
+        yield emitted, a_i
+
+
+class _Clock:
+    """Optional per-phase timing for speculative_steps (a no-op without a profile dict)."""
+
+    def __init__(self, profile: Optional[Dict[str, float]]):
+        self.profile = profile
+        self.t = 0.0
+
+    def start(self):
+        if self.profile is not None:
+            self.t = time.perf_counter()
+
+    def lap(self, name: str, *arrays):
+        if self.profile is None:
+            return
+        mx.eval(*arrays)
+        now = time.perf_counter()
+        self.profile[name] = self.profile.get(name, 0.0) + now - self.t
+        self.t = now

@@ -1,0 +1,159 @@
+"""Speed benchmark: mlx-lm plain, this project's plain decoder, ReDrafter greedy and sampled,
+and mlx-lm's draft-model speculative decoding, interleaved prompt by prompt in one run."""
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+from tqdm import tqdm
+
+from . import backend
+from .beam_search import BeamShape
+from .evaluate import plot_grid
+from .generate import encode_prompt, stream_generate
+from .reference import to_mlx_lm
+from .sampling import SamplingConfig
+
+
+def _run_ours(model, tok, ids, max_tokens, drafter=None, shape=None, sampling=None):
+    rs = list(stream_generate(model, tok, ids, drafter=drafter, beam=shape, max_tokens=max_tokens, sampling=sampling))
+    return {"tokens": [r.token for r in rs], "tps": rs[-1].generation_tps, "steps": rs[-1].steps,
+            "peak_gb": rs[-1].peak_memory}
+
+
+def _run_mlx_lm(ref, tok, ids, max_tokens, draft_model=None, num_draft_tokens=3):
+    mx.reset_peak_memory()
+    kwargs = {"draft_model": draft_model, "num_draft_tokens": num_draft_tokens} if draft_model is not None else {}
+    rs = list(mlx_lm_stream_generate(ref, tok, mx.array(ids), max_tokens=max_tokens, **kwargs))
+    return {"tokens": [r.token for r in rs], "tps": rs[-1].generation_tps, "steps": None,
+            "peak_gb": mx.get_peak_memory() / 1e9}
+
+
+def quantized_copy(ref, bits=4, group_size=64):
+    """The draft model for mlx-lm's speculative decoding: a 4-bit copy of the base."""
+    from copy import deepcopy
+
+    draft = deepcopy(ref)
+    nn.quantize(draft, group_size=group_size, bits=bits)
+    mx.eval(draft.parameters())
+    return draft
+
+
+def methods(model, config, drafter, shape: BeamShape, temp: float, with_mlx_lm_spec: bool):
+    ref = to_mlx_lm(model, config)
+    m = {
+        "mlx-lm plain": lambda tok, ids, n: _run_mlx_lm(ref, tok, ids, n),
+        "ours plain": lambda tok, ids, n: _run_ours(model, tok, ids, n),
+    }
+    if drafter is not None:
+        m["redrafter greedy"] = lambda tok, ids, n: _run_ours(model, tok, ids, n, drafter, shape)
+        sampled = SamplingConfig(temperature=temp, seed=0)
+        m[f"redrafter T={temp}"] = lambda tok, ids, n: _run_ours(model, tok, ids, n, drafter, shape, sampled)
+    if with_mlx_lm_spec:
+        draft = quantized_copy(ref)
+        m["mlx-lm speculative (4-bit draft)"] = lambda tok, ids, n: _run_mlx_lm(ref, tok, ids, n, draft)
+    return m
+
+
+def machine() -> str:
+    dev = "GPU" if backend.on_gpu() else "CPU"
+    if dev == "GPU":
+        try:
+            name = mx.device_info().get("device_name", "GPU")
+        except Exception:
+            name = "GPU"
+        return f"{name} ({platform.system()})"
+    return f"CPU {platform.processor() or platform.machine()} ({platform.system()}, BLAS: {backend.blas_library or 'reference'})"
+
+
+def summarize(runs: Dict[str, List[dict]], greedy_reference: str = "mlx-lm plain") -> Dict[str, dict]:
+    base = runs[greedy_reference]
+    out = {}
+    for name, rs in runs.items():
+        tps = [r["tps"] for r in rs]
+        ratios = [r["tps"] / b["tps"] for r, b in zip(rs, base)]
+        q1, q3 = np.percentile(tps, [25, 75])
+        row = {"median_tps": statistics.median(tps), "iqr_tps": [float(q1), float(q3)],
+               "speedup_vs_mlx_lm": statistics.median(ratios), "peak_gb": max(r["peak_gb"] for r in rs)}
+        steps = [r["steps"] for r in rs if r["steps"]]
+        if steps and "redrafter" in name:
+            row["tokens_per_step"] = sum(len(r["tokens"]) for r in rs) / sum(steps)
+        if "T=" not in name:
+            row["identical_to_mlx_lm"] = sum(r["tokens"] == b["tokens"] for r, b in zip(rs, base)) / len(rs)
+        out[name] = row
+    return out
+
+
+def run_benchmark(model, tokenizer, config, drafter, prompts: List[str], max_tokens: int, shape: BeamShape,
+                  temp: float = 0.7, with_mlx_lm_spec: bool = True, progress: bool = True) -> Dict:
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    fns = methods(model, config, drafter, shape, temp, with_mlx_lm_spec)
+    for fn in fns.values():  # warm up every shape (tree buckets included)
+        fn(tokenizer, ids[0], max_tokens)
+    runs = {name: [] for name in fns}
+    for i in tqdm(range(len(ids)), desc="benchmark", unit="prompt", disable=not progress):
+        for name, fn in fns.items():
+            runs[name].append(fn(tokenizer, ids[i], max_tokens))
+    return {"machine": machine(), "dtype": str(model.model.norm.weight.dtype), "max_tokens": max_tokens,
+            "prompts": len(ids), "beam": [shape.width, shape.length], "time": time.strftime("%Y-%m-%d %H:%M"),
+            "summary": summarize(runs),
+            "per_prompt_tps": {k: [r["tps"] for r in v] for k, v in runs.items()}}
+
+
+def run_sweep(model, tokenizer, config, drafter, prompts, max_tokens, widths, lengths, progress=True) -> List[Dict]:
+    """ReDrafter greedy speed over W x Lb, against mlx-lm plain measured in the same run."""
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    ref = to_mlx_lm(model, config)
+    shapes = [BeamShape(w, l) for w in widths for l in lengths]
+    for s in shapes:
+        _run_ours(model, tokenizer, ids[0], max_tokens, drafter, s)
+    _run_mlx_lm(ref, tokenizer, ids[0], max_tokens)
+    results = {s: [] for s in shapes}
+    base = []
+    for i in tqdm(range(len(ids)), desc="sweep", unit="prompt", disable=not progress):
+        base.append(_run_mlx_lm(ref, tokenizer, ids[i], max_tokens)["tps"])
+        for s in shapes:
+            results[s].append(_run_ours(model, tokenizer, ids[i], max_tokens, drafter, s))
+    rows = []
+    for s, rs in results.items():
+        rows.append({"width": s.width, "length": s.length,
+                     "median_tps": statistics.median(r["tps"] for r in rs),
+                     "speedup": statistics.median(r["tps"] / b for r, b in zip(rs, base)),
+                     "tokens_per_step": sum(len(r["tokens"]) for r in rs) / sum(r["steps"] for r in rs)})
+    return rows
+
+
+def markdown(result: Dict) -> str:
+    lines = [f"Machine: {result['machine']}, dtype {result['dtype']}, {result['prompts']} prompts, "
+             f"max {result['max_tokens']} tokens, beam W x Lb = {result['beam'][0]} x {result['beam'][1]}", "",
+             "| method | tokens/s (median) | IQR | speedup vs mlx-lm | tokens/step | peak GB | identical to mlx-lm |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in result["summary"].items():
+        ident = f"{100 * r['identical_to_mlx_lm']:.0f}%" if "identical_to_mlx_lm" in r else "n/a (sampled)"
+        tps = f"{r['tokens_per_step']:.2f}" if "tokens_per_step" in r else "1.00" if "plain" in name else "-"
+        lines.append(f"| {name} | {r['median_tps']:.1f} | {r['iqr_tps'][0]:.1f}-{r['iqr_tps'][1]:.1f} | "
+                     f"{r['speedup_vs_mlx_lm']:.2f}x | {tps} | {r['peak_gb']:.2f} | {ident} |")
+    return "\n".join(lines)
+
+
+def save(result: Dict, sweep: Optional[List[Dict]], out_dir, tag: str) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"speed-{tag}.json").write_text(json.dumps({**result, "sweep": sweep}, indent=2))
+    md = markdown(result)
+    if sweep:
+        best = max(sweep, key=lambda r: r["speedup"])
+        md += "\n\nSweep (ReDrafter greedy vs mlx-lm plain, median per-prompt ratio):\n\n| W | Lb | tokens/s | speedup | tokens/step |\n|---|---|---|---|---|\n"
+        md += "\n".join(f"| {r['width']} | {r['length']} | {r['median_tps']:.1f} | {r['speedup']:.2f}x | {r['tokens_per_step']:.2f} |" for r in sweep)
+        md += f"\n\nBest: W={best['width']}, Lb={best['length']}: {best['speedup']:.2f}x\n"
+        plot_grid(sweep, out / f"speedup-{tag}.png", f"ReDrafter speedup over mlx-lm ({tag})", key="speedup",
+                  label="speedup vs mlx-lm plain")
+    (out / f"speed-{tag}.md").write_text(md + "\n")
+    return out
