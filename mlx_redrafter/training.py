@@ -80,66 +80,90 @@ def frequent_tokens(examples, vocab_size: int, keep: int) -> mx.array:
     return mx.array(np.sort(np.argsort(-counts, kind="stable")[:keep]).astype(np.int32))
 
 
+@dataclass
+class Batch:
+    """One training batch, flattened to the start positions that have a response target.
+
+    x (B, T) tokens; starts (N,) flat indices b*T + t of the start positions;
+    inputs (K, N) flat index of x_{t+k} (the token step k consumes);
+    valid (K, N) whether x_{t+k+1} exists and is a response token.
+    N is padded to a multiple of 256 (padding is never valid) to keep shapes few.
+    """
+
+    x: mx.array
+    starts: mx.array
+    inputs: mx.array
+    valid: mx.array
+
+
+def make_batch(rows, seq_len: int, unroll: int) -> Batch:
+    T = min(seq_len, -(-max(len(t) for t, _ in rows) // 64) * 64)  # few distinct shapes
+    x = np.zeros((len(rows), T), dtype=np.int32)
+    response = np.zeros((len(rows), T + unroll + 2), dtype=bool)
+    for b, (tokens, prompt_len) in enumerate(rows):
+        n = min(len(tokens), T)
+        x[b, :n] = tokens[:n]
+        response[b, prompt_len:n] = True
+    b, t = np.nonzero(response[:, 2: T + 2])  # first target x_{t+2} is a response token
+    n_pad = -(-len(t) // 256) * 256
+    k = np.arange(1, unroll + 1)[:, None]
+    inputs = b * T + np.minimum(t + k, T - 1)
+    valid = response[b, t + k + 1]
+    pad = n_pad - len(t)
+    inputs = np.pad(inputs, ((0, 0), (0, pad)))
+    valid = np.pad(valid, ((0, 0), (0, pad)))
+    starts = np.pad(b * T + t, (0, pad))
+    return Batch(mx.array(x), mx.array(starts), mx.array(inputs), mx.array(valid))
+
+
 def batches(examples, cfg: TrainConfig, epoch: int):
-    """Deterministic batches of one epoch: (tokens (B, T), response mask (B, T))."""
+    """Deterministic batches of one epoch."""
     order = np.random.default_rng(cfg.seed + epoch).permutation(len(examples))
     for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-        rows = [examples[j] for j in order[i: i + cfg.batch_size]]
-        T = min(cfg.seq_len, max(len(t) for t, _ in rows))
-        T = min(cfg.seq_len, -(-T // 64) * 64)  # few distinct shapes
-        x = np.zeros((len(rows), T), dtype=np.int32)
-        response = np.zeros((len(rows), T), dtype=bool)
-        for b, (tokens, prompt_len) in enumerate(rows):
-            n = min(len(tokens), T)
-            x[b, :n] = tokens[:n]
-            response[b, prompt_len:n] = True
-        yield mx.array(x), mx.array(response)
+        yield make_batch([examples[j] for j in order[i: i + cfg.batch_size]], cfg.seq_len, cfg.unroll)
 
 
 def steps_per_epoch(examples, cfg: TrainConfig) -> int:
     return len(examples) // cfg.batch_size
 
 
-def shift(a: mx.array, k: int) -> mx.array:
-    """a[:, t + k] at index t, zero-padded at the end."""
-    pad = mx.zeros((a.shape[0], k, *a.shape[2:]), dtype=a.dtype)
-    return mx.concatenate([a[:, k:], pad], axis=1)
-
-
 def teacher_top_k(base, hidden: mx.array, k: int):
-    """The base model's top-k next-token distribution at every position (renormalized)."""
+    """The base model's top-k next-token distribution for hidden states (..., H), renormalized."""
     logits = base.logits(hidden).astype(mx.float32)
     idx = mx.argpartition(-logits, k - 1, axis=-1)[..., :k]
     top = mx.take_along_axis(logits, idx, axis=-1)
     return idx, mx.softmax(top, axis=-1)
 
 
-def drafter_loss(drafter, base, hidden, embeds, x, response, cfg: TrainConfig, token_to_draft, teacher):
-    """Mean loss over valid (start, step) pairs, and top-1 accuracy per step (K,)."""
+def drafter_loss(drafter, base, hidden, embeds, targets, valid, cfg: TrainConfig, token_to_draft, teacher):
+    """Mean loss over valid (start, step) pairs and top-1 accuracy per step (K,).
+
+    hidden (N, H) at the start positions; embeds (K, N, H) of the tokens step k
+    consumes; targets, valid (K, N); teacher: (indices, probs) (K, N, k) or None.
+    """
     state = mx.zeros(hidden.shape, dtype=hidden.dtype)
     total, count, accs = 0.0, 0.0, []
-    for k in range(1, cfg.unroll + 1):
-        state = drafter.next_state(state, shift(embeds, k))
+    for k in range(cfg.unroll):
+        state = drafter.next_state(state, embeds[k])
         logits = drafter(hidden, state, base).astype(mx.float32)
-        target = shift(x, k + 1)
-        valid = shift(response, k + 1)
+        target, ok = targets[k], valid[k]
         if token_to_draft is not None:
             target = token_to_draft[target]
-            valid = valid & (target >= 0)
+            ok = ok & (target >= 0)
             target = mx.maximum(target, 0)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        nll = -mx.take_along_axis(logprobs, target[..., None], axis=-1)[..., 0]
+        nll = -mx.take_along_axis(logprobs, target[:, None], axis=-1)[:, 0]
         if teacher is not None:
-            idx, probs = shift(teacher[0], k), shift(teacher[1], k)
+            idx, probs = teacher[0][k], teacher[1][k]
             if token_to_draft is not None:
                 idx = token_to_draft[idx]
                 probs = mx.where(idx >= 0, probs, 0.0)
                 idx = mx.maximum(idx, 0)
             nll = nll + cfg.kl_weight * -(probs * mx.take_along_axis(logprobs, idx, axis=-1)).sum(axis=-1)
-        validf = valid.astype(mx.float32)
-        total = total + (nll * validf).sum()
-        count = count + validf.sum()
-        accs.append(((logits.argmax(axis=-1) == target) * validf).sum() / mx.maximum(validf.sum(), 1))
+        okf = ok.astype(mx.float32)
+        total = total + (nll * okf).sum()
+        count = count + okf.sum()
+        accs.append(((logits.argmax(axis=-1) == target) * okf).sum() / mx.maximum(okf.sum(), 1))
     return total / mx.maximum(count, 1), mx.stack(accs)
 
 
@@ -200,11 +224,17 @@ def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = Fal
     base.freeze()
     loss_and_grad = nn.value_and_grad(drafter, lambda d, *a: drafter_loss(d, base, *a[:-1], cfg, token_to_draft, a[-1]))
 
-    def train_step(x, response):
-        hidden = mx.stop_gradient(base(x))
-        embeds = mx.stop_gradient(base.embed(x)).astype(hidden.dtype)
-        teacher = teacher_top_k(base, hidden, cfg.kl_top_k) if cfg.kl_weight > 0 else None
-        (loss, accs), grads = loss_and_grad(drafter, hidden, embeds, x, response, teacher)
+    def train_step(batch: Batch):
+        all_hidden = mx.stop_gradient(base(batch.x))
+        flat_hidden = all_hidden.reshape(-1, all_hidden.shape[-1])
+        flat_x = batch.x.reshape(-1)
+        hidden = flat_hidden[batch.starts].astype(mx.float32)
+        embeds = mx.stop_gradient(base.embed(flat_x[batch.inputs])).astype(mx.float32)
+        targets = flat_x[mx.minimum(batch.inputs + 1, flat_x.size - 1)]
+        teacher = None
+        if cfg.kl_weight > 0:
+            teacher = teacher_top_k(base, flat_hidden[batch.inputs], cfg.kl_top_k)
+        (loss, accs), grads = loss_and_grad(drafter, hidden, embeds, targets, batch.valid, teacher)
         optimizer.update(drafter, grads)
         return loss, accs
 
@@ -214,11 +244,11 @@ def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = Fal
     try:
         while step < total:
             epoch, skip = divmod(step, per_epoch)
-            for x, response in batches(examples, cfg, epoch):
+            for batch in batches(examples, cfg, epoch):
                 if skip:
                     skip -= 1
                     continue
-                loss, accs = train_step(x, response)
+                loss, accs = train_step(batch)
                 mx.eval(drafter.parameters(), optimizer.state, loss, accs)
                 step += 1
                 history.append((loss.item(), accs.tolist()))

@@ -29,6 +29,6 @@ case $phase in
   eval)
     for v in ${VARIANTS:-shared reduced full kl gt}; do
       run eval-drafter --drafter "$work/$v" --prompts "$data/mt_bench.jsonl" --widths 4 --lengths 5 \
-        --out "$work/eval-$v" 2>&1 | tail -3
+        --max-tokens "${EVAL_TOKENS:-128}" ${LIMIT:+--limit $LIMIT} --out "$work/eval-$v" 2>&1 | tail -3
     done ;;
 esac
