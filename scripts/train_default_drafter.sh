@@ -18,7 +18,7 @@ case $phase in
     for v in ${VARIANTS:-shared reduced full kl gt}; do
       case $v in
         shared)  args=(--head shared --data "$work/data-model") ;;
-        reduced) args=(--head reduced --draft-vocab 4096 --data "$work/data-model") ;;
+        reduced) args=(--head reduced --draft-vocab 4096 --exit-dim 576 --data "$work/data-model") ;;
         full)    args=(--head full --data "$work/data-model") ;;
         kl)      args=(--head shared --kl-weight 1.0 --data "$work/data-model") ;;
         gt)      args=(--head shared --data "$work/data-dataset" --responses dataset) ;;
