@@ -106,6 +106,18 @@ def print_acceptance(accepted: Counter, last, beam_length: int):
         typer.echo(f"  {k}: {accepted[k]:5d} {'#' * round(40 * share)} {100 * share:.0f}%")
 
 
+def command_line(name: str, params: dict) -> str:
+    """The command as it could be retyped, from the parsed options."""
+    words = ["mlx-redrafter", name]
+    for key, value in params.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value not in (None, False):
+            words += [flag, str(value)]
+    return " ".join(words)
+
+
 def parse_grid(text: str, name: str):
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -119,6 +131,7 @@ def parse_grid(text: str, name: str):
 @app.command()
 @guarded
 def train(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: drafter/, checkpoint/, data/, training.json."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: SmolLM2-135M-Instruct)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSON/JSONL prompts or conversations (default: ShareGPT)."),
@@ -170,7 +183,7 @@ def train(
     make_distillation_data(base, tokenizer, conversations, data_dir, dcfg)
     data_seconds = time.perf_counter() - started
     examples = [e for e in read_sequences(data_dir) if len(e[0]) > e[1] + 1]
-    record = {"command": " ".join(["mlx-redrafter"] + sys.argv[1:]), "data_seconds": round(data_seconds, 1),
+    record = {"command": command_line("train", ctx.params), "data_seconds": round(data_seconds, 1),
               "data_tokens": int(sum(len(t) - p for t, p in examples)), "responses": responses}
     try:
         _, metrics = run_training(base, examples, out, cfg, resume=resume, record=record)

@@ -1,0 +1,119 @@
+"""Distillation data, training (learning, resume, Ctrl-C) and evaluation, on tiny models."""
+
+import gzip
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from conftest import tiny_config, tiny_drafter, tiny_model, word_tokenizer
+from mlx_redrafter import training
+from mlx_redrafter.beam_search import BeamShape
+from mlx_redrafter.data import Conversation, read_conversations
+from mlx_redrafter.distill import DataConfig, batch_generate, make_distillation_data, read_sequences
+from mlx_redrafter.evaluate import acceptance
+from mlx_redrafter.generate import plain_steps
+from mlx_redrafter.sampling import SamplingConfig
+from mlx_redrafter.training import TrainConfig, train
+
+VOCAB = 24
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_model(tiny_config(vocab_size=VOCAB), seed=3, scale=2.0)
+
+
+def test_prompt_formats(tmp_path):
+    share = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+             {"conversations": [{"from": "gpt", "value": "orphan"}]}, {"conversations": [{"from": "human", "value": "2nd"}]}]
+    text = json.dumps(share)
+    (tmp_path / "cut.json").write_text(text[: text.rindex("{")])  # truncated mid-record
+    assert [(c.prompt, c.reference) for c in read_conversations(tmp_path / "cut.json")] == [("hi", "hello")]
+    lines = [{"messages": [{"role": "user", "content": "a"}]}, {"turns": ["b", "b2"]}, {"prompt": "c", "response": "d"}, "e"]
+    with gzip.open(tmp_path / "p.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in lines)
+    assert [c.prompt for c in read_conversations(tmp_path / "p.jsonl.gz")] == ["a", "b", "c", "e"]
+    (tmp_path / "bad.jsonl").write_text('{"x": 1}\n')
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_conversations(tmp_path / "bad.jsonl")
+
+
+def test_batched_generation_equals_one_at_a_time(base):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    outs = batch_generate(base, prompts, 12, SamplingConfig(), eos=set())
+    for p, o in zip(prompts, outs):
+        steps = plain_steps(base, p, SamplingConfig())
+        assert o == [next(steps)[0][0] for _ in range(12)]
+
+
+def tiny_data(base, tmp_path, n=48, interrupt_after=None, monkeypatch=None):
+    tok = word_tokenizer(VOCAB, eos=1)
+    rng = np.random.default_rng(0)
+    convs = [Conversation(" ".join(f"t{i}" for i in rng.integers(2, VOCAB, 5))) for _ in range(n)]
+    cfg = DataConfig(max_new_tokens=24, batch_size=8, shard_size=16)
+    return make_distillation_data(base, tok, convs, tmp_path, cfg, progress=False)
+
+
+def test_data_generation_resumes(base, tmp_path, monkeypatch):
+    full = tiny_data(base, tmp_path / "full")
+    import mlx_redrafter.distill as distill
+
+    real_write, calls = distill._write_shard, []
+
+    def failing_write(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_write(*a)
+
+    monkeypatch.setattr(distill, "_write_shard", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_data(base, tmp_path / "cut")
+    assert len(list((tmp_path / "cut").glob("shard-*.npz"))) == 1 and not list((tmp_path / "cut").glob("*.tmp*"))
+    monkeypatch.setattr(distill, "_write_shard", real_write)
+    tiny_data(base, tmp_path / "cut")
+    a, b = read_sequences(full), read_sequences(tmp_path / "cut")
+    assert len(a) == len(b) == 48 and all((x == y).all() and p == q for (x, p), (y, q) in zip(a, b))
+
+
+def weights(drafter):
+    return {k: np.array(v) for k, v in tree_flatten(drafter.parameters())}
+
+
+def test_resume_reaches_the_same_weights(base, tmp_path, monkeypatch):
+    examples = read_sequences(tiny_data(base, tmp_path / "data"))
+    cfg = TrainConfig(head="full", exit_dim=32, num_draft_layers=1, batch_size=8, epochs=2, checkpoint_every=4)
+    straight, _ = train(base, examples, tmp_path / "a", cfg, progress=False, save_dtype=mx.float32)
+    real_batches = training.batches
+
+    def interrupted(examples, cfg, epoch):
+        for i, batch in enumerate(real_batches(examples, cfg, epoch)):
+            if epoch == 1 and i == 2:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of the second epoch
+            yield batch
+
+    monkeypatch.setattr(training, "batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(base, examples, tmp_path / "b", cfg, progress=False)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 8  # a usable checkpoint at the interruption
+    monkeypatch.setattr(training, "batches", real_batches)
+    resumed, _ = train(base, examples, tmp_path / "b", cfg, resume=True, progress=False, save_dtype=mx.float32)
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("head", ["reduced", "shared"])
+def test_training_learns_what_the_base_model_says(base, tmp_path, head):
+    examples = read_sequences(tiny_data(base, tmp_path / "data", n=96))
+    cfg = TrainConfig(head=head, draft_vocab_size=16, batch_size=8, epochs=12, lr=3e-3, checkpoint_every=1000)
+    drafter, metrics = train(base, examples, tmp_path / head, cfg, progress=False)
+    assert metrics["final_top1_per_position"][0] > 0.5
+    tok = word_tokenizer(VOCAB, eos=1)
+    prompts = ["t3 t4 t5", "t9 t2", "t7 t7 t8 t20"]
+    trained = acceptance(base, tok, drafter, prompts, BeamShape(2, 4), max_tokens=32, progress=False)
+    random = acceptance(base, tok, tiny_drafter(base, "apple", seed=9), prompts, BeamShape(2, 4), 32, progress=False)
+    assert trained["tokens_per_step"] > random["tokens_per_step"] and trained["tokens_per_step"] > 1.5
