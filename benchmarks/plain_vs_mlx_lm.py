@@ -14,9 +14,9 @@ from pathlib import Path
 
 import mlx_redrafter  # noqa: F401  (preloads the fast BLAS before mlx)
 import mlx.core as mx
-from mlx_lm.generate import stream_generate as mlx_lm_stream
 
-from mlx_redrafter import load, stream_generate
+from mlx_redrafter import load
+from mlx_redrafter.benchmark import run_mlx_lm, run_ours
 from mlx_redrafter.generate import encode_prompt
 from mlx_redrafter.reference import to_mlx_lm
 
@@ -25,20 +25,6 @@ PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "List five tips for learning a new language.",
 ]
-
-
-def ours_tps(model, tok, ids, n):
-    last = None
-    for last in stream_generate(model, tok, ids, max_tokens=n):
-        pass
-    return last.generation_tps, last.generation_tokens
-
-
-def mlx_lm_tps(ref, tok, ids, n):
-    last = None
-    for last in mlx_lm_stream(ref, tok, mx.array(ids), max_tokens=n):
-        pass
-    return last.generation_tps, last.generation_tokens
 
 
 def main():
@@ -52,14 +38,14 @@ def main():
     model, tok, config = load(args.model, dtype=args.dtype)
     ref = to_mlx_lm(model, config)
     prompts = [encode_prompt(tok, q) for q in PROMPTS]
-    ours_tps(model, tok, prompts[0], 16), mlx_lm_tps(ref, tok, prompts[0], 16)  # warm up
+    run_ours(model, tok, prompts[0], 16), run_mlx_lm(ref, tok, prompts[0], 16)  # warm up
     rows = {"ours": [], "mlx_lm": []}
     for r in range(args.rounds):
         for ids in prompts:
-            for name, fn, m in (("mlx_lm", mlx_lm_tps, ref), ("ours", ours_tps, model)):
-                tps, n = fn(m, tok, ids, args.max_tokens)
-                rows[name].append(tps)
-                print(f"round {r} {name:7s} {n:4d} tokens {tps:8.2f} tok/s", flush=True)
+            for name, fn, m in (("mlx_lm", run_mlx_lm, ref), ("ours", run_ours, model)):
+                result = fn(m, tok, ids, args.max_tokens)
+                rows[name].append(result["tps"])
+                print(f"round {r} {name:7s} {len(result['tokens']):4d} tokens {result['tps']:8.2f} tok/s", flush=True)
     med = {k: statistics.median(v) for k, v in rows.items()}
     ratio = med["ours"] / med["mlx_lm"]
     print(f"median tok/s: ours {med['ours']:.2f}, mlx-lm {med['mlx_lm']:.2f}, ratio {ratio:.3f}")

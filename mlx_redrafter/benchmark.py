@@ -22,13 +22,13 @@ from .reference import to_mlx_lm
 from .sampling import SamplingConfig
 
 
-def _run_ours(model, tok, ids, max_tokens, drafter=None, shape=None, sampling=None):
+def run_ours(model, tok, ids, max_tokens, drafter=None, shape=None, sampling=None):
     rs = list(stream_generate(model, tok, ids, drafter=drafter, beam=shape, max_tokens=max_tokens, sampling=sampling))
     return {"tokens": [r.token for r in rs], "tps": rs[-1].generation_tps, "steps": rs[-1].steps,
             "peak_gb": rs[-1].peak_memory}
 
 
-def _run_mlx_lm(ref, tok, ids, max_tokens, draft_model=None, num_draft_tokens=3):
+def run_mlx_lm(ref, tok, ids, max_tokens, draft_model=None, num_draft_tokens=3):
     mx.reset_peak_memory()
     kwargs = {"draft_model": draft_model, "num_draft_tokens": num_draft_tokens} if draft_model is not None else {}
     rs = list(mlx_lm_stream_generate(ref, tok, mx.array(ids), max_tokens=max_tokens, **kwargs))
@@ -49,16 +49,16 @@ def quantized_copy(ref, bits=4, group_size=64):
 def methods(model, config, drafter, shape: BeamShape, temp: float, with_mlx_lm_spec: bool):
     ref = to_mlx_lm(model, config)
     m = {
-        "mlx-lm plain": lambda tok, ids, n: _run_mlx_lm(ref, tok, ids, n),
-        "ours plain": lambda tok, ids, n: _run_ours(model, tok, ids, n),
+        "mlx-lm plain": lambda tok, ids, n: run_mlx_lm(ref, tok, ids, n),
+        "ours plain": lambda tok, ids, n: run_ours(model, tok, ids, n),
     }
     if drafter is not None:
-        m["redrafter greedy"] = lambda tok, ids, n: _run_ours(model, tok, ids, n, drafter, shape)
+        m["redrafter greedy"] = lambda tok, ids, n: run_ours(model, tok, ids, n, drafter, shape)
         sampled = SamplingConfig(temperature=temp, seed=0)
-        m[f"redrafter T={temp}"] = lambda tok, ids, n: _run_ours(model, tok, ids, n, drafter, shape, sampled)
+        m[f"redrafter T={temp}"] = lambda tok, ids, n: run_ours(model, tok, ids, n, drafter, shape, sampled)
     if with_mlx_lm_spec:
         draft = quantized_copy(ref)
-        m["mlx-lm speculative (4-bit draft)"] = lambda tok, ids, n: _run_mlx_lm(ref, tok, ids, n, draft)
+        m["mlx-lm speculative (4-bit draft)"] = lambda tok, ids, n: run_mlx_lm(ref, tok, ids, n, draft)
     return m
 
 
@@ -113,14 +113,14 @@ def run_sweep(model, tokenizer, config, drafter, prompts, max_tokens, widths, le
     ref = to_mlx_lm(model, config)
     shapes = [BeamShape(w, l) for w in widths for l in lengths]
     for s in shapes:
-        _run_ours(model, tokenizer, ids[0], max_tokens, drafter, s)
-    _run_mlx_lm(ref, tokenizer, ids[0], max_tokens)
+        run_ours(model, tokenizer, ids[0], max_tokens, drafter, s)
+    run_mlx_lm(ref, tokenizer, ids[0], max_tokens)
     results = {s: [] for s in shapes}
     base = []
     for i in tqdm(range(len(ids)), desc="sweep", unit="prompt", disable=not progress):
-        base.append(_run_mlx_lm(ref, tokenizer, ids[i], max_tokens)["tps"])
+        base.append(run_mlx_lm(ref, tokenizer, ids[i], max_tokens)["tps"])
         for s in shapes:
-            results[s].append(_run_ours(model, tokenizer, ids[i], max_tokens, drafter, s))
+            results[s].append(run_ours(model, tokenizer, ids[i], max_tokens, drafter, s))
     rows = []
     for s, rs in results.items():
         rows.append({"width": s.width, "length": s.length,

@@ -1,5 +1,6 @@
 """The `mlx-redrafter` command line."""
 
+import pickle
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,7 +24,7 @@ def guarded(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as e:
+        except (ValueError, RuntimeError, KeyError, OSError, pickle.UnpicklingError) as e:
             fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
     return wrapper
@@ -273,6 +274,51 @@ def benchmark(
     bench.save(result, sweep, out, tag)
     typer.echo(bench.markdown(result))
     typer.echo(f"saved {out}/speed-{tag}.json and .md" + (f", {out}/speedup-{tag}.png" if sweep else ""))
+
+
+convert_app = typer.Typer(no_args_is_help=True, help="Convert PyTorch checkpoints to MLX weights.")
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("base")
+@guarded
+def convert_base_cmd(
+    src: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + *.bin or *.safetensors)."),
+    out: Path = typer.Argument(..., help="Output MLX directory."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32"),
+    quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize linear layers and embeddings."),
+    q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight (2, 3, 4, 6 or 8)."),
+    q_group_size: int = typer.Option(64, "--q-group-size", help="Weights per quantization group (32, 64 or 128)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """A Hugging Face Llama-family model (PyTorch or safetensors) -> MLX (loads in mlx-lm too)."""
+    from .convert import convert_base
+
+    if q_bits not in (2, 3, 4, 5, 6, 8) or q_group_size not in (32, 64, 128):
+        fail(f"--q-bits must be one of 2,3,4,5,6,8 and --q-group-size one of 32,64,128 (got {q_bits}, {q_group_size})")
+    path = convert_base(src, out, dtype, quantize, q_bits, q_group_size, force)
+    typer.echo(f"converted {src} -> {path}")
+
+
+@convert_app.command("drafter")
+@guarded
+def convert_drafter_cmd(
+    src: Path = typer.Argument(..., help="Apple ReDrafter drafter: directory or pytorch_model.bin / model.safetensors / .pt"),
+    out: Path = typer.Argument(..., help="Output drafter directory."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model to check the drafter against."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32"),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """A ReDrafter drafter from Apple's PyTorch code (or TensorRT-LLM's key layout) -> MLX."""
+    from .convert import convert_drafter
+
+    base_model = None
+    if base is not None:
+        from . import load
+
+        base_model = load(base)[0]
+    path = convert_drafter(src, out, base_model, dtype, force)
+    typer.echo(f"converted {src} -> {path}")
 
 
 def main():

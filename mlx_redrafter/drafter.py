@@ -156,6 +156,18 @@ def save_drafter(drafter: Drafter, path, dtype=None, extra_config: Optional[dict
     return path
 
 
+def build_drafter(config: DrafterConfig, weights: dict, source: str, base=None) -> Drafter:
+    """A drafter holding `weights` (strictly matched to `config`), checked against `base`."""
+    drafter = Drafter(config)
+    try:
+        drafter.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ValueError(f"drafter weights in {source} do not match its config: {e}".replace("\n", " ")) from None
+    if base is not None:
+        drafter.check_base(base)
+    return drafter
+
+
 def load_drafter(path, base=None, dtype=None) -> Drafter:
     """Load a drafter directory (config.json + *.safetensors); check it against `base`."""
     path = Path(path)
@@ -170,14 +182,8 @@ def load_drafter(path, base=None, dtype=None) -> Drafter:
         raise FileNotFoundError(f"drafter {path} has no *.safetensors weights")
     from .loading import read_safetensors
 
-    weights = read_safetensors(files)
-    drafter = Drafter(config)
-    try:
-        drafter.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise ValueError(f"drafter weights in {path} do not match its config.json: {e}".replace("\n", " ")) from None
+    drafter = build_drafter(config, read_safetensors(files), str(path), base)
     if base is not None:
-        drafter.check_base(base)
         if dtype is None:
             dtype = base.model.norm.weight.dtype
     if dtype is not None:

@@ -1,0 +1,190 @@
+"""Convert PyTorch checkpoints to MLX: Hugging Face Llama-family models and ReDrafter drafters.
+
+Base models are converted shard by shard (peak memory near the largest
+shard); drafters are renamed from Apple's or TensorRT-LLM's key layout. The
+output is written to a temporary directory beside OUT and renamed at the end,
+so a failure leaves nothing half-written; an existing OUT needs force=True.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from .drafter import MODEL_TYPE, DrafterConfig, build_drafter, save_drafter
+from .llama import ModelArgs
+from .torch_pickle import load_torch_checkpoint, to_mlx
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja"]
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+@contextmanager
+def atomic_output(out, force: bool) -> Iterator[Path]:
+    """A temporary directory that becomes OUT only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists: pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def weight_shards(src: Path) -> List[Path]:
+    """The checkpoint's weight files: safetensors preferred, else PyTorch .bin shards."""
+    for pattern in ("model*.safetensors", "*.safetensors", "pytorch_model*.bin", "*.bin", "*.pt", "*.pth"):
+        files = sorted(p for p in src.glob(pattern) if not p.name.endswith(".index.json"))
+        if files:
+            return files
+    raise FileNotFoundError(f"no weights in {src}: expected *.safetensors or pytorch_model*.bin")
+
+
+def read_shard(path: Path) -> Dict[str, mx.array]:
+    if path.suffix == ".safetensors":
+        try:
+            return mx.load(str(path))
+        except Exception as e:
+            raise ValueError(f"could not read {path} (truncated or corrupt?): {e}") from None
+    return {k: to_mlx(v) for k, v in load_torch_checkpoint(path).items()}
+
+
+def _check_index(src: Path, shards: List[Path]):
+    for index in src.glob("*.index.json"):
+        listed = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = sorted(listed - {p.name for p in shards})
+        if missing:
+            raise FileNotFoundError(f"{index.name} lists {missing[0]}, which is not in {src}")
+
+
+def quantize_weights(weights: Dict[str, mx.array], group_size: int, bits: int, per_layer: dict) -> Dict[str, mx.array]:
+    """mlx-lm style affine quantization of every 2-D weight (linear layers and embeddings)."""
+    out = {}
+    for name, w in weights.items():
+        layer = name[: -len(".weight")]
+        if name.endswith(".weight") and w.ndim == 2 and "norm" not in name:
+            if w.shape[-1] % group_size:
+                per_layer[layer] = False
+                out[name] = w
+                continue
+            out[name], out[f"{layer}.scales"], out[f"{layer}.biases"] = mx.quantize(w, group_size, bits)
+        else:
+            out[name] = w
+    return out
+
+
+def convert_base(src, out, dtype: str = "float16", quantize: bool = False, q_bits: int = 4, q_group_size: int = 64,
+                 force: bool = False, progress: bool = True) -> Path:
+    """A Hugging Face Llama-family checkpoint directory -> an MLX directory (mlx-lm layout)."""
+    src = Path(src)
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"{src} has no config.json: is it a Hugging Face model directory?")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
+    config = json.loads((src / "config.json").read_text())
+    args = ModelArgs.from_dict(config)  # refuses unknown architectures
+    shards = weight_shards(src)
+    _check_index(src, shards)
+    per_layer: dict = {}
+    with atomic_output(out, force) as tmp:
+        weight_map = {}
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for shard, name in zip(tqdm(shards, desc="converting", unit="shard", disable=not progress), names):
+            weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
+                       for k, v in read_shard(shard).items() if "rotary_emb.inv_freq" not in k}
+            if args.tie_word_embeddings:
+                weights.pop("lm_head.weight", None)
+            if quantize:
+                weights = quantize_weights(weights, q_group_size, q_bits, per_layer)
+            mx.save_safetensors(str(tmp / name), weights, metadata={"format": "mlx"})
+            weight_map.update({k: name for k in weights})
+            del weights
+        if quantize:
+            config["quantization"] = {"group_size": q_group_size, "bits": q_bits, **per_layer}
+        config["torch_dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        for f in TOKENIZER_FILES:
+            if (src / f).exists():
+                shutil.copy2(src / f, tmp / f)
+        _validate(tmp, args, weight_map)
+    return Path(out)
+
+
+def _validate(path: Path, args: ModelArgs, weight_map: dict):
+    """Every parameter the model needs is present with the right shape."""
+    from .loading import build_model, read_safetensors
+
+    config = json.loads((path / "config.json").read_text())
+    build_model(config, read_safetensors(sorted(path.glob("model-*.safetensors"))), str(path))
+
+
+# ---- drafters ----
+
+_PREFIXES = [(r"^(module\.|drafter\.|model\.)+", ""), (r"^input_projs\.(\d+\.)?", "input_proj."),
+             (r"^lm_heads\.", "lm_head."), (r"^0\.(\d+)\.", r"lm_head.\1.")]
+
+
+def drafter_key(key: str) -> str:
+    """Apple's / TensorRT-LLM's drafter key -> this project's (same as Apple's)."""
+    for pattern, repl in _PREFIXES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def infer_drafter_config(weights: Dict[str, mx.array]) -> DrafterConfig:
+    """Drafter config from weight shapes, for checkpoints without config.json."""
+    blocks = sorted({int(m.group(1)) for k in weights if (m := re.match(r"lm_head\.(\d+)\.linear\.weight$", k))})
+    L = len(blocks)
+    head = weights.get(f"lm_head.{L}.weight")
+    if head is None:
+        raise ValueError(f"drafter weights have no lm_head.{L}.weight (the V x E head after {L} ResBlocks)")
+    V, E = head.shape
+    if "rnn_u.weight" in weights:
+        H = weights["rnn_u.weight"].shape[0]
+    elif "input_proj.weight" in weights:
+        H = weights["input_proj.weight"].shape[1] // 2
+    else:
+        H = E // 2
+    return DrafterConfig(vocab_size=V, hidden_size=H, exit_dim=E, num_draft_layers=L, rnn="rnn_w.weight" in weights)
+
+
+def read_drafter_weights(src: Path) -> Dict[str, mx.array]:
+    files = [src] if src.is_file() else weight_shards(src)
+    weights = {}
+    for f in files:
+        weights.update(read_shard(f))
+    return {drafter_key(k): v for k, v in weights.items()}
+
+
+def convert_drafter(src, out, base=None, dtype: str = "float16", force: bool = False) -> Path:
+    """An Apple ReDrafter PyTorch drafter (dir or file) -> this project's drafter directory."""
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"no drafter checkpoint at {src}")
+    weights = read_drafter_weights(src)
+    config_file = (src if src.is_dir() else src.parent) / "config.json"
+    if config_file.exists():
+        raw = json.loads(config_file.read_text())
+        if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise ValueError(f"{config_file} is not a drafter config (model_type {raw.get('model_type')!r})")
+        config = DrafterConfig.from_dict(raw)
+    else:
+        config = infer_drafter_config(weights)
+    drafter = build_drafter(config, weights, str(src), base)
+    if Path(out).exists() and not force:
+        raise FileExistsError(f"{out} already exists: pass --force to replace it")
+    return save_drafter(drafter, out, dtype=DTYPES[dtype])
