@@ -39,10 +39,10 @@ def write_checkpoint(path: Path, layers: int, hidden: int, shards: int) -> int:
     weight_map, total = {}, 0
     for k, part in enumerate(np.array_split(sorted(shapes), shards)):
         name = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
-        tensors = {n: torch.randn(*shapes[n]) * 0.02 for n in part}
+        tensors = {str(n): torch.randn(*shapes[n]) * 0.02 for n in part}
         torch.save(tensors, path / name)
         total += sum(t.numel() * 4 for t in tensors.values())
-        weight_map.update({n: name for n in part})
+        weight_map.update({str(n): name for n in part})
     (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return total
 

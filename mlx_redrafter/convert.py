@@ -115,6 +115,9 @@ def convert_base(src, out, dtype: str = "float16", quantize: bool = False, q_bit
         if quantize:
             config["quantization"] = {"group_size": q_group_size, "bits": q_bits, **per_layer}
         config["torch_dtype"] = dtype
+        rope = config.get("rope_parameters") or {}
+        if "rope_theta" not in config and "rope_theta" in rope:
+            config["rope_theta"] = rope["rope_theta"]  # flat, as mlx-lm's Qwen2/Llama configs expect
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
         for f in TOKENIZER_FILES:

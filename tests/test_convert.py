@@ -37,6 +37,7 @@ def save_torch_bin(model, path, shards=1):
     else:
         weight_map = {}
         for i, part in enumerate(np.array_split(keys, shards)):
+            part = [str(k) for k in part]  # numpy strings would pickle as numpy objects
             name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
             torch.save({k: state[k] for k in part}, path / name)
             weight_map.update({k: name for k in part})
