@@ -59,7 +59,9 @@ def read_shard(path: Path) -> Dict[str, mx.array]:
             return mx.load(str(path))
         except Exception as e:
             raise ValueError(f"could not read {path} (truncated or corrupt?): {e}") from None
-    return {k: to_mlx(v) for k, v in load_torch_checkpoint(path).items()}
+    state = load_torch_checkpoint(path)
+    # pop as we go: each storage's bytes are freed once copied, so a shard is held about once
+    return {k: to_mlx(state.pop(k)) for k in list(state)}
 
 
 def _check_index(src: Path, shards: List[Path]):
@@ -112,6 +114,7 @@ def convert_base(src, out, dtype: str = "float16", quantize: bool = False, q_bit
             mx.save_safetensors(str(tmp / name), weights, metadata={"format": "mlx"})
             weight_map.update({k: name for k in weights})
             del weights
+            mx.clear_cache()  # return the shard's buffers instead of pooling them
         if quantize:
             config["quantization"] = {"group_size": q_group_size, "bits": q_bits, **per_layer}
         config["torch_dtype"] = dtype

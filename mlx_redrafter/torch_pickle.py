@@ -48,7 +48,12 @@ def _rebuild_tensor(storage, offset, size, stride, *_ignored):
         needed = offset + 1 + sum((s - 1) * st for s, st in zip(size, stride)) if all(size) else offset
         if needed > data.size:
             raise ValueError("a tensor reaches past the end of its storage (truncated checkpoint?)")
-        out = np.lib.stride_tricks.as_strided(data[offset:], shape=tuple(size), strides=[s * itemsize for s in stride]).copy()
+        numel = int(np.prod(size))
+        contiguous = list(stride) == [int(np.prod(size[i + 1:])) for i in range(len(size))]
+        if contiguous:  # a view: no copy of the (possibly large) storage
+            out = data[offset: offset + numel].reshape(tuple(size))
+        else:
+            out = np.lib.stride_tricks.as_strided(data[offset:], shape=tuple(size), strides=[s * itemsize for s in stride]).copy()
     return out.view(BF16Array) if is_bf16 else out
 
 
