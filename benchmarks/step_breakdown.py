@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
-import mlx.core as mx
 
 from mlx_redrafter import backend, load
 from mlx_redrafter.beam_search import BeamShape

@@ -14,7 +14,6 @@ uninterrupted run reaches, because the data order depends only on seed and epoch
 """
 
 import json
-import math
 import os
 import shutil
 import tempfile

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import tiny_config, tiny_model, word_tokenizer
 from mlx_redrafter import SamplingConfig, stream_generate
-from mlx_redrafter.sampling import choose_tokens, filtered_logits, target_probs
+from mlx_redrafter.sampling import choose_tokens, target_probs
 
 VOCAB = 32
 
