@@ -224,3 +224,23 @@ def test_drafter_checked_against_base(tmp_path):
     with pytest.raises(ValueError, match="drafter does not match the base model"):
         convert_drafter(tmp_path / "d.pt", tmp_path / "out", base=base)
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_redrafter.cli import app
+
+    torch.manual_seed(6)
+    src = save_torch_bin(FAMILIES["llama"]().eval(), tmp_path / "src")
+    runner = CliRunner()
+    r = runner.invoke(app, ["convert", "base", str(src), str(tmp_path / "out"), "--dtype", "float32"])
+    assert r.exit_code == 0, r.output
+    again = runner.invoke(app, ["convert", "base", str(src), str(tmp_path / "out")])
+    assert again.exit_code == 2 and again.output.strip().endswith("already exists: pass --force to replace it")
+    bad = runner.invoke(app, ["convert", "base", str(src), str(tmp_path / "q"), "--quantize", "--q-bits", "7"])
+    assert bad.exit_code == 2 and "--q-bits" in bad.output and not (tmp_path / "q").exists()
+    torch.save(TorchDrafter(64, 128, 96, 1).state_dict(), tmp_path / "d.pt")
+    r = runner.invoke(app, ["convert", "drafter", str(tmp_path / "d.pt"), str(tmp_path / "d"), "--base", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert load_drafter(tmp_path / "d").config.exit_dim == 128
