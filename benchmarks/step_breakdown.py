@@ -15,7 +15,7 @@ import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
 from mlx_redrafter import backend, load
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.cli import find_drafter
-from mlx_redrafter.data import mt_bench_prompts, read_conversations
+from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.generate import encode_prompt
 from mlx_redrafter.sampling import SamplingConfig
@@ -50,8 +50,7 @@ def main():
     if path is None:
         raise SystemExit("error: no drafter: pass --drafter")
     drafter = load_drafter(path, model)
-    texts = [c.prompt for c in read_conversations(args.prompts)] if args.prompts else mt_bench_prompts()
-    prompts = [encode_prompt(tok, t) for t in texts[: args.limit]]
+    prompts = [encode_prompt(tok, t) for t in prompt_texts(args.prompts, args.limit)]
     shapes = [BeamShape(*map(int, s.split("x"))) for s in args.shapes.split(",")]
     profile_shape(model, drafter, prompts[:1], shapes[0], 16)  # warm-up
     rows = []

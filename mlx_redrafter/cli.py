@@ -211,7 +211,7 @@ def eval_drafter(
 ):
     """Mean accepted tokens per step (greedy) on held-out prompts, over a grid of W x Lb."""
     from . import load
-    from .data import mt_bench_prompts, read_conversations
+    from .data import prompt_texts
     from .drafter import load_drafter
     from .evaluate import acceptance_grid, markdown_table, save_results
 
@@ -223,8 +223,7 @@ def eval_drafter(
     if path is None:
         fail("no drafter given and none packaged for this model: pass --drafter")
     draft = load_drafter(path, base)
-    texts = [c.prompt for c in read_conversations(prompts)] if prompts else mt_bench_prompts()
-    texts = texts[:limit] if limit else texts
+    texts = prompt_texts(prompts, limit)
     results = acceptance_grid(base, tokenizer, draft, texts, ws, ls, max_tokens)
     save_results(results, out, "acceptance", f"{Path(str(path)).name}: tokens per step ({len(texts)} prompts)")
     typer.echo(markdown_table(results))
@@ -254,7 +253,7 @@ def benchmark(
     from . import backend, load
     from . import benchmark as bench
     from .beam_search import BeamShape
-    from .data import mt_bench_prompts, read_conversations
+    from .data import prompt_texts
     from .drafter import load_drafter
 
     base, tokenizer, config = load(model, dtype=dtype)
@@ -262,8 +261,7 @@ def benchmark(
     draft = load_drafter(path, base) if path else None
     if draft is None:
         typer.echo("note: no drafter, so only the plain decoders are measured", err=True)
-    texts = [c.prompt for c in read_conversations(prompts)] if prompts else mt_bench_prompts()
-    texts = texts[:limit] if limit else texts
+    texts = prompt_texts(prompts, limit)
     shape = BeamShape(beam_width, beam_length)
     result = bench.run_benchmark(base, tokenizer, config, draft, texts, max_tokens, shape, temp, not no_mlx_lm_spec)
     sweep = None

@@ -126,15 +126,14 @@ def convert_base(src, out, dtype: str = "float16", quantize: bool = False, q_bit
         for f in TOKENIZER_FILES:
             if (src / f).exists():
                 shutil.copy2(src / f, tmp / f)
-        _validate(tmp, args, weight_map)
+        _validate(tmp, config)
     return Path(out)
 
 
-def _validate(path: Path, args: ModelArgs, weight_map: dict):
+def _validate(path: Path, config: dict):
     """Every parameter the model needs is present with the right shape."""
     from .loading import build_model, read_safetensors
 
-    config = json.loads((path / "config.json").read_text())
     build_model(config, read_safetensors(sorted(path.glob("model-*.safetensors"))), str(path))
 
 

