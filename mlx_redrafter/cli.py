@@ -138,6 +138,7 @@ def train(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSON/JSONL prompts or conversations (default: ShareGPT)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Distillation data directory (default: OUT/data)."),
     num_prompts: int = typer.Option(4000, "--num-prompts", min=1, help="Prompts to use."),
+    all_turns: bool = typer.Option(False, "--all-turns", help="Every user turn of a chat is a prompt (earlier turns as context), not only the first."),
     responses: str = typer.Option("model", "--responses", help="model: distill the base model's responses; dataset: the data's own replies."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Response length when generating data."),
     gen_batch_size: int = typer.Option(32, "--gen-batch-size", min=1, help="Prompts generated at once."),
@@ -146,7 +147,7 @@ def train(
     draft_vocab: int = typer.Option(4096, "--draft-vocab", min=2, help="Draft vocabulary size for --head reduced."),
     layers: int = typer.Option(2, "--layers", min=0, help="ResBlocks in the drafter."),
     exit_dim: Optional[int] = typer.Option(None, "--exit-dim", min=1, help="Drafter width E (default: H shared, 2H otherwise)."),
-    unroll: int = typer.Option(4, "--unroll", min=1, help="Positions drafted ahead in training (beam length - 1)."),
+    unroll: int = typer.Option(5, "--unroll", min=1, help="Positions drafted ahead in training (at least the beam length - 1)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     seq_len: int = typer.Option(640, "--seq-len", min=8),
     epochs: int = typer.Option(2, "--epochs", min=1),
@@ -154,9 +155,11 @@ def train(
     kl_weight: float = typer.Option(0.0, "--kl-weight", min=0.0, help="Weight of the KL term to the base model's top-k distribution."),
     kl_top_k: int = typer.Option(32, "--kl-top-k", min=1),
     seed: int = typer.Option(0, "--seed"),
+    holdout: int = typer.Option(0, "--holdout", min=0, help="Examples kept out of training; their per-position top-1 accuracy is reported."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
+    data_only: bool = typer.Option(False, "--data-only", help="Stop once the distillation data is written."),
     dtype: str = typer.Option("auto", "--dtype", help="Base model dtype."),
 ):
     """Train a drafter by distillation from the base model."""
@@ -172,17 +175,21 @@ def train(
         fail(f"--responses must be model or dataset, got {responses!r}")
     cfg = TrainConfig(num_draft_layers=layers, exit_dim=exit_dim, head=head, draft_vocab_size=draft_vocab,
                       unroll=unroll, seq_len=seq_len, batch_size=batch_size, epochs=epochs, lr=lr,
-                      kl_weight=kl_weight, kl_top_k=kl_top_k, seed=seed, checkpoint_every=checkpoint_every,
+                      kl_weight=kl_weight, kl_top_k=kl_top_k, seed=seed, holdout=holdout, checkpoint_every=checkpoint_every,
                       max_steps=max_steps)
     if out.exists() and not resume and (out / "checkpoint").exists():
         fail(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
     base, tokenizer, _ = load(model, dtype=dtype)
     data_dir = data or out / "data"
     started = time.perf_counter()
-    conversations = read_conversations(prompts, num_prompts) if prompts else sharegpt_conversations(num_prompts)
+    conversations = (read_conversations(prompts, num_prompts, all_turns) if prompts
+                     else sharegpt_conversations(num_prompts, all_turns))
     dcfg = DataConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=gen_temp, responses=responses)
     make_distillation_data(base, tokenizer, conversations, data_dir, dcfg)
     data_seconds = time.perf_counter() - started
+    if data_only:
+        typer.echo(f"distillation data written to {data_dir} ({data_seconds:.0f} s)")
+        return
     examples = [e for e in read_sequences(data_dir) if len(e[0]) > e[1] + 1]
     record = {"command": command_line("train", ctx.params), "data_seconds": round(data_seconds, 1),
               "data_tokens": int(sum(len(t) - p for t, p in examples)), "responses": responses}
@@ -193,7 +200,8 @@ def train(
         raise typer.Exit(130)
     (out / "training.json").write_text(_json.dumps(metrics, indent=2))
     typer.echo(f"drafter written to {out / 'drafter'} ({metrics['steps']} steps, {metrics['wall_seconds']} s, "
-               f"final loss {metrics['final_loss']:.3f}, top-1 per position {metrics['final_top1_per_position']})")
+               f"final loss {metrics['final_loss']:.3f}, top-1 per position {metrics['final_top1_per_position']}"
+               + (f", held out {metrics['heldout_top1_per_position']}" if metrics["heldout_top1_per_position"] else "") + ")")
 
 
 @app.command("eval-drafter")

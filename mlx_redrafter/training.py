@@ -11,6 +11,9 @@ model's top-k distribution at that position (KL up to a constant).
 Checkpoints (drafter, optimizer state, step) are written atomically every N
 steps, at the end and on Ctrl-C; --resume continues to the same weights an
 uninterrupted run reaches, because the data order depends only on seed and epoch.
+`holdout` examples (chosen by the seed) are kept out of training; the drafter's
+per-position top-1 accuracy on them is reported at the end, the number that
+predicts acceptance (the training accuracy flatters an overfit drafter).
 """
 
 import json
@@ -50,6 +53,7 @@ class TrainConfig:
     kl_weight: float = 0.0
     kl_top_k: int = 32
     seed: int = 0
+    holdout: int = 0  # examples kept out of training and scored at the end
     checkpoint_every: int = 200
     max_steps: Optional[int] = None  # stop early (for smoke runs)
 
@@ -71,12 +75,13 @@ def drafter_config(base, cfg: TrainConfig) -> DrafterConfig:
     )
 
 
-def frequent_tokens(examples, vocab_size: int, keep: int) -> mx.array:
-    """The `keep` most frequent response tokens (the reduced draft vocabulary)."""
+def frequent_tokens(examples, vocab_size: int, keep: int):
+    """The `keep` most frequent response tokens (the reduced draft vocabulary) and their share of all response tokens."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for tokens, prompt_len in examples:
         np.add.at(counts, tokens[prompt_len:], 1)
-    return mx.array(np.sort(np.argsort(-counts, kind="stable")[:keep]).astype(np.int32))
+    kept = np.sort(np.argsort(-counts, kind="stable")[:keep])
+    return mx.array(kept.astype(np.int32)), float(counts[kept].sum() / max(counts.sum(), 1))
 
 
 @dataclass
@@ -122,6 +127,16 @@ def batches(examples, cfg: TrainConfig, epoch: int):
         yield make_batch([examples[j] for j in order[i: i + cfg.batch_size]], cfg.seq_len, cfg.unroll)
 
 
+def split_holdout(examples, cfg: TrainConfig):
+    """(training examples, held-out examples), the held-out ones chosen by the seed."""
+    if cfg.holdout <= 0:
+        return examples, []
+    if cfg.holdout >= len(examples):
+        raise ValueError(f"--holdout {cfg.holdout} leaves no training data ({len(examples)} examples)")
+    held = set(np.random.default_rng(cfg.seed).choice(len(examples), cfg.holdout, replace=False).tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
 def steps_per_epoch(examples, cfg: TrainConfig) -> int:
     return len(examples) // cfg.batch_size
 
@@ -132,6 +147,30 @@ def teacher_top_k(base, hidden: mx.array, k: int):
     idx = mx.argpartition(-logits, k - 1, axis=-1)[..., :k]
     top = mx.take_along_axis(logits, idx, axis=-1)
     return idx, mx.softmax(top, axis=-1)
+
+
+def base_inputs(base, batch: Batch, cfg: TrainConfig):
+    """What the frozen base model gives a batch: (hidden, embeds, targets, valid, teacher), see drafter_loss."""
+    all_hidden = mx.stop_gradient(base(batch.x))
+    flat_hidden = all_hidden.reshape(-1, all_hidden.shape[-1])
+    flat_x = batch.x.reshape(-1)
+    hidden = flat_hidden[batch.starts].astype(mx.float32)
+    embeds = mx.stop_gradient(base.embed(flat_x[batch.inputs])).astype(mx.float32)
+    targets = flat_x[mx.minimum(batch.inputs + 1, flat_x.size - 1)]
+    teacher = teacher_top_k(base, flat_hidden[batch.inputs], cfg.kl_top_k) if cfg.kl_weight > 0 else None
+    return hidden, embeds, targets, batch.valid, teacher
+
+
+def heldout_top1(drafter, base, examples, cfg: TrainConfig, token_to_draft) -> List[float]:
+    """Top-1 accuracy per unrolled position (K,) over held-out examples, teacher-forced."""
+    hits, counts = np.zeros(cfg.unroll), np.zeros(cfg.unroll)
+    for i in range(0, len(examples), cfg.batch_size):
+        batch = make_batch(examples[i: i + cfg.batch_size], cfg.seq_len, cfg.unroll)
+        _, accs = drafter_loss(drafter, base, *base_inputs(base, batch, cfg)[:4], cfg, token_to_draft, None)
+        n = np.array(batch.valid.sum(axis=1))
+        hits += np.array(accs) * n
+        counts += n
+    return (hits / np.maximum(counts, 1)).round(4).tolist()
 
 
 def drafter_loss(drafter, base, hidden, embeds, targets, valid, cfg: TrainConfig, token_to_draft, teacher):
@@ -201,6 +240,7 @@ def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = Fal
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"
+    examples, heldout = split_holdout(examples, cfg)
     per_epoch = steps_per_epoch(examples, cfg)
     if per_epoch == 0:
         raise ValueError(f"{len(examples)} examples are fewer than one batch of {cfg.batch_size}")
@@ -208,7 +248,7 @@ def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = Fal
     optimizer = optim.AdamW(learning_rate=schedule(cfg, total), weight_decay=cfg.weight_decay)
     mx.random.seed(cfg.seed)
     dcfg = drafter_config(base, cfg)
-    vocab_map = frequent_tokens(examples, dcfg.vocab_size, dcfg.draft_vocab_size) if dcfg.draft_vocab_size else None
+    vocab_map, coverage = frequent_tokens(examples, dcfg.vocab_size, dcfg.draft_vocab_size) if dcfg.draft_vocab_size else (None, 1.0)
     step = 0
     if resume and checkpoint.exists():
         drafter, step = load_checkpoint(checkpoint, base, optimizer)
@@ -224,16 +264,7 @@ def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = Fal
     loss_and_grad = nn.value_and_grad(drafter, lambda d, *a: drafter_loss(d, base, *a[:-1], cfg, token_to_draft, a[-1]))
 
     def train_step(batch: Batch):
-        all_hidden = mx.stop_gradient(base(batch.x))
-        flat_hidden = all_hidden.reshape(-1, all_hidden.shape[-1])
-        flat_x = batch.x.reshape(-1)
-        hidden = flat_hidden[batch.starts].astype(mx.float32)
-        embeds = mx.stop_gradient(base.embed(flat_x[batch.inputs])).astype(mx.float32)
-        targets = flat_x[mx.minimum(batch.inputs + 1, flat_x.size - 1)]
-        teacher = None
-        if cfg.kl_weight > 0:
-            teacher = teacher_top_k(base, flat_hidden[batch.inputs], cfg.kl_top_k)
-        (loss, accs), grads = loss_and_grad(drafter, hidden, embeds, targets, batch.valid, teacher)
+        (loss, accs), grads = loss_and_grad(drafter, *base_inputs(base, batch, cfg))
         optimizer.update(drafter, grads)
         return loss, accs
 
@@ -267,6 +298,9 @@ def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = Fal
         "steps": step, "examples": len(examples), "wall_seconds": round(time.perf_counter() - start_time, 1),
         "final_loss": float(np.mean([h[0] for h in tail])),
         "final_top1_per_position": np.mean([h[1] for h in tail], axis=0).round(4).tolist(),
+        "draft_vocab_coverage": round(coverage, 4),
+        "heldout_examples": len(heldout),
+        "heldout_top1_per_position": heldout_top1(drafter, base, heldout, cfg, token_to_draft) if heldout else None,
         "train_config": asdict(cfg), **(record or {}),
     }
     save_drafter(drafter, out / "drafter", dtype=save_dtype, extra_config={"training": metrics})

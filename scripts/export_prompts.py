@@ -1,5 +1,7 @@
-"""Export ShareGPT first turns (and MT-Bench questions) as gzipped JSONL for a machine without the
-packages, e.g. the lent GPU:  python scripts/export_prompts.py --out .device/data --limit 8000"""
+"""Export ShareGPT conversations (and MT-Bench questions) as gzipped JSONL for a machine without the
+packages, e.g. the lent GPU:  python scripts/export_prompts.py --out .device/data
+Each record keeps a conversation's turns (each cut to --max-chars) up to its last user turn with a
+reply, so `mlx-redrafter train --all-turns` can use every user turn as a prompt."""
 
 import argparse
 import gzip
@@ -12,16 +14,21 @@ from mlx_redrafter.data import mt_bench_prompts, sharegpt_conversations
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--limit", type=int, default=8000)
+    p.add_argument("--limit", type=int, default=None, help="most prompts (user turns)")
     p.add_argument("--max-chars", type=int, default=2000)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [{"prompt": c.prompt[: args.max_chars], "response": (c.reference or "")[: args.max_chars]}
-            for c in sharegpt_conversations(args.limit)]
+    cut = lambda text: (text or "")[: args.max_chars]  # noqa: E731
+    convs = sharegpt_conversations(args.limit, all_turns=True)
+    # a conversation is exported once, at its last turn (history + prompt + reply hold all turns before)
+    last = [c for i, c in enumerate(convs) if i + 1 == len(convs) or len(convs[i + 1].history) == 0]
     with gzip.open(args.out / "sharegpt.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        for c in last:
+            turns = [m for u, a in c.history for m in ({"from": "human", "value": cut(u)}, {"from": "gpt", "value": cut(a)})]
+            turns += [{"from": "human", "value": cut(c.prompt)}, {"from": "gpt", "value": cut(c.reference)}]
+            f.write(json.dumps({"conversations": turns}) + "\n")
     (args.out / "mt_bench.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in mt_bench_prompts()))
-    print(f"{len(rows)} ShareGPT prompts and 80 MT-Bench questions in {args.out}")
+    print(f"{len(last)} ShareGPT conversations ({len(convs)} user turns) and 80 MT-Bench questions in {args.out}")
 
 
 if __name__ == "__main__":

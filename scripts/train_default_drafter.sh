@@ -1,34 +1,45 @@
 #!/usr/bin/env bash
 # The recipe behind the packaged default drafter and the recipe comparison (issue 4), as run on the
 # lent GPU (see README). Usage: scripts/train_default_drafter.sh PHASE DATA_DIR WORK_DIR
-#   PHASE data    : distillation data (base model's greedy responses) + dataset-reply data
-#   PHASE train   : the variants (shared / reduced / full heads; CE, CE+KL, ground truth)
-#   PHASE eval    : acceptance of every variant at W x Lb = 4 x 5 on MT-Bench's 80 first turns
+#   PHASE data   : every ShareGPT user turn (earlier turns as context) -> the base model's greedy
+#                  response (work/data-model), and the dataset's own replies (work/data-dataset)
+#   PHASE train  : the drafter variants named in VARIANTS, side by side (one alone leaves the GPU idle)
+#   PHASE eval   : tokens per step of each variant on MT-Bench's 80 first turns (WIDTHS x LENGTHS)
+# DATA_DIR holds sharegpt.jsonl.gz and mt_bench.jsonl (scripts/export_prompts.py writes them).
 set -euo pipefail
 phase=$1 data=$2 work=$3
-N=${N:-6000} EPOCHS=${EPOCHS:-2} TOKENS=${TOKENS:-256}
 run() { python3 -m mlx_redrafter "$@"; }
-common=(--prompts "$data/sharegpt.jsonl.gz" --num-prompts "$N" --max-new-tokens "$TOKENS" --epochs "$EPOCHS" --gen-batch-size 64)
+prompts=(--prompts "$data/sharegpt.jsonl.gz" --all-turns --num-prompts "${N:-100000}" --max-new-tokens "${TOKENS:-256}"
+         --gen-batch-size "${GEN_BATCH:-512}")
+fit=(--epochs "${EPOCHS:-2}" --unroll "${UNROLL:-6}" --holdout "${HOLDOUT:-200}" --batch-size "${BATCH:-32}")
 case $phase in
   data)
-    run train --out "$work/shared" --data "$work/data-model" "${common[@]}" --max-steps 1
-    run train --out "$work/gt" --data "$work/data-dataset" "${common[@]}" --responses dataset --max-steps 1
-    rm -rf "$work/shared" "$work/gt" ;;
+    run train --out "$work/data-run" --data "$work/data-model" "${prompts[@]}" --data-only
+    [ -z "${GT:-}" ] || run train --out "$work/data-run" --data "$work/data-dataset" "${prompts[@]}" --responses dataset --data-only ;;
   train)
-    for v in ${VARIANTS:-shared reduced full kl gt}; do
+    for v in ${VARIANTS:-r576 r1152 shared full}; do
       case $v in
-        shared)  args=(--head shared --data "$work/data-model") ;;
-        reduced) args=(--head reduced --draft-vocab 4096 --exit-dim 576 --data "$work/data-model") ;;
-        full)    args=(--head full --data "$work/data-model") ;;
-        kl)      args=(--head shared --kl-weight 1.0 --data "$work/data-model") ;;
-        gt)      args=(--head shared --data "$work/data-dataset" --responses dataset) ;;
+        r576)   args=(--head reduced --draft-vocab 4096 --exit-dim 576) ;;
+        r1152)  args=(--head reduced --draft-vocab 4096 --exit-dim 1152) ;;
+        r1152x3) args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --layers 3) ;;
+        shared) args=(--head shared) ;;
+        full)   args=(--head full) ;;
+        kl)     args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --kl-weight 1.0) ;;
+        gt)     args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --responses dataset) ;;
+        *) echo "unknown variant $v"; exit 2 ;;
       esac
-      rm -rf "$work/$v"
-      run train --out "$work/$v" "${common[@]}" "${args[@]}" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -3
-    done ;;
+      data_dir=$work/data-model; [ "$v" = gt ] && data_dir=$work/data-dataset
+      rm -rf "${work:?}/$v"
+      run train --out "$work/$v" --data "$data_dir" "${prompts[@]}" "${fit[@]}" "${args[@]}" ${EXTRA:-} > "$work/$v.log" 2>&1 &
+    done
+    wait
+    for v in ${VARIANTS:-r576 r1152 shared full}; do tr '\r' '\n' < "$work/$v.log" | grep -v "it/s\]$" | tail -2; done ;;
   eval)
-    for v in ${VARIANTS:-shared reduced full kl gt}; do
-      run eval-drafter --drafter "$work/$v" --prompts "$data/mt_bench.jsonl" --widths 4 --lengths 5 \
-        --max-tokens "${EVAL_TOKENS:-128}" ${LIMIT:+--limit $LIMIT} --out "$work/eval-$v" 2>&1 | tail -3
-    done ;;
+    for v in ${VARIANTS:-r576 r1152 shared full}; do
+      run eval-drafter --drafter "$work/$v" --prompts "$data/mt_bench.jsonl" --widths "${WIDTHS:-4,16}" \
+        --lengths "${LENGTHS:-6}" --max-tokens "${EVAL_TOKENS:-256}" ${LIMIT:+--limit $LIMIT} --out "$work/eval-$v" \
+        > "$work/eval-$v.log" 2>&1 &
+    done
+    wait
+    for v in ${VARIANTS:-r576 r1152 shared full}; do echo "== $v"; cat "$work/eval-$v/acceptance.md"; done ;;
 esac
