@@ -19,6 +19,7 @@ import mlx.core as mx
 class BeamShape:
     width: int = 4  # W: beams kept
     length: int = 3  # Lb: tokens per beam, g0 included (best measured on CPU and GPU)
+    lookup: bool = True  # also verify a beam copied from earlier in the context (lookup.py)
 
     def __post_init__(self):
         if self.width < 1 or self.length < 2:

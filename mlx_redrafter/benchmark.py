@@ -107,11 +107,12 @@ def run_benchmark(model, tokenizer, config, drafter, prompts: List[str], max_tok
             "per_prompt_tps": {k: [r["tps"] for r in v] for k, v in runs.items()}}
 
 
-def run_sweep(model, tokenizer, config, drafter, prompts, max_tokens, widths, lengths, progress=True) -> List[Dict]:
+def run_sweep(model, tokenizer, config, drafter, prompts, max_tokens, widths, lengths, lookup=True,
+              progress=True) -> List[Dict]:
     """ReDrafter greedy speed over W x Lb, against mlx-lm plain measured in the same run."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     ref = to_mlx_lm(model, config)
-    shapes = [BeamShape(w, l) for w in widths for l in lengths]
+    shapes = [BeamShape(w, l, lookup) for w in widths for l in lengths]
     for s in shapes:
         run_ours(model, tokenizer, ids[0], max_tokens, drafter, s)
     run_mlx_lm(ref, tokenizer, ids[0], max_tokens)

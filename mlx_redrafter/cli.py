@@ -8,6 +8,10 @@ from typing import Optional
 
 import typer
 
+from .beam_search import BeamShape
+
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lossless ReDrafter speculative decoding on MLX.")
 
 
@@ -51,6 +55,7 @@ def generate(
     autoregressive: bool = typer.Option(False, "--autoregressive", help="Decode with the base model alone."),
     beam_width: int = typer.Option(4, "--beam-width", "-W", min=1, max=64, help="Beams drafted per step."),
     beam_length: int = typer.Option(3, "--beam-length", "-L", min=2, max=16, help="Tokens per beam, the base model's own next token included."),
+    lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
@@ -62,7 +67,6 @@ def generate(
 ):
     """Generate text, speculatively with a drafter when one is available."""
     from . import load, stream_generate
-    from .beam_search import BeamShape
     from .drafter import load_drafter
     from .generate import print_report
     from .sampling import SamplingConfig
@@ -85,7 +89,7 @@ def generate(
     last, accepted = None, Counter()
     for last in stream_generate(
         base, tokenizer, prompt, drafter=draft, max_tokens=max_tokens, sampling=sampling,
-        beam=BeamShape(beam_width, beam_length), chat_template=not no_chat_template,
+        beam=BeamShape(beam_width, beam_length, lookup), chat_template=not no_chat_template,
     ):
         typer.echo(last.text, nl=False)
         if not last.from_draft:
@@ -160,6 +164,7 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
     data_only: bool = typer.Option(False, "--data-only", help="Stop once the distillation data is written."),
+    save_bits: Optional[int] = typer.Option(None, "--save-bits", help="Store the drafter's weight matrices quantized to 8 or 4 bits."),
     dtype: str = typer.Option("auto", "--dtype", help="Base model dtype."),
 ):
     """Train a drafter by distillation from the base model."""
@@ -173,6 +178,8 @@ def train(
 
     if responses not in ("model", "dataset"):
         fail(f"--responses must be model or dataset, got {responses!r}")
+    if save_bits not in (None, 4, 8):
+        fail(f"--save-bits must be 8 or 4, got {save_bits}")
     cfg = TrainConfig(num_draft_layers=layers, exit_dim=exit_dim, head=head, draft_vocab_size=draft_vocab,
                       unroll=unroll, seq_len=seq_len, batch_size=batch_size, epochs=epochs, lr=lr,
                       kl_weight=kl_weight, kl_top_k=kl_top_k, seed=seed, holdout=holdout, checkpoint_every=checkpoint_every,
@@ -194,7 +201,7 @@ def train(
     record = {"command": command_line("train", ctx.params), "data_seconds": round(data_seconds, 1),
               "data_tokens": int(sum(len(t) - p for t, p in examples)), "responses": responses}
     try:
-        _, metrics = run_training(base, examples, out, cfg, resume=resume, record=record)
+        _, metrics = run_training(base, examples, out, cfg, resume=resume, record=record, save_bits=save_bits)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: checkpoint saved in {out / 'checkpoint'}; rerun with --resume", err=True)
         raise typer.Exit(130)
@@ -213,7 +220,9 @@ def eval_drafter(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N prompts."),
     widths: str = typer.Option("1,2,4", "--widths", help="Beam widths to try, comma-separated."),
     lengths: str = typer.Option("3,4,5,6", "--lengths", help="Beam lengths to try, comma-separated."),
-    max_tokens: int = typer.Option(128, "--max-tokens", min=1),
+    lookup: str = typer.Option("both", "--lookup", help="Context-lookup beam: off | on | both."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1),
+    decode: bool = typer.Option(False, "--decode", help="Count by running speculative decoding (slow) instead of replaying greedy references."),
     out: Path = typer.Option(Path("results"), "--out", help="Where the JSON, Markdown table and plot go."),
     dtype: str = typer.Option("auto", "--dtype"),
 ):
@@ -224,6 +233,9 @@ def eval_drafter(
     from .evaluate import acceptance_grid, markdown_table, save_results
 
     ws, ls = parse_grid(widths, "--widths"), parse_grid(lengths, "--lengths")
+    lookups = {"off": (False,), "on": (True,), "both": (False, True)}.get(lookup)
+    if lookups is None:
+        fail(f"--lookup must be off, on or both, got {lookup!r}")
     if min(ls) < 2:
         fail("--lengths must be >= 2 (the base model's own token counts as one)")
     base, tokenizer, _ = load(model, dtype=dtype)
@@ -232,7 +244,7 @@ def eval_drafter(
         fail("no drafter given and none packaged for this model: pass --drafter")
     draft = load_drafter(path, base)
     texts = prompt_texts(prompts, limit)
-    results = acceptance_grid(base, tokenizer, draft, texts, ws, ls, max_tokens)
+    results = acceptance_grid(base, tokenizer, draft, texts, ws, ls, max_tokens, lookups=lookups, replay=not decode)
     save_results(results, out, "acceptance", f"{Path(str(path)).name}: tokens per step ({len(texts)} prompts)")
     typer.echo(markdown_table(results))
     typer.echo(f"saved {out}/acceptance.json, .md and .png")
@@ -248,6 +260,7 @@ def benchmark(
     max_tokens: int = typer.Option(128, "--max-tokens", min=1),
     beam_width: int = typer.Option(4, "--beam-width", "-W", min=1),
     beam_length: int = typer.Option(3, "--beam-length", "-L", min=2),
+    lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     temp: float = typer.Option(0.7, "--temp", min=0.0, help="Temperature of the sampled ReDrafter run."),
     sweep_widths: str = typer.Option("", "--sweep-widths", help="Also sweep these beam widths (e.g. 1,2,4)."),
     sweep_lengths: str = typer.Option("3,4,5,6", "--sweep-lengths"),
@@ -260,7 +273,6 @@ def benchmark(
     """Benchmark ReDrafter against plain decoding and mlx-lm, with an optional W x Lb sweep."""
     from . import backend, load
     from . import benchmark as bench
-    from .beam_search import BeamShape
     from .data import prompt_texts
     from .drafter import load_drafter
 
@@ -270,12 +282,12 @@ def benchmark(
     if draft is None:
         typer.echo("note: no drafter, so only the plain decoders are measured", err=True)
     texts = prompt_texts(prompts, limit)
-    shape = BeamShape(beam_width, beam_length)
+    shape = BeamShape(beam_width, beam_length, lookup)
     result = bench.run_benchmark(base, tokenizer, config, draft, texts, max_tokens, shape, temp, not no_mlx_lm_spec)
     sweep = None
     if sweep_widths and draft is not None:
         sweep = bench.run_sweep(base, tokenizer, config, draft, texts[: sweep_limit or len(texts)], max_tokens,
-                                parse_grid(sweep_widths, "--sweep-widths"), parse_grid(sweep_lengths, "--sweep-lengths"))
+                                parse_grid(sweep_widths, "--sweep-widths"), parse_grid(sweep_lengths, "--sweep-lengths"), lookup)
     tag = tag or ("gpu" if backend.on_gpu() else "cpu")
     bench.save(result, sweep, out, tag)
     typer.echo(bench.markdown(result))

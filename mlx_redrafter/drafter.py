@@ -16,6 +16,12 @@ models, set in config.json:
   (needs exit_dim == hidden_size). Saves the V x E matrix.
 - draft_vocab_size: lm_head.L is (Vd, E) over a reduced vocabulary and
   `draft_to_token` (Vd,) maps draft ids to token ids.
+
+A drafter can be stored with 8-bit (or 4-bit) weight matrices to halve its
+size on disk: each quantized matrix `k` is stored as MLX packs it (`k`
+uint32, `k.scales`, `k.biases`), config.json gets mlx-lm's
+"quantization": {"group_size", "bits"}, and loading expands them back, so
+decoding runs in the usual float dtype.
 """
 
 import json
@@ -131,13 +137,43 @@ def init_drafter(config: DrafterConfig, base=None, draft_to_token: Optional[mx.a
     return drafter
 
 
-def save_drafter(drafter: Drafter, path, dtype=None, extra_config: Optional[dict] = None) -> Path:
-    """Write config.json + model.safetensors into `path` atomically (temp dir, then rename)."""
+QUANT_GROUP = 64
+
+
+def quantize_weights(weights: dict, bits: int) -> dict:
+    """Pack every 2-D float matrix whose rows split into groups of 64 (see module docstring)."""
+    out = {}
+    for k, v in weights.items():
+        if v.ndim == 2 and mx.issubdtype(v.dtype, mx.floating) and v.shape[1] % QUANT_GROUP == 0:
+            out[k], out[f"{k}.scales"], out[f"{k}.biases"] = mx.quantize(v, QUANT_GROUP, bits)
+        else:
+            out[k] = v
+    return out
+
+
+def dequantize_weights(weights: dict, quantization: dict) -> dict:
+    packed = [k[: -len(".scales")] for k in weights if k.endswith(".scales")]
+    out = {k: v for k, v in weights.items() if not k.endswith((".scales", ".biases"))}
+    for k in packed:
+        out[k] = mx.dequantize(weights[k], weights[f"{k}.scales"], weights[f"{k}.biases"],
+                               quantization["group_size"], quantization["bits"])
+    return out
+
+
+def save_drafter(drafter: Drafter, path, dtype=None, extra_config: Optional[dict] = None,
+                 bits: Optional[int] = None) -> Path:
+    """Write config.json + model.safetensors into `path` atomically (temp dir, then rename).
+
+    bits: store weight matrices quantized to 8 or 4 bits (module docstring).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(drafter.parameters()))
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    if bits is not None:
+        weights = quantize_weights(weights, bits)
+        extra_config = {**(extra_config or {}), "quantization": {"group_size": QUANT_GROUP, "bits": bits}}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -176,13 +212,17 @@ def load_drafter(path, base=None, dtype=None) -> Drafter:
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"no drafter at {path}: expected config.json and model.safetensors there")
-    config = DrafterConfig.from_dict(json.loads(config_file.read_text()))
+    raw_config = json.loads(config_file.read_text())
+    config = DrafterConfig.from_dict(raw_config)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"drafter {path} has no *.safetensors weights")
     from .loading import read_safetensors
 
-    drafter = build_drafter(config, read_safetensors(files), str(path), base)
+    weights = read_safetensors(files)
+    if raw_config.get("quantization"):
+        weights = dequantize_weights(weights, raw_config["quantization"])
+    drafter = build_drafter(config, weights, str(path), base)
     if base is not None:
         if dtype is None:
             dtype = base.model.norm.weight.dtype

@@ -13,7 +13,8 @@ Each step, on the device and in one lazy graph:
    hidden state drives the drafter's beam search for the next step.
 
 Then one sync brings back a, the chosen beam and the next beams; the host
-emits g0 plus a accepted tokens and packs the next tree.
+emits g0 plus a accepted tokens, adds the context-lookup beam (`lookup.py`;
+`BeamShape.lookup`) and packs the next tree.
 
 Why sampling stays exact: drawing one target y ~ p at every node and
 accepting the child equal to y is the rule "try the distinct children x_i in
@@ -33,6 +34,7 @@ import numpy as np
 
 from .beam_search import BeamShape, beam_search
 from .generate import prefill
+from .lookup import ContextLookup
 from .sampling import SamplingConfig, choose_tokens
 from .tree_attention import attention_mask, build_tree
 
@@ -74,10 +76,11 @@ def speculative_steps(
     hidden = prefill(model, prompt, cache)[0]
     g0 = choose_tokens(model.logits(hidden), sampling)
     beams, draft_lp = beam_search(drafter, model, hidden, g0, shape)
-    mx.eval(beams, draft_lp)
-    beams_np = np.array(beams)
+    lookup = ContextLookup(prompt) if shape.lookup else None
+    beams_np = with_lookup_beam(np.array(beams), lookup)
     while True:
         clock.start()
+        beams = mx.array(beams_np)
         tree = build_tree(beams_np, bucket)
         start = cache.length
         positions = mx.array(start + tree.depth)[None]
@@ -96,9 +99,24 @@ def speculative_steps(
         best_i, a_i = best.item(), a.item()
         cache.truncate(start + a_i + 1)
         emitted = beams_np[best_i, : a_i + 1].tolist()
-        beams, beams_np = beams_next, np.array(beams_next)
+        if lookup is not None:
+            lookup.extend(emitted)
+        beams_np = with_lookup_beam(np.array(beams_next), lookup)
         clock.lap("host")
         yield emitted, a_i
+
+
+def with_lookup_beam(beams: np.ndarray, lookup: Optional[ContextLookup]) -> np.ndarray:
+    """The drafter's beams (W, Lb) plus the context-lookup beam (W + 1, Lb) when lookup is on.
+
+    Without a match the extra row repeats beam 0, which the tree deduplicates away.
+    """
+    if lookup is None:
+        return beams
+    g0, length = int(beams[0, 0]), beams.shape[1]
+    proposal = lookup.propose(g0, length - 1)
+    row = beams[0] if proposal is None else np.array([g0] + proposal, dtype=beams.dtype)
+    return np.concatenate([beams, row[None]], axis=0)
 
 
 class _Clock:

@@ -91,7 +91,8 @@ class Batch:
     x (B, T) tokens; starts (N,) flat indices b*T + t of the start positions;
     inputs (K, N) flat index of x_{t+k} (the token step k consumes);
     valid (K, N) whether x_{t+k+1} exists and is a response token.
-    N is padded to a multiple of 256 (padding is never valid) to keep shapes few.
+    T is rounded up to a multiple of 128 and N to a multiple of 2048 (padding is never valid):
+    each new shape compiles kernels on a GPU, so shapes must stay few.
     """
 
     x: mx.array
@@ -101,7 +102,7 @@ class Batch:
 
 
 def make_batch(rows, seq_len: int, unroll: int) -> Batch:
-    T = min(seq_len, -(-max(len(t) for t, _ in rows) // 64) * 64)  # few distinct shapes
+    T = min(seq_len, -(-max(len(t) for t, _ in rows) // 128) * 128)
     x = np.zeros((len(rows), T), dtype=np.int32)
     response = np.zeros((len(rows), T + unroll + 2), dtype=bool)
     for b, (tokens, prompt_len) in enumerate(rows):
@@ -109,7 +110,7 @@ def make_batch(rows, seq_len: int, unroll: int) -> Batch:
         x[b, :n] = tokens[:n]
         response[b, prompt_len:n] = True
     b, t = np.nonzero(response[:, 2: T + 2])  # first target x_{t+2} is a response token
-    n_pad = -(-len(t) // 256) * 256
+    n_pad = -(-len(t) // 2048) * 2048
     k = np.arange(1, unroll + 1)[:, None]
     inputs = b * T + np.minimum(t + k, T - 1)
     valid = response[b, t + k + 1]
@@ -235,7 +236,7 @@ def load_checkpoint(path: Path, base, optimizer):
 
 
 def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          save_dtype=mx.float16, record: Optional[dict] = None):
+          save_dtype=mx.float16, record: Optional[dict] = None, save_bits: Optional[int] = None):
     """Train a drafter on (tokens, prompt_len) examples; write it to `out`. Returns metrics."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -303,5 +304,5 @@ def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = Fal
         "heldout_top1_per_position": heldout_top1(drafter, base, heldout, cfg, token_to_draft) if heldout else None,
         "train_config": asdict(cfg), **(record or {}),
     }
-    save_drafter(drafter, out / "drafter", dtype=save_dtype, extra_config={"training": metrics})
+    save_drafter(drafter, out / "drafter", dtype=save_dtype, extra_config={"training": metrics}, bits=save_bits)
     return drafter, metrics

@@ -9,7 +9,7 @@
 set -euo pipefail
 phase=$1 data=$2 work=$3
 run() { python3 -m mlx_redrafter "$@"; }
-prompts=(--prompts "$data/sharegpt.jsonl.gz" --all-turns --num-prompts "${N:-100000}" --max-new-tokens "${TOKENS:-256}"
+prompts=(${MODEL:+--model "$MODEL"} --prompts "$data/sharegpt.jsonl.gz" --all-turns --num-prompts "${N:-100000}" --max-new-tokens "${TOKENS:-256}"
          --gen-batch-size "${GEN_BATCH:-512}")
 fit=(--epochs "${EPOCHS:-2}" --unroll "${UNROLL:-6}" --holdout "${HOLDOUT:-200}" --batch-size "${BATCH:-32}")
 case $phase in
@@ -36,7 +36,7 @@ case $phase in
     for v in ${VARIANTS:-r576 r1152 shared full}; do tr '\r' '\n' < "$work/$v.log" | grep -v "it/s\]$" | tail -2; done ;;
   eval)
     for v in ${VARIANTS:-r576 r1152 shared full}; do
-      run eval-drafter --drafter "$work/$v" --prompts "$data/mt_bench.jsonl" --widths "${WIDTHS:-4,16}" \
+      run eval-drafter ${MODEL:+--model "$MODEL"} --drafter "$work/$v" --prompts "$data/mt_bench.jsonl" --widths "${WIDTHS:-4,16}" \
         --lengths "${LENGTHS:-6}" --max-tokens "${EVAL_TOKENS:-256}" ${LIMIT:+--limit $LIMIT} --out "$work/eval-$v" \
         > "$work/eval-$v.log" 2>&1 &
     done

@@ -59,7 +59,8 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert again.exit_code == 2 and "--resume" in again.output
     assert run(*args, "--resume").exit_code == 0
     r = run("eval-drafter", "--model", str(model_dir), "--drafter", str(out), "--prompts", str(prompts), "--limit", "3",
-            "--widths", "1,2", "--lengths", "3", "--max-tokens", "8", "--out", str(tmp_path / "eval"))
+            "--widths", "1,2", "--lengths", "3", "--max-tokens", "8", "--lookup", "both", "--out", str(tmp_path / "eval"))
     assert r.exit_code == 0, r.output
     rows = json.loads((tmp_path / "eval" / "acceptance.json").read_text())
-    assert [(x["width"], x["length"]) for x in rows] == [(1, 3), (2, 3)] and (tmp_path / "eval" / "acceptance.png").exists()
+    assert [(x["width"], x["length"], x["lookup"]) for x in rows] == [(1, 3, False), (2, 3, False), (1, 3, True), (2, 3, True)]
+    assert (tmp_path / "eval" / "acceptance.png").exists()

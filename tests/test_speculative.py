@@ -32,8 +32,9 @@ def tokens_of(model, tok, prompt, max_tokens, drafter=None, shape=None, sampling
     prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8),
     max_tokens=st.integers(1, 30),
     eos_at=st.one_of(st.none(), st.integers(0, 29)),
+    lookup=st.booleans(),
 )
-def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, prompt, max_tokens, eos_at):
+def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, prompt, max_tokens, eos_at, lookup):
     model = BASES[base_seed]
     tok = word_tokenizer(VOCAB)
     tok._eos_token_ids = set()
@@ -42,7 +43,7 @@ def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, pro
         tok._eos_token_ids = {plain[eos_at]}  # EOS lands wherever it lands, mid-step too
         plain, _ = tokens_of(model, tok, prompt, max_tokens)
     drafter = tiny_drafter(model, variant, seed=drafter_seed, scale=3.0)
-    spec, responses = tokens_of(model, tok, prompt, max_tokens, drafter, BeamShape(W, Lb))
+    spec, responses = tokens_of(model, tok, prompt, max_tokens, drafter, BeamShape(W, Lb, lookup))
     assert spec == plain
     assert responses[-1].finish_reason == plain_reason(plain, tok, max_tokens)
     assert all(r.step_accepted <= Lb - 1 for r in responses)
@@ -107,11 +108,14 @@ def biased_acceptance(beams, node_of, logits, draft_logprobs, sampling):
 
 
 def sample_pairs(model, drafter, prompt, cfg, acceptance=None):
+    """Counts of the first two tokens; the context-lookup beam is on, except for the Apple-style
+    rule, which needs the drafter's probability of every candidate."""
     kwargs = {} if acceptance is None else {"acceptance": acceptance}
+    shape = BeamShape(2, 3, lookup=acceptance is None)
     counts = np.zeros((SMALL, SMALL))
     for _ in range(SAMPLES):
         tokens = []
-        for step, _ in speculative_steps(model, drafter, prompt, cfg, BeamShape(2, 3), **kwargs):
+        for step, _ in speculative_steps(model, drafter, prompt, cfg, shape, **kwargs):
             tokens += step
             if len(tokens) >= 2:
                 break

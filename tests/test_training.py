@@ -13,7 +13,7 @@ from mlx_redrafter import training
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import Conversation, read_conversations
 from mlx_redrafter.distill import DataConfig, batch_generate, make_distillation_data, read_sequences
-from mlx_redrafter.evaluate import acceptance
+from mlx_redrafter.evaluate import acceptance, greedy_references, replay_acceptance
 from mlx_redrafter.generate import plain_steps
 from mlx_redrafter.sampling import SamplingConfig
 from mlx_redrafter.training import TrainConfig, train
@@ -117,3 +117,23 @@ def test_training_learns_what_the_base_model_says(base, tmp_path, head):
     trained = acceptance(base, tok, drafter, prompts, BeamShape(2, 4), max_tokens=32, progress=False)
     random = acceptance(base, tok, tiny_drafter(base, "apple", seed=9), prompts, BeamShape(2, 4), 32, progress=False)
     assert trained["tokens_per_step"] > random["tokens_per_step"] and trained["tokens_per_step"] > 1.5
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    examples = read_sequences(tiny_data(base, tmp / "data", n=96))
+    cfg = TrainConfig(head="full", exit_dim=32, batch_size=8, epochs=8, lr=3e-3, checkpoint_every=1000)
+    return train(base, examples, tmp / "drafter", cfg, progress=False)[0]
+
+
+@pytest.mark.parametrize("shape", [BeamShape(2, 4, lookup=False), BeamShape(3, 3, lookup=True), BeamShape(1, 6)])
+def test_replayed_acceptance_equals_decoding(base, trained, shape):
+    """Counting along greedy references gives the steps that speculative decoding takes."""
+    tok = word_tokenizer(VOCAB, eos=1)
+    drafter = trained
+    prompts = ["t3 t4 t5", "t9 t2", "t7 t7 t8 t20", "t11"]
+    decoded = acceptance(base, tok, drafter, prompts, shape, max_tokens=40, progress=False)
+    replayed = replay_acceptance(base, drafter, greedy_references(base, tok, prompts, 40, 3, False), shape, False)
+    assert decoded["steps"] > len(prompts) and decoded["tokens"] > decoded["steps"]  # drafts were accepted
+    assert (replayed["steps"], replayed["tokens"]) == (decoded["steps"], decoded["tokens"])

@@ -1,0 +1,44 @@
+"""Context lookup: one extra candidate beam copied from earlier in the context.
+
+Models repeat what they have seen (names, code, phrases of the prompt, their
+own earlier sentences), which a recurrent drafter, blind to the context
+beyond the last hidden state, cannot know. Prompt lookup decoding proposes the
+tokens that followed the latest earlier occurrence of the current suffix. The
+proposal joins the drafter's beams in the verified tree; verification does not
+care where a candidate comes from, so the output stays exactly the base
+model's. Worked example, n_max = 2, Lb = 4:
+
+    context [5 8 9 4 1 5 8], next token g0 = 9
+    suffix [8 9] occurred at 1..2, followed by [4 1 5]  -> beam [9 4 1 5]
+
+The index maps every n-gram (n <= n_max) to where its latest occurrence ended,
+so a proposal costs n_max dictionary lookups.
+"""
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+
+class ContextLookup:
+    def __init__(self, tokens: Sequence[int] = (), n_max: int = 4):
+        self.n_max = n_max
+        self.tokens: List[int] = []
+        self.follows: Dict[Tuple[int, ...], int] = {}  # n-gram -> index of the token after its latest occurrence
+        self.extend(tokens)
+
+    def extend(self, new: Sequence[int]):
+        for token in new:
+            i = len(self.tokens)
+            for n in range(1, min(self.n_max, i) + 1):
+                self.follows[tuple(self.tokens[i - n:i])] = i
+            self.tokens.append(token)
+
+    def propose(self, g0: int, length: int) -> Optional[List[int]]:
+        """`length` tokens to follow context + [g0], or None when no suffix of it occurred before."""
+        tail = self.tokens[-(self.n_max - 1):] + [g0] if self.n_max > 1 else [g0]
+        for n in range(min(self.n_max, len(tail)), 0, -1):
+            start = self.follows.get(tuple(tail[-n:]))
+            if start is not None:
+                # past the end of the context the copy repeats itself, as a loop would
+                seen = self.tokens[start:] + [g0]
+                return [seen[k % len(seen)] for k in range(length)]
+        return None
