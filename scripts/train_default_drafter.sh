@@ -4,7 +4,8 @@
 #   PHASE data   : every ShareGPT user turn (earlier turns as context) -> the base model's greedy
 #                  response (work/data-model), and the dataset's own replies (work/data-dataset)
 #   PHASE train  : the drafter variants named in VARIANTS, side by side (one alone leaves the GPU idle)
-#   PHASE eval   : tokens per step of each variant on MT-Bench's 80 first turns (WIDTHS x LENGTHS)
+#   PHASE eval   : tokens per step of each variant on MT-Bench's 80 first turns (WIDTHS x LENGTHS,
+#                  drafter alone and with the context-lookup beam; replayed along greedy references)
 # DATA_DIR holds sharegpt.jsonl.gz and mt_bench.jsonl (scripts/export_prompts.py writes them).
 set -euo pipefail
 phase=$1 data=$2 work=$3
@@ -21,11 +22,13 @@ case $phase in
       case $v in
         r576)   args=(--head reduced --draft-vocab 4096 --exit-dim 576) ;;
         r1152)  args=(--head reduced --draft-vocab 4096 --exit-dim 1152) ;;
-        r1152x3) args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --layers 3) ;;
-        shared) args=(--head shared) ;;
-        full)   args=(--head full) ;;
-        kl)     args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --kl-weight 1.0) ;;
-        gt)     args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --responses dataset) ;;
+        v8k)    args=(--head reduced --draft-vocab 8192 --exit-dim 576) ;;
+        shared) args=(--head shared --batch-size 16) ;;   # full-vocabulary logits: half the batch fits
+        full)   args=(--head full --batch-size 16) ;;
+        kl)     args=(--head reduced --draft-vocab 4096 --exit-dim 576 --kl-weight 1.0) ;;
+        gt)     args=(--head reduced --draft-vocab 4096 --exit-dim 576 --responses dataset) ;;
+        final-r1152) args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8) ;;
+        final-v8k)   args=(--head reduced --draft-vocab 8192 --exit-dim 576 --epochs 3 --save-bits 8) ;;
         *) echo "unknown variant $v"; exit 2 ;;
       esac
       data_dir=$work/data-model; [ "$v" = gt ] && data_dir=$work/data-dataset
@@ -37,7 +40,7 @@ case $phase in
   eval)
     for v in ${VARIANTS:-r576 r1152 shared full}; do
       run eval-drafter ${MODEL:+--model "$MODEL"} --drafter "$work/$v" --prompts "$data/mt_bench.jsonl" --widths "${WIDTHS:-4,16}" \
-        --lengths "${LENGTHS:-6}" --max-tokens "${EVAL_TOKENS:-256}" ${LIMIT:+--limit $LIMIT} --out "$work/eval-$v" \
+        --lengths "${LENGTHS:-6}" --lookup both --max-tokens "${EVAL_TOKENS:-256}" ${LIMIT:+--limit $LIMIT} --out "$work/eval-$v" \
         > "$work/eval-$v.log" 2>&1 &
     done
     wait
