@@ -102,7 +102,7 @@ def run_benchmark(model, tokenizer, config, drafter, prompts: List[str], max_tok
         for name, fn in fns.items():
             runs[name].append(fn(tokenizer, ids[i], max_tokens))
     return {"machine": machine(), "dtype": str(model.model.norm.weight.dtype), "max_tokens": max_tokens,
-            "prompts": len(ids), "beam": [shape.width, shape.length], "time": time.strftime("%Y-%m-%d %H:%M"),
+            "prompts": len(ids), "beam": [shape.width, shape.length], "lookup": shape.lookup, "time": time.strftime("%Y-%m-%d %H:%M"),
             "summary": summarize(runs),
             "per_prompt_tps": {k: [r["tps"] for r in v] for k, v in runs.items()}}
 
@@ -133,7 +133,8 @@ def run_sweep(model, tokenizer, config, drafter, prompts, max_tokens, widths, le
 
 def markdown(result: Dict) -> str:
     lines = [f"Machine: {result['machine']}, dtype {result['dtype']}, {result['prompts']} prompts, "
-             f"max {result['max_tokens']} tokens, beam W x Lb = {result['beam'][0]} x {result['beam'][1]}", "",
+             f"max {result['max_tokens']} tokens, beam W x Lb = {result['beam'][0]} x {result['beam'][1]}"
+             + (" + context lookup" if result.get("lookup") else ""), "",
              "| method | tokens/s (median) | IQR | speedup vs mlx-lm | tokens/step | peak GB | identical to mlx-lm |",
              "|---|---|---|---|---|---|---|"]
     for name, r in result["summary"].items():

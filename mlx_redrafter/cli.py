@@ -53,8 +53,8 @@ def generate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory, Hub id or .gguf file (default: SmolLM2-135M-Instruct)."),
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter directory (default: the model's packaged drafter)."),
     autoregressive: bool = typer.Option(False, "--autoregressive", help="Decode with the base model alone."),
-    beam_width: int = typer.Option(4, "--beam-width", "-W", min=1, max=64, help="Beams drafted per step."),
-    beam_length: int = typer.Option(3, "--beam-length", "-L", min=2, max=16, help="Tokens per beam, the base model's own next token included."),
+    beam_width: int = typer.Option(BeamShape.width, "--beam-width", "-W", min=1, max=64, help="Beams drafted per step."),
+    beam_length: int = typer.Option(BeamShape.length, "--beam-length", "-L", min=2, max=16, help="Tokens per beam, the base model's own next token included."),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (0 = greedy)."),
@@ -218,6 +218,7 @@ def eval_drafter(
     model: Optional[str] = typer.Option(None, "--model", "-m"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Held-out prompts (default: MT-Bench first turns)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N prompts."),
+    every: int = typer.Option(1, "--every", min=1, help="Use every K-th prompt (MT-Bench is ordered by category: 10 spans all 8)."),
     widths: str = typer.Option("1,2,4", "--widths", help="Beam widths to try, comma-separated."),
     lengths: str = typer.Option("3,4,5,6", "--lengths", help="Beam lengths to try, comma-separated."),
     lookup: str = typer.Option("both", "--lookup", help="Context-lookup beam: off | on | both."),
@@ -243,7 +244,7 @@ def eval_drafter(
     if path is None:
         fail("no drafter given and none packaged for this model: pass --drafter")
     draft = load_drafter(path, base)
-    texts = prompt_texts(prompts, limit)
+    texts = prompt_texts(prompts, limit, every)
     results = acceptance_grid(base, tokenizer, draft, texts, ws, ls, max_tokens, lookups=lookups, replay=not decode)
     save_results(results, out, "acceptance", f"{Path(str(path)).name}: tokens per step ({len(texts)} prompts)")
     typer.echo(markdown_table(results))
@@ -257,9 +258,10 @@ def benchmark(
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file (default: MT-Bench first turns)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N prompts."),
+    every: int = typer.Option(1, "--every", min=1, help="Use every K-th prompt (MT-Bench is ordered by category: 10 spans all 8)."),
     max_tokens: int = typer.Option(128, "--max-tokens", min=1),
-    beam_width: int = typer.Option(4, "--beam-width", "-W", min=1),
-    beam_length: int = typer.Option(3, "--beam-length", "-L", min=2),
+    beam_width: int = typer.Option(BeamShape.width, "--beam-width", "-W", min=1),
+    beam_length: int = typer.Option(BeamShape.length, "--beam-length", "-L", min=2),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     temp: float = typer.Option(0.7, "--temp", min=0.0, help="Temperature of the sampled ReDrafter run."),
     sweep_widths: str = typer.Option("", "--sweep-widths", help="Also sweep these beam widths (e.g. 1,2,4)."),
@@ -281,7 +283,7 @@ def benchmark(
     draft = load_drafter(path, base) if path else None
     if draft is None:
         typer.echo("note: no drafter, so only the plain decoders are measured", err=True)
-    texts = prompt_texts(prompts, limit)
+    texts = prompt_texts(prompts, limit, every)
     shape = BeamShape(beam_width, beam_length, lookup)
     result = bench.run_benchmark(base, tokenizer, config, draft, texts, max_tokens, shape, temp, not no_mlx_lm_spec)
     sweep = None

@@ -117,9 +117,13 @@ def sharegpt_conversations(limit: Optional[int] = None, all_turns: bool = False)
         return read_conversations(path, limit, all_turns)
 
 
-def prompt_texts(path=None, limit: Optional[int] = None) -> List[str]:
-    """First-turn prompts of a file, or MT-Bench's when no file is given; the first `limit`."""
+def prompt_texts(path=None, limit: Optional[int] = None, every: int = 1) -> List[str]:
+    """First-turn prompts of a file, or MT-Bench's when no file is given: every `every`-th, the first `limit` of those.
+
+    MT-Bench is ordered by category (10 writing, 10 roleplay, ...), so --every 10 samples all eight.
+    """
     texts = [c.prompt for c in read_conversations(path)] if path else mt_bench_prompts()
+    texts = texts[::every]
     return texts[:limit] if limit else texts
 
 

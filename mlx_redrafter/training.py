@@ -43,7 +43,7 @@ class TrainConfig:
     head: str = "shared"  # "shared" (base LM head) | "full" (own V x E head) | "reduced" (own Vd x E head)
     draft_vocab_size: int = 4096  # for head="reduced": the most frequent response tokens
     rnn: bool = True
-    unroll: int = 4  # K: positions drafted ahead (beam length - 1)
+    unroll: int = 5  # K: positions drafted ahead (at least the beam length - 1), Apple's 5
     seq_len: int = 640
     batch_size: int = 16
     epochs: int = 2
