@@ -121,7 +121,8 @@ def plot_grid(results: List[Dict], path, title: str, key: str = "tokens_per_step
     grids = {p: np.full((len(widths), len(lengths)), np.nan) for p in panels}
     for r in results:
         grids[bool(r.get("lookup"))][widths.index(r["width"]), lengths.index(r["length"])] = r[key]
-    low, high = np.nanmin([g.min() for g in grids.values()]), np.nanmax([g.max() for g in grids.values()])
+    every = np.stack(list(grids.values()))
+    low, high = np.nanmin(every), np.nanmax(every)
     fig, axes = plt.subplots(1, len(panels), squeeze=False,
                              figsize=(len(panels) * (1.2 * len(lengths) + 1.2) + 1, 0.8 * len(widths) + 1.8))
     for ax, panel in zip(axes[0], panels):
