@@ -150,7 +150,7 @@ def teacher_top_k(base, hidden: mx.array, k: int):
     return idx, mx.softmax(top, axis=-1)
 
 
-def base_inputs(base, batch: Batch, cfg: TrainConfig):
+def base_inputs(base, batch: Batch, cfg: TrainConfig, with_teacher: bool = True):
     """What the frozen base model gives a batch: (hidden, embeds, targets, valid, teacher), see drafter_loss."""
     all_hidden = mx.stop_gradient(base(batch.x))
     flat_hidden = all_hidden.reshape(-1, all_hidden.shape[-1])
@@ -158,7 +158,8 @@ def base_inputs(base, batch: Batch, cfg: TrainConfig):
     hidden = flat_hidden[batch.starts].astype(mx.float32)
     embeds = mx.stop_gradient(base.embed(flat_x[batch.inputs])).astype(mx.float32)
     targets = flat_x[mx.minimum(batch.inputs + 1, flat_x.size - 1)]
-    teacher = teacher_top_k(base, flat_hidden[batch.inputs], cfg.kl_top_k) if cfg.kl_weight > 0 else None
+    wanted = with_teacher and cfg.kl_weight > 0
+    teacher = teacher_top_k(base, flat_hidden[batch.inputs], cfg.kl_top_k) if wanted else None
     return hidden, embeds, targets, batch.valid, teacher
 
 
@@ -167,7 +168,8 @@ def heldout_top1(drafter, base, examples, cfg: TrainConfig, token_to_draft) -> L
     hits, counts = np.zeros(cfg.unroll), np.zeros(cfg.unroll)
     for i in range(0, len(examples), cfg.batch_size):
         batch = make_batch(examples[i: i + cfg.batch_size], cfg.seq_len, cfg.unroll)
-        _, accs = drafter_loss(drafter, base, *base_inputs(base, batch, cfg)[:4], cfg, token_to_draft, None)
+        hidden, embeds, targets, valid, _ = base_inputs(base, batch, cfg, with_teacher=False)
+        _, accs = drafter_loss(drafter, base, hidden, embeds, targets, valid, cfg, token_to_draft, None)
         n = np.array(batch.valid.sum(axis=1))
         hits += np.array(accs) * n
         counts += n

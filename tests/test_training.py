@@ -109,9 +109,12 @@ def test_resume_reaches_the_same_weights(base, tmp_path, monkeypatch):
 @pytest.mark.parametrize("head", ["reduced", "shared"])
 def test_training_learns_what_the_base_model_says(base, tmp_path, head):
     examples = read_sequences(tiny_data(base, tmp_path / "data", n=96))
-    cfg = TrainConfig(head=head, draft_vocab_size=16, batch_size=8, epochs=12, lr=3e-3, checkpoint_every=1000)
+    cfg = TrainConfig(head=head, draft_vocab_size=16, batch_size=8, epochs=12, lr=3e-3, checkpoint_every=1000,
+                      holdout=8)
     drafter, metrics = train(base, examples, tmp_path / head, cfg, progress=False)
     assert metrics["final_top1_per_position"][0] > 0.5
+    assert metrics["examples"] == 88 and metrics["heldout_examples"] == 8
+    assert len(metrics["heldout_top1_per_position"]) == cfg.unroll and metrics["heldout_top1_per_position"][0] > 0.8
     tok = word_tokenizer(VOCAB, eos=1)
     prompts = ["t3 t4 t5", "t9 t2", "t7 t7 t8 t20"]
     trained = acceptance(base, tok, drafter, prompts, BeamShape(2, 4), max_tokens=32, progress=False)
