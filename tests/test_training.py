@@ -36,6 +36,14 @@ def test_prompt_formats(tmp_path):
     with gzip.open(tmp_path / "p.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in lines)
     assert [c.prompt for c in read_conversations(tmp_path / "p.jsonl.gz")] == ["a", "b", "c", "e"]
+    chat = [{"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+                               {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}, {"from": "human", "value": "q3"}]}]
+    (tmp_path / "chat.json").write_text(json.dumps(chat))
+    turns = read_conversations(tmp_path / "chat.json", all_turns=True)
+    assert [(c.prompt, c.reference, c.history) for c in turns] == [
+        ("q1", "a1", ()), ("q2", "a2", (("q1", "a1"),)), ("q3", None, (("q1", "a1"), ("q2", "a2")))]
+    assert [m["role"] for m in turns[2].messages()] == ["user", "assistant", "user", "assistant", "user"]
+    assert len(read_conversations(tmp_path / "chat.json")) == 1
     (tmp_path / "bad.jsonl").write_text('{"x": 1}\n')
     with pytest.raises(ValueError, match="holds no prompts"):
         read_conversations(tmp_path / "bad.jsonl")
@@ -77,6 +85,8 @@ def test_data_generation_resumes(base, tmp_path, monkeypatch):
     tiny_data(base, tmp_path / "cut")
     a, b = read_sequences(full), read_sequences(tmp_path / "cut")
     assert len(a) == len(b) == 48 and all((x == y).all() and p == q for (x, p), (y, q) in zip(a, b))
+    with pytest.raises(ValueError, match="other settings or prompts"):
+        tiny_data(base, tmp_path / "cut", n=40)  # other prompts into the same directory
 
 
 def weights(drafter):
