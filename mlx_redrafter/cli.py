@@ -35,12 +35,13 @@ def guarded(fn):
 
 
 def find_drafter(model_arg: Optional[str], drafter_arg: Optional[str]):
-    """The drafter to use: --drafter, else the packaged one for the default model."""
+    """The drafter to use: --drafter, a model directory's drafter/, else the packaged one for the default model."""
+    from .defaults import default_drafter_path
+    from .loading import is_default_model
+
     if drafter_arg:
         return Path(drafter_arg)
-    if model_arg is None:
-        from .defaults import default_drafter_path
-
+    if model_arg is None or is_default_model(model_arg):
         return default_drafter_path()
     candidate = Path(model_arg) / "drafter"
     return candidate if (candidate / "config.json").exists() else None

