@@ -22,8 +22,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .beam_search import BeamShape, beam_search
+from .distill import batch_generate
 from .generate import encode_prompt, stream_generate
-from .lookup import ContextLookup
+from .lookup import ContextLookup, with_lookup_beam
+from .sampling import SamplingConfig
 
 
 def acceptance(model, tokenizer, drafter, prompts: Sequence[str], shape: BeamShape, max_tokens: int = 128,
@@ -43,9 +45,6 @@ def acceptance(model, tokenizer, drafter, prompts: Sequence[str], shape: BeamSha
 def greedy_references(model, tokenizer, prompts: Sequence[str], max_tokens: int, batch_size: int = 16,
                       progress: bool = True) -> List[tuple]:
     """(prompt ids, greedy continuation up to EOS or max_tokens) per prompt, generated in batches."""
-    from .distill import batch_generate
-    from .sampling import SamplingConfig
-
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     eos, refs = set(tokenizer.eos_token_ids), []
     for i in tqdm(range(0, len(ids), batch_size), desc="greedy references", disable=not progress, leave=False):
@@ -55,8 +54,6 @@ def greedy_references(model, tokenizer, prompts: Sequence[str], max_tokens: int,
 
 def replay_acceptance(model, drafter, references: Sequence[tuple], shape: BeamShape, progress: bool = True) -> Dict:
     """Accepted tokens per step along greedy references (module docstring); same result as `acceptance`."""
-    from .speculative import with_lookup_beam
-
     accepted: List[int] = []
     tokens = 0
     for prompt, reference in tqdm(references, desc=f"W={shape.width} Lb={shape.length}", disable=not progress, leave=False):

@@ -17,6 +17,8 @@ so a proposal costs n_max dictionary lookups.
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 
 class ContextLookup:
     def __init__(self, tokens: Sequence[int] = (), n_max: int = 4):
@@ -42,3 +44,17 @@ class ContextLookup:
                 seen = self.tokens[start:] + [g0]
                 return [seen[k % len(seen)] for k in range(length)]
         return None
+
+
+def with_lookup_beam(beams: np.ndarray, lookup: Optional[ContextLookup]) -> np.ndarray:
+    """The drafter's beams (W, Lb) plus the context-lookup beam (W + 1, Lb) when lookup is on.
+
+    Without a match the extra row repeats beam 0, which the tree deduplicates away.
+    """
+    if lookup is None:
+        return beams
+    g0, length = int(beams[0, 0]), beams.shape[1]
+    proposal = lookup.propose(g0, length - 1)
+    row = beams[0] if proposal is None else np.array([g0] + proposal, dtype=beams.dtype)
+    return np.concatenate([beams, row[None]], axis=0)
+

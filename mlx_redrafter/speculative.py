@@ -34,7 +34,7 @@ import numpy as np
 
 from .beam_search import BeamShape, beam_search
 from .generate import prefill
-from .lookup import ContextLookup
+from .lookup import ContextLookup, with_lookup_beam
 from .sampling import SamplingConfig, choose_tokens
 from .tree_attention import attention_mask, build_tree
 
@@ -104,19 +104,6 @@ def speculative_steps(
         beams_np = with_lookup_beam(np.array(beams_next), lookup)
         clock.lap("host")
         yield emitted, a_i
-
-
-def with_lookup_beam(beams: np.ndarray, lookup: Optional[ContextLookup]) -> np.ndarray:
-    """The drafter's beams (W, Lb) plus the context-lookup beam (W + 1, Lb) when lookup is on.
-
-    Without a match the extra row repeats beam 0, which the tree deduplicates away.
-    """
-    if lookup is None:
-        return beams
-    g0, length = int(beams[0, 0]), beams.shape[1]
-    proposal = lookup.propose(g0, length - 1)
-    row = beams[0] if proposal is None else np.array([g0] + proposal, dtype=beams.dtype)
-    return np.concatenate([beams, row[None]], axis=0)
 
 
 class _Clock:

@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from mlx_redrafter.lookup import ContextLookup
-from mlx_redrafter.speculative import with_lookup_beam
+from mlx_redrafter.lookup import ContextLookup, with_lookup_beam
 
 
 def test_docstring_example():
