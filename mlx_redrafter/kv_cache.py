@@ -1,8 +1,10 @@
 """KV cache written by position (gpt-fast style), with path commit for tree verification.
 
-Each layer keeps one growing buffer of shape (B, kv_heads, capacity, head_dim).
-`length` counts committed tokens; a forward pass writes its n new keys at
-[length, length + n), attends over [0, length + n) and advances `length` by n.
+Each layer keeps one growing buffer of shape (B, kv_heads, capacity, head_dim),
+capacity a multiple of 256. `length` counts committed tokens; a forward pass
+writes its n new keys at [length, length + n), attends over [0, length + n)
+(or over a fixed `span` of slots, masked, see `span_for`) and advances
+`length` by n.
 Tree verification writes the packed tree after the committed prefix, then
 `copy_path` gathers the accepted nodes' K/V into place and `truncate` drops
 the rest:
@@ -24,14 +26,15 @@ class LayerKV:
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
 
-    def write(self, keys: mx.array, values: mx.array, start: int):
-        """Store (B, kv_heads, n, D) keys/values at [start, start+n); return all up to start+n."""
+    def write(self, keys: mx.array, values: mx.array, start: int, span: Optional[int] = None):
+        """Store (B, kv_heads, n, D) keys/values at [start, start+n); return slots [0, span or start+n)."""
         end = start + keys.shape[2]
-        if self.keys is None or end > self.keys.shape[2]:
-            self._grow(keys, end)
+        span = span or end
+        if self.keys is None or max(end, span) > self.keys.shape[2]:
+            self._grow(keys, max(end, span))
         self.keys[..., start:end, :] = keys
         self.values[..., start:end, :] = values
-        return self.keys[..., :end, :], self.values[..., :end, :]
+        return self.keys[..., :span, :], self.values[..., :span, :]
 
     def _grow(self, like: mx.array, needed: int):
         B, H, _, D = like.shape
@@ -60,6 +63,16 @@ class KVCache:
     def __init__(self, num_layers: int):
         self.layers = [LayerKV() for _ in range(num_layers)]
         self.length = 0
+
+    @staticmethod
+    def span_for(end: int) -> int:
+        """A key span covering slots [0, end) that changes only every `LayerKV.step` tokens.
+
+        Attending over the whole span (with the slots past `end` masked out)
+        keeps attention shapes fixed between steps; on a GPU every new shape
+        costs a kernel or cuDNN graph build, ~25 ms on MLX CUDA.
+        """
+        return -(-end // LayerKV.step) * LayerKV.step
 
     def truncate(self, length: int):
         self.length = length

@@ -109,7 +109,7 @@ class Attention(nn.Module):
         q = apply_rope(self.rope, q.transpose(0, 2, 1, 3), positions)
         k = apply_rope(self.rope, k.transpose(0, 2, 1, 3), positions)
         if cache is not None:
-            k, v = cache.write(k, v, start)
+            k, v = cache.write(k, v, start, mask.shape[-1] if isinstance(mask, mx.array) else None)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, n, -1))
 
@@ -167,8 +167,9 @@ class Model(nn.Module):
 
         The new K/V are written at [cache.length, cache.length + n) and the cache
         advances by n. positions (B, n) defaults to cache.length + arange(n);
-        mask (additive or boolean, broadcastable to (B, heads, n, cache.length + n))
-        defaults to causal.
+        mask (additive or boolean, broadcastable to (B, heads, n, S)) defaults to
+        causal; an array mask's width S >= cache.length + n sets how many cache
+        slots are attended (slots past the new tokens must be masked out).
         """
         start = cache.length if cache is not None else 0
         pos = start if positions is None else positions

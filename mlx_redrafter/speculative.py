@@ -86,7 +86,8 @@ def speculative_steps(
         positions = mx.array(start + tree.depth)[None]
         node_of = mx.array(tree.node_of)
         clock.lap("tree", node_of)
-        h = model(mx.array(tree.tokens)[None], cache, positions, attention_mask(tree, start))[0]
+        mask = attention_mask(tree, start, cache.span_for(start + len(tree.tokens)))
+        h = model(mx.array(tree.tokens)[None], cache, positions, mask)[0]
         logits = model.logits(h)
         clock.lap("verify", logits, cache.state())
         best, a, bonus = acceptance(beams, node_of, logits, draft_lp, sampling)

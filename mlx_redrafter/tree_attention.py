@@ -64,7 +64,13 @@ def build_tree(beams: np.ndarray, bucket: int = 8) -> Tree:
     return Tree(tokens, depth, node_of, mask, n)
 
 
-def attention_mask(tree: Tree, committed: int) -> mx.array:
-    """Boolean mask (n_pad, committed + n_pad): all of the cache, then the tree."""
+def attention_mask(tree: Tree, committed: int, span: int = 0) -> mx.array:
+    """Boolean mask (n_pad, max(span, committed + n_pad)): all of the cache, the tree, then nothing.
+
+    A span fixed between steps (`KVCache.span_for`) keeps the attention shape fixed.
+    """
     n_pad = len(tree.tokens)
-    return mx.concatenate([mx.ones((n_pad, committed), dtype=mx.bool_), mx.array(tree.mask)], axis=1)
+    mask = np.zeros((n_pad, max(span, committed + n_pad)), dtype=bool)
+    mask[:, :committed] = True
+    mask[:, committed : committed + n_pad] = tree.mask
+    return mx.array(mask)

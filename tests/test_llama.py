@@ -1,6 +1,7 @@
 """Parity of the base model with mlx-lm's own models, for every supported family."""
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from conftest import FAMILIES, tiny_config, tiny_model
@@ -45,17 +46,20 @@ def test_explicit_positions_and_mask(pair):
         assert mx.allclose(got, ref(tokens), atol=ATOL)
 
 
-def test_tree_mask_equals_separate_branches():
-    """Two branches packed with an ancestor mask give each branch's own logits."""
+@pytest.mark.parametrize("span", [0, 256, 512])
+def test_tree_mask_equals_separate_branches(span):
+    """Two branches packed with an ancestor mask give each branch's own logits,
+    also when attention covers a fixed span of cache slots holding stale keys."""
     model = tiny_model(tiny_config("llama3"))
     prefix, a, b = [5, 6, 7], [8, 9], [10, 11]
     cache = model.make_cache()
-    model(mx.array([prefix]), cache)
-    packed = mx.array([a + b])
-    tree = mx.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=mx.bool_)
-    mask = mx.concatenate([mx.ones((4, 3), dtype=mx.bool_), tree], axis=1)
+    model(mx.array([prefix + [1, 2, 3, 4, 5, 6]]), cache)  # stale slots past the prefix
+    cache.truncate(len(prefix))
+    tree = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=bool)
+    mask = np.zeros((4, max(span, 7)), dtype=bool)
+    mask[:, :3], mask[:, 3:7] = True, tree
     positions = mx.array([[3, 4, 3, 4]])
-    got = model.logits(model(packed, cache, positions, mask))
+    got = model.logits(model(mx.array([a + b]), cache, positions, mx.array(mask)))
     for branch, rows in ((a, slice(0, 2)), (b, slice(2, 4))):
         want = model.logits(model(mx.array([prefix + branch])))[:, 3:]
         assert mx.allclose(got[:, rows], want, atol=ATOL)
