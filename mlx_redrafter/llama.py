@@ -176,6 +176,8 @@ class Model(nn.Module):
         if mask is None and tokens.shape[1] > 1:
             mask = "causal"
         h = self.model.embed_tokens(tokens)
+        if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
+            mask = mx.where(mask, 0.0, -mx.inf).astype(h.dtype)  # once, not in every layer
         layer_caches = cache.layers if cache is not None else [None] * len(self.model.layers)
         for layer, layer_cache in zip(self.model.layers, layer_caches):
             h = layer(h, pos, mask, layer_cache, start)

@@ -36,7 +36,7 @@ from .beam_search import BeamShape, beam_search
 from .generate import prefill
 from .lookup import ContextLookup, with_lookup_beam
 from .sampling import SamplingConfig, choose_tokens
-from .tree_attention import attention_mask, build_tree
+from .tree_attention import build_tree, to_device
 
 __all__ = ["BeamShape", "speculative_steps", "exact_acceptance"]
 
@@ -80,29 +80,29 @@ def speculative_steps(
     beams_np = with_lookup_beam(np.array(beams), lookup)
     while True:
         clock.start()
-        beams = mx.array(beams_np)
         tree = build_tree(beams_np, bucket)
         start = cache.length
-        positions = mx.array(start + tree.depth)[None]
-        node_of = mx.array(tree.node_of)
-        clock.lap("tree", node_of)
-        mask = attention_mask(tree, start, cache.span_for(start + len(tree.tokens)))
-        h = model(mx.array(tree.tokens)[None], cache, positions, mask)[0]
+        inputs = to_device(tree, beams_np, start, cache.span_for(start + len(tree.tokens)))
+        clock.lap("tree", inputs.mask)
+        h = model(inputs.tokens, cache, inputs.positions, inputs.mask)[0]
         logits = model.logits(h)
         clock.lap("verify", logits, cache.state())
-        best, a, bonus = acceptance(beams, node_of, logits, draft_lp, sampling)
-        path = node_of[best]
+        best, a, bonus = acceptance(inputs.beams, inputs.node_of, logits, draft_lp, sampling)
+        path = inputs.node_of[best]
         cache.copy_path(start, path)
         clock.lap("accept+commit", bonus, cache.state())
         beams_next, draft_lp = beam_search(drafter, model, h[path[a]], bonus, shape)
         clock.lap("draft", beams_next, draft_lp)
-        mx.eval(best, a, beams_next, draft_lp, cache.state())
-        best_i, a_i = best.item(), a.item()
+        # one device-to-host copy per step: [best, a, next beams...]
+        result = mx.concatenate([mx.stack([best, a]).astype(mx.int32), beams_next.reshape(-1)])
+        mx.eval(result, draft_lp, cache.state())
+        result = np.array(result)
+        best_i, a_i = int(result[0]), int(result[1])
         cache.truncate(start + a_i + 1)
         emitted = beams_np[best_i, : a_i + 1].tolist()
         if lookup is not None:
             lookup.extend(emitted)
-        beams_np = with_lookup_beam(np.array(beams_next), lookup)
+        beams_np = with_lookup_beam(result[2:].reshape(shape.width, shape.length), lookup)
         clock.lap("host")
         yield emitted, a_i
 

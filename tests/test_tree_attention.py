@@ -1,9 +1,10 @@
 """Dynamic tree attention: prefix sharing, packing, masks and positions."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
-from mlx_redrafter.tree_attention import build_tree
+from mlx_redrafter.tree_attention import build_tree, to_device
 
 
 def test_worked_example():
@@ -34,3 +35,19 @@ def test_tree_properties(W, Lb, vocab, seed):
         for j in range(Lb):
             assert set(np.flatnonzero(tree.mask[path[j]])) == set(path[: j + 1].tolist())
     assert (np.diff(tree.depth[:n]) >= 0).all()  # parents come first
+
+
+@pytest.mark.parametrize("committed, span", [(0, 0), (5, 0), (5, 256), (250, 256), (300, 512)])
+def test_device_inputs(committed, span):
+    beams = np.array([[7, 3, 9], [7, 3, 4], [7, 5, 2]])
+    tree = build_tree(beams, bucket=4)
+    inputs = to_device(tree, beams, committed, span)
+    n_pad = len(tree.tokens)
+    want = np.zeros((n_pad, max(span, committed + n_pad)), dtype=bool)
+    want[:, :committed] = True
+    want[:, committed : committed + n_pad] = tree.mask
+    assert np.array_equal(np.array(inputs.mask), want)
+    assert np.array(inputs.positions).tolist() == [(committed + tree.depth).tolist()]
+    assert np.array(inputs.tokens).tolist() == [tree.tokens.tolist()]
+    assert np.array(inputs.node_of).tolist() == tree.node_of.tolist()
+    assert np.array(inputs.beams).tolist() == beams.tolist()
