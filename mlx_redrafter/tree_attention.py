@@ -12,9 +12,10 @@ ancestors, and sits at position committed_length + depth. Worked example:
     mask row of node 4 (token 4): nodes {0, 1, 4} visible
 
 The packed size n varies from Lb to W * Lb; it is padded to a power of two up
-to `bucket`, then to a multiple of `bucket`, so the device sees few distinct
-shapes (padding nodes see themselves) and small trees stay small (on the CPU a
-verify pass costs ~25% more at 8 tokens than at 4).
+to `bucket`, to a multiple of `bucket` up to 4 * bucket, then to a power of two
+again, so the device sees few distinct shapes (padding nodes see themselves;
+on a GPU each new shape builds kernels) while the small trees the CPU uses
+stay small (there a verify pass costs ~25% more at 8 tokens than at 4).
 """
 
 from dataclasses import dataclass
@@ -33,9 +34,11 @@ class Tree:
 
 
 def padded_size(n: int, bucket: int, most: int) -> int:
+    """Powers of two up to `bucket`, multiples of it up to 4 * bucket, powers of two beyond."""
     if n <= bucket:
         return min(1 << (n - 1).bit_length(), bucket)
-    return min(-(-n // bucket) * bucket, -(-most // bucket) * bucket)
+    size = -(-n // bucket) * bucket if n <= 4 * bucket else 1 << (n - 1).bit_length()
+    return min(size, -(-most // bucket) * bucket)
 
 
 def build_tree(beams: np.ndarray, bucket: int = 8) -> Tree:
