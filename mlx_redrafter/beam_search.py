@@ -10,7 +10,8 @@ Lb - 1.) Worked example, W = 2, Lb = 3, g0 = 7:
 """
 
 from dataclasses import dataclass
-from typing import Tuple
+from functools import partial
+from typing import Callable, Tuple
 
 import mlx.core as mx
 
@@ -55,6 +56,12 @@ def beam_search(drafter, base, hidden: mx.array, g0: mx.array, shape: BeamShape)
         tokens = mx.concatenate([tokens[beam], last[:, None]], axis=1)
         token_logprobs = mx.concatenate([token_logprobs[beam], step_logprob[:, None]], axis=1)
     return tokens, token_logprobs
+
+
+def compiled_beam_search(drafter, base, shape: BeamShape) -> Callable[[mx.array, mx.array], Tuple[mx.array, mx.array]]:
+    """beam_search(drafter, base, ., ., shape) as one compiled graph: its ~15 small ops per
+    drafted position are traced once, and fused where they can be (fewer launches on a GPU)."""
+    return mx.compile(partial(beam_search, drafter, base, shape=shape))
 
 
 def nn_log_softmax(logits: mx.array) -> mx.array:

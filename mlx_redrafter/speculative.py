@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .beam_search import BeamShape, beam_search
+from .beam_search import BeamShape, compiled_beam_search
 from .generate import prefill
 from .lookup import ContextLookup, with_lookup_beam
 from .sampling import SamplingConfig, choose_tokens
@@ -75,7 +75,8 @@ def speculative_steps(
     cache = model.make_cache()
     hidden = prefill(model, prompt, cache)[0]
     g0 = choose_tokens(model.logits(hidden), sampling)
-    beams, draft_lp = beam_search(drafter, model, hidden, g0, shape)
+    draft = compiled_beam_search(drafter, model, shape)
+    beams, draft_lp = draft(hidden, g0)
     lookup = ContextLookup(prompt) if shape.lookup else None
     beams_np = with_lookup_beam(np.array(beams), lookup)
     while True:
@@ -91,7 +92,7 @@ def speculative_steps(
         path = inputs.node_of[best]
         cache.copy_path(start, path)
         clock.lap("accept+commit", bonus, cache.state())
-        beams_next, draft_lp = beam_search(drafter, model, h[path[a]], bonus, shape)
+        beams_next, draft_lp = draft(h[path[a]], bonus)
         clock.lap("draft", beams_next, draft_lp)
         # one device-to-host copy per step: [best, a, next beams...]
         result = mx.concatenate([mx.stack([best, a]).astype(mx.int32), beams_next.reshape(-1)])
