@@ -11,20 +11,35 @@ Lb - 1.) Worked example, W = 2, Lb = 3, g0 = 7:
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
+
+from . import backend
 
 
 @dataclass(frozen=True)
 class BeamShape:
     width: int = 4  # W: beams kept
-    length: int = 4  # Lb: tokens per beam, g0 included (fastest measured on the CPU with lookup)
+    length: int = 4  # Lb: tokens per beam, g0 included
     lookup: bool = True  # also verify a beam copied from earlier in the context (lookup.py)
 
     def __post_init__(self):
         if self.width < 1 or self.length < 2:
             raise ValueError(f"beam width must be >= 1 and beam length >= 2, got {self.width} x {self.length}")
+
+
+# Fastest W x Lb measured with the default model and drafter (README, "Speed"). On a
+# GPU a verify pass costs about the same for 8 or 264 tree tokens, so wide trees pay
+# (32 x 8 tied for fastest on the H100, and accepts the most of those); on the CPU the
+# cost grows with the tree and 4 x 4 is fastest.
+DEFAULT_SHAPE = {"gpu": (32, 8), "cpu": (4, 4)}
+
+
+def default_shape(width: Optional[int] = None, length: Optional[int] = None, lookup: bool = True) -> BeamShape:
+    """The default beam shape for the current device, with any of W and Lb given overriding it."""
+    w, lb = DEFAULT_SHAPE["gpu" if backend.on_gpu() else "cpu"]
+    return BeamShape(width or w, length or lb, lookup)
 
 
 def beam_search(drafter, base, hidden: mx.array, g0: mx.array, shape: BeamShape) -> Tuple[mx.array, mx.array]:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .beam_search import BeamShape
+from .beam_search import BeamShape, default_shape
 
 
 
@@ -54,8 +54,8 @@ def generate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory, Hub id or .gguf file (default: SmolLM2-135M-Instruct)."),
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter directory (default: the model's packaged drafter)."),
     autoregressive: bool = typer.Option(False, "--autoregressive", help="Decode with the base model alone."),
-    beam_width: int = typer.Option(BeamShape.width, "--beam-width", "-W", min=1, max=64, help="Beams drafted per step."),
-    beam_length: int = typer.Option(BeamShape.length, "--beam-length", "-L", min=2, max=16, help="Tokens per beam, the base model's own next token included."),
+    beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, max=128, help="Beams drafted per step (default: 32 on a GPU, 4 on the CPU)."),
+    beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, max=16, help="Tokens per beam, the base model's own next token included (default: 8 on a GPU, 4 on the CPU)."),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (0 = greedy)."),
@@ -88,9 +88,10 @@ def generate(
         else:
             draft = load_drafter(path, base)
     last, accepted = None, Counter()
+    shape = default_shape(beam_width, beam_length, lookup)
     for last in stream_generate(
         base, tokenizer, prompt, drafter=draft, max_tokens=max_tokens, sampling=sampling,
-        beam=BeamShape(beam_width, beam_length, lookup), chat_template=not no_chat_template,
+        beam=shape, chat_template=not no_chat_template,
     ):
         typer.echo(last.text, nl=False)
         if not last.from_draft:
@@ -100,7 +101,7 @@ def generate(
         return
     print_report(last)
     if verbose and draft is not None:
-        print_acceptance(accepted, last, beam_length)
+        print_acceptance(accepted, last, shape.length)
 
 
 def print_acceptance(accepted: Counter, last, beam_length: int):
@@ -220,8 +221,8 @@ def eval_drafter(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Held-out prompts (default: MT-Bench first turns)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N prompts."),
     every: int = typer.Option(1, "--every", min=1, help="Use every K-th prompt (MT-Bench is ordered by category: 10 spans all 8)."),
-    widths: str = typer.Option("1,2,4", "--widths", help="Beam widths to try, comma-separated."),
-    lengths: str = typer.Option("3,4,5,6", "--lengths", help="Beam lengths to try, comma-separated."),
+    widths: str = typer.Option("4,32", "--widths", help="Beam widths to try, comma-separated."),
+    lengths: str = typer.Option("4,8", "--lengths", help="Beam lengths to try, comma-separated."),
     lookup: str = typer.Option("both", "--lookup", help="Context-lookup beam: off | on | both."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1),
     decode: bool = typer.Option(False, "--decode", help="Count by running speculative decoding (slow) instead of replaying greedy references."),
@@ -261,8 +262,8 @@ def benchmark(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N prompts."),
     every: int = typer.Option(1, "--every", min=1, help="Use every K-th prompt (MT-Bench is ordered by category: 10 spans all 8)."),
     max_tokens: int = typer.Option(128, "--max-tokens", min=1),
-    beam_width: int = typer.Option(BeamShape.width, "--beam-width", "-W", min=1),
-    beam_length: int = typer.Option(BeamShape.length, "--beam-length", "-L", min=2),
+    beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, help="Default: 32 on a GPU, 4 on the CPU."),
+    beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, help="Default: 8 on a GPU, 4 on the CPU."),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     temp: float = typer.Option(0.7, "--temp", min=0.0, help="Temperature of the sampled ReDrafter run."),
     sweep_widths: str = typer.Option("", "--sweep-widths", help="Also sweep these beam widths (e.g. 1,2,4)."),
@@ -285,7 +286,7 @@ def benchmark(
     if draft is None:
         typer.echo("note: no drafter, so only the plain decoders are measured", err=True)
     texts = prompt_texts(prompts, limit, every)
-    shape = BeamShape(beam_width, beam_length, lookup)
+    shape = default_shape(beam_width, beam_length, lookup)
     result = bench.run_benchmark(base, tokenizer, config, draft, texts, max_tokens, shape, temp, not no_mlx_lm_spec)
     sweep = None
     if sweep_widths and draft is not None:

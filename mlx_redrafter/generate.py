@@ -91,9 +91,10 @@ def stream_generate(
     if drafter is None:
         steps = plain_steps(model, ids, sampling)
     else:
-        from .speculative import BeamShape, speculative_steps
+        from .beam_search import default_shape
+        from .speculative import speculative_steps
 
-        steps = speculative_steps(model, drafter, ids, sampling, beam or BeamShape())
+        steps = speculative_steps(model, drafter, ids, sampling, beam or default_shape())
     yield from _responses(tokenizer, steps, len(ids), max_tokens)
 
 

@@ -36,3 +36,15 @@ def test_default_dtype_on_cpu_is_float32():
     assert backend.parse_dtype("bf16") == mx.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         backend.parse_dtype("int3")
+
+
+def test_default_beam_shape_per_device(monkeypatch):
+    from mlx_redrafter import beam_search
+    from mlx_redrafter.beam_search import BeamShape, default_shape
+
+    monkeypatch.setattr(beam_search.backend, "on_gpu", lambda: False)
+    assert default_shape() == BeamShape(4, 4, True)
+    assert default_shape(8, None, False) == BeamShape(8, 4, False)
+    monkeypatch.setattr(beam_search.backend, "on_gpu", lambda: True)
+    assert default_shape() == BeamShape(32, 8, True)
+    assert default_shape(None, 5) == BeamShape(32, 5, True)
