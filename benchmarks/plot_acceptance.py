@@ -1,8 +1,8 @@
 """One picture of drafter acceptance: mean tokens per step by beam shape, drafter alone and with the
 context-lookup beam, from `mlx-redrafter eval-drafter` results (acceptance.json files).
 
-    python benchmarks/plot_acceptance.py results/gpu/h100-drafters/final-r1152-3ep*/acceptance.json \
-        --extra 4x4:2.01:2.70 --out results/acceptance-default-drafter.png
+    python benchmarks/plot_acceptance.py results/gpu/h100-defaults/eval-{defaults,mid}/acceptance.json \
+        --default 4x4:CPU --default 32x8:GPU --out results/acceptance-default-drafter.png
 """
 
 import argparse
@@ -28,6 +28,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--extra", action="append", default=[], help="WxL:alone:lookup, a point measured elsewhere")
+    p.add_argument("--default", action="append", default=[], help="WxL:device, a device's default shape (labelled)")
     p.add_argument("--target", type=float, default=3.5)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -44,7 +45,9 @@ def main():
         bars = ax.bar([i + offset for i in x], values, width=0.4, label=label)
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.axhline(args.target, color="k", linestyle="--", linewidth=1, label=f"target {args.target}")
-    ax.set_xticks(list(x), [f"{w} x {lb}" for w, lb in shapes])
+    defaults = dict(item.split(":") for item in args.default)
+    ax.set_xticks(list(x), [f"{w} x {lb}" + (f"\n{defaults[f'{w}x{lb}']} default" if f"{w}x{lb}" in defaults else "")
+                            for w, lb in shapes], fontsize=8)
     ax.set_xlabel("beam width W x beam length Lb")
     ax.set_ylabel("mean tokens per step")
     ax.set_title("Default drafter on MT-Bench's 80 first turns (greedy, 256 tokens)")
