@@ -10,7 +10,6 @@ mask; and the accept/commit ops alone. Saves results/verify_variants-<device>.js
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
@@ -20,14 +19,7 @@ import numpy as np
 from mlx_redrafter import backend, load
 from mlx_redrafter.kv_cache import KVCache
 
-
-def timed(fn, repeat=20):
-    for _ in range(3):
-        fn()
-    t = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return 1000 * (time.perf_counter() - t) / repeat
+from cost_curves import timed  # noqa: E402  (a sibling script)
 
 
 def main():
@@ -75,7 +67,7 @@ def main():
     variants["commit (copy_path, 4 nodes)"] = lambda: (cache.copy_path(c, path), mx.eval(cache.state()))
     logits = mx.zeros((n, model.args.vocab_size), dtype=dtype)
     variants["argmax over tree logits"] = lambda: mx.eval(mx.argmax(logits, axis=-1))
-    rows = {name: timed(fn) for name, fn in variants.items()}
+    rows = {name: timed(fn, 20) for name, fn in variants.items()}
     for name, ms in rows.items():
         print(f"{ms:8.2f} ms  {name}")
     out = Path(args.out)
