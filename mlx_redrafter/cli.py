@@ -8,7 +8,12 @@ from typing import Optional
 
 import typer
 
-from .beam_search import BeamShape, default_shape
+from .beam_search import DEFAULT_SHAPE, BeamShape, default_shape
+
+_GPU_W, _GPU_L = DEFAULT_SHAPE["gpu"]
+_CPU_W, _CPU_L = DEFAULT_SHAPE["cpu"]
+WIDTH_DEFAULT = f"default: {_GPU_W} on a GPU, {_CPU_W} on the CPU"
+LENGTH_DEFAULT = f"default: {_GPU_L} on a GPU, {_CPU_L} on the CPU"
 
 
 
@@ -54,8 +59,8 @@ def generate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory, Hub id or .gguf file (default: SmolLM2-135M-Instruct)."),
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter directory (default: the model's packaged drafter)."),
     autoregressive: bool = typer.Option(False, "--autoregressive", help="Decode with the base model alone."),
-    beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, max=128, help="Beams drafted per step (default: 32 on a GPU, 4 on the CPU)."),
-    beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, max=16, help="Tokens per beam, the base model's own next token included (default: 8 on a GPU, 4 on the CPU)."),
+    beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, max=128, help=f"Beams drafted per step ({WIDTH_DEFAULT})."),
+    beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, max=16, help=f"Tokens per beam, the base model's own next token included ({LENGTH_DEFAULT})."),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (0 = greedy)."),
@@ -262,8 +267,8 @@ def benchmark(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N prompts."),
     every: int = typer.Option(1, "--every", min=1, help="Use every K-th prompt (MT-Bench is ordered by category: 10 spans all 8)."),
     max_tokens: int = typer.Option(128, "--max-tokens", min=1),
-    beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, help="Default: 32 on a GPU, 4 on the CPU."),
-    beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, help="Default: 8 on a GPU, 4 on the CPU."),
+    beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, help=f"Beams drafted per step ({WIDTH_DEFAULT})."),
+    beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, help=f"Tokens per beam, g0 included ({LENGTH_DEFAULT})."),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     temp: float = typer.Option(0.7, "--temp", min=0.0, help="Temperature of the sampled ReDrafter run."),
     sweep_widths: str = typer.Option("", "--sweep-widths", help="Also sweep these beam widths (e.g. 1,2,4)."),

@@ -38,7 +38,7 @@ class LayerKV:
 
     def _grow(self, like: mx.array, needed: int):
         B, H, _, D = like.shape
-        capacity = ((needed + self.step - 1) // self.step) * self.step
+        capacity = KVCache.span_for(needed)  # so a span never changes without the buffer growing
         new_k = mx.zeros((B, H, capacity, D), like.dtype)
         new_v = mx.zeros((B, H, capacity, D), like.dtype)
         if self.keys is not None:
