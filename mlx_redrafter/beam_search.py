@@ -18,6 +18,10 @@ import mlx.core as mx
 from . import backend
 
 
+MAX_WIDTH = 128  # beams: past this the tree costs more than it can accept, and memory grows as W x V
+MAX_LENGTH = 16  # tokens per beam, g0 included
+
+
 @dataclass(frozen=True)
 class BeamShape:
     width: int = 4  # W: beams kept
@@ -25,8 +29,9 @@ class BeamShape:
     lookup: bool = True  # also verify a beam copied from earlier in the context (lookup.py)
 
     def __post_init__(self):
-        if self.width < 1 or self.length < 2:
-            raise ValueError(f"beam width must be >= 1 and beam length >= 2, got {self.width} x {self.length}")
+        if not (1 <= self.width <= MAX_WIDTH and 2 <= self.length <= MAX_LENGTH):
+            raise ValueError(f"beam width must be in 1..{MAX_WIDTH} and beam length in 2..{MAX_LENGTH}, "
+                             f"got {self.width} x {self.length}")
 
 
 # Fastest W x Lb measured with the default model and drafter (README, "Speed"). On a
