@@ -11,7 +11,7 @@ Lb - 1.) Worked example, W = 2, Lb = 3, g0 = 7:
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
@@ -27,8 +27,14 @@ class BeamShape:
     width: int = 4  # W: beams kept
     length: int = 4  # Lb: tokens per beam, g0 included
     lookup: bool = True  # also verify a beam copied from earlier in the context (lookup.py)
+    nodes: int = 0  # drafted nodes verified per step, the most probable first (0: all W x (Lb - 1))
+    tree: str = "ranked"  # "ranked": best `nodes` prefixes of every depth; "beams": Apple's final W beams
 
     def __post_init__(self):
+        if self.tree not in ("ranked", "beams"):
+            raise ValueError(f"tree must be 'ranked' or 'beams', got {self.tree!r}")
+        if self.nodes < 0:
+            raise ValueError(f"nodes must be >= 0, got {self.nodes}")
         if not (1 <= self.width <= MAX_WIDTH and 2 <= self.length <= MAX_LENGTH):
             raise ValueError(f"beam width must be in 1..{MAX_WIDTH} and beam length in 2..{MAX_LENGTH}, "
                              f"got {self.width} x {self.length}")
@@ -47,35 +53,65 @@ def default_shape(width: Optional[int] = None, length: Optional[int] = None, loo
     return BeamShape(width or w, length or lb, lookup)
 
 
+class DraftLevels(NamedTuple):
+    """Everything a beam search saw, depth by depth (D = Lb - 1 drafted depths), batch-shaped.
+
+    tokens  (B, D, W)  token of beam w after depth d + 1
+    parents (B, D, W)  the beam at depth d - 1 it extends (0 at d = 0: the root g0)
+    scores  (B, D, W)  cumulative drafter log-probability of that prefix
+    The W prefixes of one depth are distinct (top-W of distinct (parent, token)
+    pairs), so the levels form a tree of 1 + D * W nodes with no duplicates.
+    """
+
+    tokens: mx.array
+    parents: mx.array
+    scores: mx.array
+
+
+def draft_levels(drafter, base, hidden: mx.array, g0: mx.array, shape: BeamShape) -> DraftLevels:
+    """Beam search from hidden (B, H) and the base model's next tokens g0 (B,); see `DraftLevels`."""
+    B, W = g0.shape[0], shape.width
+    scores = mx.broadcast_to(mx.where(mx.arange(W) == 0, 0.0, -mx.inf), (B, W))  # one live beam at first
+    state = mx.zeros((B, W, hidden.shape[-1]), dtype=hidden.dtype)
+    last = mx.broadcast_to(g0.astype(mx.int32)[:, None], (B, W))
+    rows = mx.arange(B)[:, None]
+    levels = []
+    for _ in range(shape.length - 1):
+        state = drafter.next_state(state, base.embed(last))
+        logprobs = nn_log_softmax(drafter(hidden[:, None], state, base))  # (B, W, Vd)
+        vocab = logprobs.shape[-1]
+        candidates = (scores[..., None] + logprobs).reshape(B, -1)
+        top = mx.argpartition(-candidates, W - 1, axis=-1)[:, :W]
+        top = mx.take_along_axis(top, mx.argsort(-mx.take_along_axis(candidates, top, axis=-1), axis=-1), axis=-1)
+        beam, draft_id = top // vocab, top % vocab  # best beam first
+        scores = mx.take_along_axis(candidates, top, axis=-1)
+        state = state[rows, beam]
+        last = drafter.to_token_ids(draft_id).astype(mx.int32)
+        levels.append((last, beam.astype(mx.int32), scores))
+    tokens, parents, scores = (mx.stack(x, axis=1) for x in zip(*levels))
+    return DraftLevels(tokens, parents, scores)
+
+
 def beam_search(drafter, base, hidden: mx.array, g0: mx.array, shape: BeamShape) -> Tuple[mx.array, mx.array]:
-    """Draft W beams of Lb tokens.
+    """Draft W beams of Lb tokens: the final beams of `draft_levels` (Apple's tree).
 
     hidden: (H,) base model's last hidden state; g0: () the base model's next token.
     Returns tokens (W, Lb) int32 with tokens[:, 0] == g0, and the drafter's
     log-probability of each drafted token, (W, Lb - 1).
     """
-    W = shape.width
-    g0 = g0.reshape(1).astype(mx.int32)
-    tokens = mx.broadcast_to(g0[None], (W, 1))
-    scores = mx.where(mx.arange(W) == 0, 0.0, -mx.inf)  # one live beam at first
-    state = mx.zeros((W, hidden.shape[-1]), dtype=hidden.dtype)
-    last = mx.broadcast_to(g0, (W,))
-    token_logprobs = mx.zeros((W, 0))
-    for _ in range(shape.length - 1):
-        state = drafter.next_state(state, base.embed(last))
-        logprobs = nn_log_softmax(drafter(hidden, state, base))  # (W, Vd)
-        vocab = logprobs.shape[-1]
-        candidates = (scores[:, None] + logprobs).reshape(-1)
-        top = mx.argpartition(-candidates, W - 1)[:W]
-        top = top[mx.argsort(-candidates[top])]  # best beam first
-        beam, draft_id = top // vocab, top % vocab
-        step_logprob = logprobs.reshape(-1)[top]
-        scores = candidates[top]
-        state = state[beam]
-        last = drafter.to_token_ids(draft_id).astype(mx.int32)
-        tokens = mx.concatenate([tokens[beam], last[:, None]], axis=1)
-        token_logprobs = mx.concatenate([token_logprobs[beam], step_logprob[:, None]], axis=1)
-    return tokens, token_logprobs
+    levels = draft_levels(drafter, base, hidden.reshape(1, -1), g0.reshape(1), shape)
+    tokens, parents, scores = (x[0] for x in levels)  # (D, W)
+    D, W = tokens.shape
+    beam = mx.arange(W)
+    columns, step_scores = [], []
+    for d in range(D - 1, -1, -1):  # walk each final beam back to the root
+        columns.append(tokens[d, beam])
+        step_scores.append(scores[d, beam])
+        beam = parents[d, beam]
+    g0 = mx.broadcast_to(g0.reshape(1, 1).astype(mx.int32), (W, 1))
+    cumulative = mx.stack(step_scores[::-1], axis=1)
+    logprobs = cumulative - mx.concatenate([mx.zeros((W, 1)), cumulative[:, :-1]], axis=1)
+    return mx.concatenate([g0, mx.stack(columns[::-1], axis=1)], axis=1), logprobs
 
 
 def compiled_beam_search(drafter, base, shape: BeamShape) -> Callable[[mx.array, mx.array], Tuple[mx.array, mx.array]]:

@@ -53,6 +53,13 @@ class LayerKV:
         self.keys[..., dst : dst + m, :] = self.keys[..., src, :]
         self.values[..., dst : dst + m, :] = self.values[..., src, :]
 
+    def take(self, order: mx.array):
+        """Reorder each row's slots: order (B, capacity') of slot indices; slots past it keep theirs."""
+        index = order[:, None, :, None]
+        n = order.shape[1]
+        self.keys[..., :n, :] = mx.take_along_axis(self.keys[..., :n, :], index, axis=2)
+        self.values[..., :n, :] = mx.take_along_axis(self.values[..., :n, :], index, axis=2)
+
     def state(self) -> List[mx.array]:
         return [] if self.keys is None else [self.keys, self.values]
 
@@ -90,3 +97,65 @@ class KVCache:
 
     def state(self) -> List[mx.array]:
         return [a for layer in self.layers for a in layer.state()]
+
+
+class SlotCache(KVCache):
+    """K/V slots for speculative decoding, where commit is a mask update, not a copy.
+
+    Every step writes its whole tree at the write pointer `length` (a host int,
+    the same for all rows) and advances it; the accepted nodes' slots are then
+    marked in `valid` (B, capacity) and the rest are never attended again.
+    Positions are explicit, so a committed token's slot does not need to match
+    its position. `compact` gathers each row's valid slots to the front, once
+    the stale slots since the last compaction pass `slack`:
+
+        committed [t0 t1 t2], tree at 3..8 [g0 a b c d e], path g0 b d accepted
+        valid     [1  1  1  1 0 1 0 1 0]   lengths 6, write pointer 9
+        compact   [t0 t1 t2 g0 b d ...]    valid [1 1 1 1 1 1 0 ...], pointer 6
+
+    `lengths` (B,) on the device counts committed tokens per row; the host keeps
+    `bound` >= max(lengths) without reading the device.
+    """
+
+    def __init__(self, num_layers: int, slack: int = 256):
+        super().__init__(num_layers)
+        self.slack = slack
+        self.valid: Optional[mx.array] = None  # (B, capacity) bool
+        self.lengths: Optional[mx.array] = None  # (B,) int32
+        self.bound = 0
+
+    def start(self, prompt_lengths: List[int]):
+        """After a prefill of right-padded prompts (written at slots 0..max - 1)."""
+        self.lengths = mx.array(prompt_lengths, dtype=mx.int32)
+        self.bound = max(prompt_lengths)
+        self.valid = mx.arange(self.span_for(self.length))[None] < self.lengths[:, None]
+
+    def tree_mask(self, ancestors: mx.array) -> mx.array:
+        """(B, 1, n, span) bool for a tree of n nodes written next: committed slots plus ancestors."""
+        n = ancestors.shape[-1]
+        span = self.span_for(self.length + n)
+        if self.valid.shape[1] < span:
+            self.valid = mx.pad(self.valid, [(0, 0), (0, span - self.valid.shape[1])])
+        tree = mx.pad(ancestors, [(0, 0), (0, 0), (self.length, span - self.length - n)])
+        return (self.valid[:, None, :span] | tree)[:, None]
+
+    def commit(self, keep: mx.array, counts: mx.array, most: int):
+        """After a tree of n nodes was written at the pointer (already advanced past it):
+        keep (B, n) marks the committed nodes, counts (B,) how many; most >= max(counts)."""
+        n = keep.shape[1]
+        start = self.length - n
+        self.valid[:, start:self.length] = keep
+        self.lengths = self.lengths + counts
+        self.bound += most
+
+    def maybe_compact(self, upcoming: int):
+        """Compact when the next `upcoming` slots would pass bound + slack."""
+        if self.length + upcoming <= self.bound + self.slack:
+            return
+        capacity = self.valid.shape[1]
+        slots = mx.arange(capacity)
+        order = mx.argsort(mx.where(self.valid, slots, capacity + slots), axis=1)  # valid slots first, in order
+        for layer in self.layers:
+            layer.take(order)
+        self.valid = slots[None] < self.lengths[:, None]
+        self.length = self.bound

@@ -17,6 +17,7 @@ so a proposal costs n_max dictionary lookups.
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import mlx.core as mx
 import numpy as np
 
 
@@ -58,3 +59,29 @@ def with_lookup_beam(beams: np.ndarray, lookup: Optional[ContextLookup]) -> np.n
     row = beams[0] if proposal is None else np.array([g0] + proposal, dtype=beams.dtype)
     return np.concatenate([beams, row[None]], axis=0)
 
+
+
+def propose_on_device(history: mx.array, lengths: mx.array, g0: mx.array, length: int, n_max: int = 4):
+    """`ContextLookup.propose` for a batch, on the device, with fixed shapes.
+
+    history (B, T): each row's committed tokens in [0, lengths[b]) (anything after is ignored);
+    g0 (B,). Returns (proposal (B, length) int32, found (B,) bool); rows without a match
+    propose garbage with found False.
+    """
+    B, T = history.shape
+    end = mx.arange(T)[None]  # where an earlier occurrence of the suffix ends
+    lengths = lengths[:, None]
+    run = mx.ones((B, T), mx.bool_)
+    matched = mx.zeros((B, T), mx.int32)
+    for k in range(n_max):  # suffix token k back from g0 against history[end - k]
+        tail = g0[:, None] if k == 0 else mx.take_along_axis(history, mx.maximum(lengths - k, 0), axis=1)
+        shifted = mx.pad(history[:, : T - k], [(0, 0), (k, 0)], constant_values=-1) if k else history
+        run = run & (shifted == tail) & (end >= k) & (lengths >= k)
+        matched = mx.where(run, k + 1, matched)
+    score = mx.where((end <= lengths - 2) & (matched > 0), matched * T + end, -1)
+    start = mx.argmax(score, axis=1, keepdims=True).astype(mx.int32) + 1
+    found = score.max(axis=1) >= 0
+    span = mx.maximum(lengths - start + 1, 1)  # history[start:] + [g0], repeated past its end
+    offset = mx.arange(length)[None] % span
+    copied = mx.take_along_axis(history, mx.minimum(start + offset, T - 1), axis=1)
+    return mx.where(offset == span - 1, g0[:, None], copied).astype(mx.int32), found

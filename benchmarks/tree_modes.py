@@ -1,0 +1,93 @@
+"""Speed of the draft-tree settings side by side: mlx-lm plain against ReDrafter with Apple's
+final-beams tree and with the confidence-ranked tree at several node budgets, interleaved
+prompt by prompt, every setting warmed first, greedy (checked identical) and sampled.
+
+    python benchmarks/tree_modes.py [--every 10] [--max-tokens 128] \
+        [--settings beams:4x4,ranked:4x4:12,ranked:32x8:64] [--temp 0.7] [--out results/tree-modes.json]
+
+A setting is TREE:WxL[:NODES] (NODES 0 or absent: every node of the beam search).
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
+
+import numpy as np
+
+from mlx_redrafter import load
+from mlx_redrafter.benchmark import machine, run_mlx_lm, run_ours
+from mlx_redrafter.beam_search import BeamShape
+from mlx_redrafter.cli import find_drafter
+from mlx_redrafter.data import prompt_texts
+from mlx_redrafter.drafter import load_drafter
+from mlx_redrafter.generate import encode_prompt
+from mlx_redrafter.reference import to_mlx_lm
+from mlx_redrafter.sampling import SamplingConfig
+
+
+def parse_setting(text: str, lookup: bool) -> BeamShape:
+    tree, shape, *nodes = text.split(":")
+    w, length = (int(v) for v in shape.split("x"))
+    return BeamShape(w, length, lookup, int(nodes[0]) if nodes else 0, tree)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--drafter")
+    ap.add_argument("--prompts", type=Path)
+    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--settings", default="beams:4x4,ranked:4x4:12")
+    ap.add_argument("--no-lookup", action="store_true")
+    ap.add_argument("--temp", type=float, default=0.7, help="also run each setting sampled (0: greedy only)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--out", type=Path, default=Path("results/tree-modes.json"))
+    args = ap.parse_args()
+
+    model, tok, config = load(args.model, dtype=args.dtype)
+    drafter = load_drafter(find_drafter(args.model, args.drafter), model)
+    ids = [encode_prompt(tok, p) for p in prompt_texts(args.prompts, args.limit, args.every)]
+    ref = to_mlx_lm(model, config)
+    fns = {"mlx-lm plain": lambda i: run_mlx_lm(ref, tok, i, args.max_tokens)}
+    samplings = [("greedy", None)] + ([(f"T={args.temp}", SamplingConfig(temperature=args.temp, seed=0))] if args.temp else [])
+    for text in args.settings.split(","):
+        shape = parse_setting(text, not args.no_lookup)
+        for label, sampling in samplings:
+            fns[f"{text} {label}"] = lambda i, s=shape, smp=sampling: run_ours(model, tok, i, args.max_tokens, drafter, s, smp)
+    for fn in fns.values():
+        fn(ids[0])
+    runs = {name: [] for name in fns}
+    for n, i in enumerate(ids):
+        for name, fn in fns.items():
+            runs[name].append(fn(i))
+        print(f"prompt {n + 1}/{len(ids)}", flush=True)
+    base = runs["mlx-lm plain"]
+    rows = {}
+    for name, rs in runs.items():
+        ratios = [r["tps"] / b["tps"] for r, b in zip(rs, base)]
+        row = {"median_tps": statistics.median(r["tps"] for r in rs), "speedup": statistics.median(ratios),
+               "speedup_q1_q3": [float(q) for q in np.percentile(ratios, [25, 75])]}
+        if rs[0]["steps"]:
+            row["tokens_per_step"] = sum(len(r["tokens"]) for r in rs) / sum(r["steps"] for r in rs)
+        if "T=" not in name:
+            row["identical"] = sum(r["tokens"] == b["tokens"] for r, b in zip(rs, base)) / len(rs)
+        rows[name] = row
+    print(f"{'setting':28s} {'tok/s':>8s} {'vs mlx-lm':>10s} {'IQR':>13s} {'tok/step':>9s} identical")
+    for name, r in rows.items():
+        print(f"{name:28s} {r['median_tps']:8.1f} {r['speedup']:9.2f}x {r['speedup_q1_q3'][0]:5.2f}-{r['speedup_q1_q3'][1]:5.2f}  "
+              f"{r.get('tokens_per_step', float('nan')):8.2f}  {r.get('identical', '')}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine(), "max_tokens": args.max_tokens, "prompts": len(ids),
+                                    "lookup": not args.no_lookup, "time": time.strftime("%Y-%m-%d %H:%M"),
+                                    "rows": rows}, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The speculative decoding engine: explicit batch-shaped state and one `step` that stays on the device.
+
+One token's trip, from `stream_generate` down:
+
+1. `Decoder.prefill` runs the prompts (B rows, right-padded) and picks each
+   row's first token g0 from the base model: the `DecodeState`.
+2. `Decoder.step(state)` builds one lazy graph: the drafter's beam search from
+   each row's hidden state (`beam_search.draft_levels`), the context-lookup
+   proposal (`lookup.propose_on_device`), the verified tree of the `budget`
+   most probable prefixes (`draft_tree.ranked_tree`), one base-model forward
+   over the tree written at the cache's write pointer, a target token at every
+   node (`sampling.choose_tokens`), the acceptance rule (`draft_tree.accept`),
+   and the commit (`SlotCache.commit`: a mask update, no K/V copy). It returns
+   the next state and `Emitted` (g0 plus the accepted tokens per row) without
+   reading anything back.
+3. `Decoder.run` enqueues step t + 1 (`mx.async_eval`) before it reads step t's
+   tokens, so the host's Python overlaps the device's work.
+
+Shapes depend only on (B, W, Lb, budget) and the cache span (a multiple of
+256), so a GPU builds its kernels once per span.
+"""
+
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Iterator, List, NamedTuple, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .beam_search import BeamShape, draft_levels
+from .draft_tree import accept, ranked_tree
+from .generate import PREFILL_CHUNK
+from .kv_cache import SlotCache
+from .lookup import propose_on_device
+from .sampling import SamplingConfig, choose_tokens
+
+HISTORY_STEP = 256
+
+
+@dataclass
+class DecodeState:
+    """Where decoding stands, per row b of B.
+
+    cache: K/V and which slots are committed (`SlotCache`, owns lengths (B,));
+    g0 (B,): the base model's next token, not yet emitted; hidden (B, H): its
+    hidden state before it (what the drafter reads); history (B, T): committed
+    tokens (for context lookup), T a multiple of 256 beyond lengths + Lb.
+    """
+
+    cache: SlotCache
+    g0: mx.array
+    hidden: mx.array
+    history: mx.array
+
+
+class Emitted(NamedTuple):
+    """tokens (B, Lb): g0 then the accepted drafted tokens; count (B,): drafted tokens accepted
+    (row b emits tokens[b, :count[b] + 1])."""
+
+    tokens: mx.array
+    count: mx.array
+
+
+class Decoder:
+    """Speculative decoding of B rows with a drafter; see the module docstring.
+
+    >>> decoder = Decoder(model, drafter, BeamShape(4, 4), SamplingConfig())
+    >>> for tokens, accepted in decoder.run([[1, 2, 3]]):   # per step, per row
+    ...     print(tokens[0], accepted[0])
+    """
+
+    def __init__(self, model, drafter, shape: BeamShape, sampling: SamplingConfig, budget: int = 0, slack: int = 256):
+        self.model, self.drafter, self.shape, self.sampling = model, drafter, shape, sampling
+        depth = shape.length - 1
+        self.budget = min(budget or shape.width * depth, shape.width * depth)
+        self.nodes = 1 + self.budget + depth
+        self.slack = slack
+        self._draft = mx.compile(partial(_draft_tree, drafter, model, shape, self.budget))
+        self._accept = mx.compile(partial(_accept, sampling.greedy))
+
+    def prefill(self, prompts: List[List[int]]) -> DecodeState:
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("the prompt is empty")
+        lengths = [len(p) for p in prompts]
+        padded = np.zeros((len(prompts), max(lengths)), dtype=np.int32)
+        for row, p in enumerate(prompts):
+            padded[row, : len(p)] = p
+        cache = SlotCache(len(self.model.layers), self.slack)
+        hidden = _prefill_rows(self.model, mx.array(padded), lengths, cache)
+        cache.start(lengths)
+        g0 = choose_tokens(self.model.logits(hidden), self.sampling)
+        history = mx.array(np.pad(padded, [(0, 0), (0, _history_size(max(lengths) + self.shape.length) - padded.shape[1])]))
+        return DecodeState(cache, g0, hidden, history)
+
+    def step(self, state: DecodeState) -> Tuple[DecodeState, Emitted]:
+        """One speculative step for every row, as a lazy graph (module docstring, 2)."""
+        cache, Lb = state.cache, self.shape.length
+        cache.maybe_compact(self.nodes)
+        history = _fit_history(state.history, cache.bound + 2 * Lb)
+        tree = self._draft(state.hidden, state.g0, history, cache.lengths)
+        mask = cache.tree_mask(tree.ancestors)
+        positions = cache.lengths[:, None] + tree.depth
+        hidden = self.model(tree.tokens, cache, positions, mask)
+        targets = choose_tokens(self.model.logits(hidden), self.sampling)
+        result, keep, history = self._accept(tree, targets, history, cache.lengths)
+        cache.commit(keep, result.count + 1, Lb)
+        next_hidden = mx.take_along_axis(hidden, result.best[:, None, None], axis=1)[:, 0]
+        return replace(state, g0=result.bonus, hidden=next_hidden, history=history), Emitted(result.tokens, result.count)
+
+    def run(self, prompts: List[List[int]]) -> Iterator[Tuple[List[List[int]], List[int]]]:
+        """Yield per step (tokens emitted by each row, drafted tokens accepted per row), forever;
+        the next step is already queued on the device when a step's tokens are read."""
+        state = self.prefill(prompts)
+        lengths = np.array([len(p) for p in prompts])
+        state, emitted = self.step(state)
+        mx.async_eval(emitted)
+        while True:
+            state, queued = self.step(state)
+            mx.async_eval(queued)
+            tokens, counts = np.array(emitted.tokens), np.array(emitted.count)
+            lengths += counts + 1
+            state.cache.bound = int(lengths.max()) + self.shape.length  # exact, plus the step in flight
+            yield [row[: c + 1].tolist() for row, c in zip(tokens, counts)], counts.tolist()
+            emitted = queued
+
+
+def _draft_tree(drafter, model, shape: BeamShape, budget: int, hidden, g0, history, lengths):
+    levels = draft_levels(drafter, model, hidden, g0, shape)
+    if shape.lookup:
+        proposal, found = propose_on_device(history, lengths, g0, shape.length - 1)
+    else:
+        proposal, found = levels.tokens[:, :, 0], mx.zeros(g0.shape, mx.bool_)
+    return ranked_tree(levels, g0, proposal, found, budget)
+
+
+def _accept(greedy: bool, tree, targets, history, lengths):
+    """The acceptance rule, the committed slots and the history after it (one compiled graph)."""
+    result = accept(tree, targets)
+    Lb = result.path.shape[1]
+    depth_ok = mx.arange(Lb)[None] <= result.count[:, None]
+    nodes = mx.arange(tree.tokens.shape[1])
+    keep = ((result.path[:, :, None] == nodes) & depth_ok[:, :, None]).any(axis=1)
+    # write the emitted tokens after each row's history (slots past count are rewritten later)
+    history = mx.put_along_axis(history, lengths[:, None] + mx.arange(Lb)[None], result.tokens, axis=1)
+    return result, keep, history
+
+
+def _prefill_rows(model, tokens: mx.array, lengths: List[int], cache) -> mx.array:
+    """Run right-padded prompts (B, P) in chunks; each row's hidden state at its last token (B, H)."""
+    B, P = tokens.shape
+    last = mx.array([n - 1 for n in lengths])
+    hidden = None
+    for start in range(0, P, PREFILL_CHUNK):
+        h = model(tokens[:, start : start + PREFILL_CHUNK], cache)
+        inside = (last >= start) & (last < start + h.shape[1])
+        at = mx.clip(last - start, 0, h.shape[1] - 1)
+        row_last = mx.take_along_axis(h, at[:, None, None], axis=1)[:, 0]
+        hidden = row_last if hidden is None else mx.where(inside[:, None], row_last, hidden)
+        mx.eval(hidden, cache.state())
+    return hidden
+
+
+def _history_size(needed: int) -> int:
+    return -(-needed // HISTORY_STEP) * HISTORY_STEP
+
+
+def _fit_history(history: mx.array, needed: int) -> mx.array:
+    size = _history_size(needed)
+    if history.shape[1] >= size:
+        return history
+    return mx.pad(history, [(0, 0), (0, size - history.shape[1])])

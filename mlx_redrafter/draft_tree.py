@@ -1,0 +1,130 @@
+"""The tree verified each step: the drafter's most probable prefixes plus the lookup beam, on the device.
+
+Beam search keeps W prefixes at every depth, all distinct (`DraftLevels`). Every
+depth's prefixes together form a tree of 1 + D * W nodes; the `budget` of them
+with the highest drafter path probability (EAGLE-2's rule) are verified. A
+child's path probability never exceeds its parent's, so the chosen set always
+holds its nodes' ancestors, and a longer draft never verifies fewer good short
+prefixes (Apple's tree keeps only the final W beams). The context-lookup
+proposal adds D nodes; where it repeats a tree prefix it is an alias, not a
+node, so the children of every node stay distinct (which the sampled
+acceptance rule needs). Shapes depend only on (B, budget, D): built once.
+
+Worked example, W = 2, Lb = 3 (D = 2), budget 3, g0 = 7, lookup [3, 8]:
+
+    levels  depth 1: 3 (-0.1), 5 (-2.3)      depth 2: 3 9 (-0.4), 3 4 (-1.9)
+    ranked  3 (-0.1), 3 9 (-0.4), 3 4 (-1.9)        (5 at -2.3 is left out)
+    nodes   0:7  1:3  2:9  3:4  | lookup 4:(3, alias of 1, not live)  5:8
+    parents 0    0    1    1    |        0                            1
+    ancestors of node 5: {0, 1, 5}
+"""
+
+from typing import NamedTuple
+
+import mlx.core as mx
+
+from .beam_search import DraftLevels
+
+RANK_TIE_BREAK = 1e-3  # per depth: a child always ranks strictly below its parent, even at log-prob 0
+
+
+class DraftTree(NamedTuple):
+    """N = 1 + budget + D nodes per row; node 0 is g0, nodes past the budget the lookup beam.
+
+    tokens (B, N) int32, parents (B, N) int32 (the root is its own parent),
+    depth (B, N) int32, live (B, N) bool (False: padding or alias, never accepted),
+    ancestors (B, N, N) bool: ancestors[b, i, j] when j is i or an ancestor of i,
+    hops (B, N, Lb) int32: node i, its parent, its grandparent, ... (the root repeats).
+    """
+
+    tokens: mx.array
+    parents: mx.array
+    depth: mx.array
+    live: mx.array
+    ancestors: mx.array
+    hops: mx.array
+
+
+def ranked_tree(levels: DraftLevels, g0: mx.array, lookup: mx.array, found: mx.array, budget: int) -> DraftTree:
+    """The verified tree (module docstring). g0 (B,); lookup (B, D) proposal, used where found (B,)."""
+    B, D, W = levels.tokens.shape
+    flat_scores = levels.scores.reshape(B, D * W)
+    depth_of = mx.arange(D * W) // W + 1
+    key = flat_scores - RANK_TIE_BREAK * depth_of
+    top = mx.argsort(-key, axis=-1)[:, :budget]  # (B, budget) candidate index, best first
+    # where each candidate sits among the nodes (0 = not chosen; node 0 is the root)
+    slot = mx.put_along_axis(mx.zeros((B, D * W), mx.int32), top, mx.broadcast_to(mx.arange(1, budget + 1, dtype=mx.int32), top.shape), axis=-1)
+    depth = depth_of[top].astype(mx.int32)
+    parent_candidate = (depth - 2) * W + mx.take_along_axis(levels.parents.reshape(B, D * W), top, axis=-1)
+    parents = mx.where(depth == 1, 0, mx.take_along_axis(slot, mx.maximum(parent_candidate, 0), axis=-1))
+    tokens = mx.take_along_axis(levels.tokens.reshape(B, D * W), top, axis=-1)
+    live = mx.isfinite(mx.take_along_axis(flat_scores, top, axis=-1))
+    tokens = mx.concatenate([g0.astype(mx.int32)[:, None], tokens], axis=1)
+    parents = mx.concatenate([mx.zeros((B, 1), mx.int32), parents], axis=1)
+    depth = mx.concatenate([mx.zeros((B, 1), mx.int32), depth], axis=1)
+    live = mx.concatenate([mx.ones((B, 1), mx.bool_), live], axis=1)
+    tokens, parents, depth, live = _add_lookup(tokens, parents, depth, live, lookup, found)
+    hops = _hops(parents, D + 1)
+    nodes = mx.arange(tokens.shape[1])
+    ancestors = (hops[:, :, :, None] == nodes).any(axis=2)
+    return DraftTree(tokens, parents, depth, live, ancestors, hops)
+
+
+def _add_lookup(tokens, parents, depth, live, lookup, found):
+    """Append the lookup beam's D nodes; those repeating a tree prefix become dead aliases."""
+    B, n = tokens.shape
+    alias = mx.zeros((B,), mx.int32)  # tree node equal to the lookup prefix so far (-1: none)
+    prev = alias
+    extra_parents, extra_live = [], []
+    for k in range(lookup.shape[1]):
+        token = lookup[:, k].astype(mx.int32)
+        same = live & (depth == k + 1) & (parents == alias[:, None]) & (tokens == token[:, None])
+        is_alias = same.any(axis=-1) & (alias >= 0)
+        extra_parents.append(mx.where(alias >= 0, alias, prev))
+        extra_live.append(found & ~is_alias)
+        prev = mx.full((B,), n + k, mx.int32)
+        alias = mx.where(is_alias, mx.argmax(same, axis=-1).astype(mx.int32), -1)
+    new_parents = mx.stack(extra_parents, axis=1)
+    new_depth = mx.broadcast_to(mx.arange(1, lookup.shape[1] + 1, dtype=mx.int32), new_parents.shape)
+    return (mx.concatenate([tokens, lookup.astype(mx.int32)], axis=1), mx.concatenate([parents, new_parents], axis=1),
+            mx.concatenate([depth, new_depth], axis=1), mx.concatenate([live, mx.stack(extra_live, axis=1)], axis=1))
+
+
+def _hops(parents: mx.array, length: int) -> mx.array:
+    """(B, N, length): each node, then its ancestors one hop at a time (the root repeats)."""
+    chain = [mx.broadcast_to(mx.arange(parents.shape[1], dtype=mx.int32), parents.shape)]
+    for _ in range(length - 1):
+        chain.append(mx.take_along_axis(parents, chain[-1], axis=1))
+    return mx.stack(chain, axis=2)
+
+
+class Accepted(NamedTuple):
+    """Per row: `count` drafted tokens accepted (B,), the accepted `path` (B, Lb) of node
+    indices root first (entries past count repeat the last), `best` node (B,), the
+    base model's `bonus` token after it (B,), and `tokens` (B, Lb) emitted (g0 + accepted)."""
+
+    count: mx.array
+    path: mx.array
+    best: mx.array
+    bonus: mx.array
+    tokens: mx.array
+
+
+def accept(tree: DraftTree, targets: mx.array) -> Accepted:
+    """The one acceptance rule: a node is accepted when it and all its ancestors drafted the
+    token the base model chose at their parent (targets (B, N): argmax, or one sample per node).
+
+    Children of a node are distinct, so at most one child matches its parent's target and the
+    accepted nodes form a single chain; its deepest node is `best`. Exact for sampling
+    (README, "Lossless sampling"); equal to plain greedy decoding when targets are argmaxes.
+    """
+    ok = tree.live & (tree.tokens == mx.take_along_axis(targets, tree.parents, axis=1))
+    ok = ok | (mx.arange(ok.shape[1]) == 0)
+    accepted = ~(tree.ancestors & ~ok[:, None, :]).any(axis=-1)
+    best = mx.argmax(mx.where(accepted, tree.depth, -1), axis=-1).astype(mx.int32)
+    count = mx.take_along_axis(tree.depth, best[:, None], axis=1)[:, 0]
+    chain = mx.take_along_axis(tree.hops, best[:, None, None], axis=1)[:, 0]  # (B, Lb) best, parent, ...
+    hop = mx.maximum(count[:, None] - mx.arange(chain.shape[1]), 0)
+    path = mx.take_along_axis(chain, hop, axis=1)
+    bonus = mx.take_along_axis(targets, best[:, None], axis=1)[:, 0]
+    return Accepted(count, path, best, bonus, mx.take_along_axis(tree.tokens, path, axis=1))
