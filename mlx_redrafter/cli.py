@@ -352,11 +352,11 @@ def benchmark(
     grid = None
     if sweep_widths:
         grid = grid_widths(sweep_widths, "--sweep-widths"), grid_lengths(sweep_lengths, "--sweep-lengths")
+    tag = tag or ("gpu" if backend.on_gpu() else "cpu")
+    check_new_files(bench.result_files(out, tag, grid is not None), force)  # before any work
     base, tokenizer, config = load(model, dtype=dtype)
     path = find_drafter(model, drafter)
     draft = load_drafter(path, base) if path else None
-    tag = tag or ("gpu" if backend.on_gpu() else "cpu")
-    check_new_files(bench.result_files(out, tag, grid is not None and draft is not None), force)  # before the run
     if draft is None:
         typer.echo("note: no drafter, so only the plain decoders are measured", err=True)
     texts = prompt_texts(prompts, limit, every)

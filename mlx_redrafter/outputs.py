@@ -97,7 +97,8 @@ def check_location(out, sources: Iterable = ()) -> Path:
         raise UnsafeOutputError(f"refusing to write the output to {out} (the root directory): {fix}")
     home = resolved(Path.home())
     if target == home or target in home.parents:
-        raise UnsafeOutputError(f"refusing to write the output to {out} ({target} holds your home directory): {fix}")
+        where = "your home directory" if target == home else f"{target}, which holds your home directory"
+        raise UnsafeOutputError(f"refusing to write the output to {out} ({where}): {fix}")
     cwd = resolved(Path.cwd())
     if target == cwd or target in cwd.parents:
         where = "the current directory" if target == cwd else f"{target}, which holds the current directory"
