@@ -18,6 +18,7 @@ from . import backend
 from .beam_search import BeamShape
 from .evaluate import plot_grid
 from .generate import encode_prompt, stream_generate
+from .outputs import atomic_file, check_new_files, write_file
 from .reference import to_mlx_lm
 from .sampling import SamplingConfig
 
@@ -145,17 +146,24 @@ def markdown(result: Dict) -> str:
     return "\n".join(lines)
 
 
-def save(result: Dict, sweep: Optional[List[Dict]], out_dir, tag: str) -> Path:
+def result_files(out_dir, tag: str, sweep: bool) -> List[Path]:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"speed-{tag}.json").write_text(json.dumps({**result, "sweep": sweep}, indent=2))
+    return [out / f"speed-{tag}.json", out / f"speed-{tag}.md"] + ([out / f"speedup-{tag}.png"] if sweep else [])
+
+
+def save(result: Dict, sweep: Optional[List[Dict]], out_dir, tag: str, force: bool = False) -> Path:
+    """speed-TAG.json and .md (and speedup-TAG.png with a sweep); earlier files are replaced only with force."""
+    files = result_files(out_dir, tag, bool(sweep))
+    check_new_files(files, force)
     md = markdown(result)
     if sweep:
         best = max(sweep, key=lambda r: r["speedup"])
         md += "\n\nSweep (ReDrafter greedy vs mlx-lm plain, median per-prompt ratio):\n\n| W | Lb | tokens/s | speedup | tokens/step |\n|---|---|---|---|---|\n"
         md += "\n".join(f"| {r['width']} | {r['length']} | {r['median_tps']:.1f} | {r['speedup']:.2f}x | {r['tokens_per_step']:.2f} |" for r in sweep)
         md += f"\n\nBest: W={best['width']}, Lb={best['length']}: {best['speedup']:.2f}x\n"
-        plot_grid(sweep, out / f"speedup-{tag}.png", f"ReDrafter speedup over mlx-lm ({tag})", key="speedup",
-                  label="speedup vs mlx-lm plain")
-    (out / f"speed-{tag}.md").write_text(md + "\n")
-    return out
+        with atomic_file(files[2]) as tmp:
+            plot_grid(sweep, tmp, f"ReDrafter speedup over mlx-lm ({tag})", key="speedup",
+                      label="speedup vs mlx-lm plain")
+    write_file(files[0], json.dumps({**result, "sweep": sweep}, indent=2))
+    write_file(files[1], md + "\n")
+    return Path(out_dir)

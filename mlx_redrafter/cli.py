@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-from .beam_search import DEFAULT_SHAPE, BeamShape, default_shape
+import click
+
+from .beam_search import DEFAULT_SHAPE, MAX_LENGTH, MAX_WIDTH, BeamShape, default_shape
 
 _GPU_W, _GPU_L = DEFAULT_SHAPE["gpu"]
 _CPU_W, _CPU_L = DEFAULT_SHAPE["cpu"]
@@ -25,18 +27,56 @@ def fail(message: str):
     raise typer.Exit(2)
 
 
+SEED_MAX = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
+
+
+def interrupted(note: str = "interrupted"):
+    """Ctrl-C: one short line on standard error, exit status 130 (128 + SIGINT)."""
+    typer.echo(note, err=True)
+    raise typer.Exit(130)
+
+
 def guarded(fn):
-    """Turn expected failures (bad paths, bad configs) into a one-line error."""
+    """Turn expected failures (bad paths, bad configs, no memory) into exactly one `error:` line, exit 2.
+
+    typer.Exit and click's own exceptions (usage errors, exits chosen by the command) pass through
+    untouched; Ctrl-C anywhere prints one line and exits 130.
+    """
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, RuntimeError, KeyError, OSError, pickle.UnpicklingError) as e:
+        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            interrupted()
+        except MemoryError:
+            fail("out of memory: try a smaller model, batch, beam shape or --max-tokens")
+        except (ValueError, RuntimeError, KeyError, OSError, OverflowError, pickle.UnpicklingError) as e:
             fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
     return wrapper
+
+
+def check_seed(seed: Optional[int]):
+    """Seeds are 0 .. 2**64 - 1; negative or larger ones are refused (not wrapped, so runs stay reproducible)."""
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        fail(f"--seed must be between 0 and 2**64 - 1, got {seed}")
+
+
+def read_stdin_prompt() -> str:
+    """Standard input as UTF-8; other encodings are refused with a hint (no guessing, nothing replaced)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        return sys.stdin.read()
+    data = stream.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"standard input is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
+             "convert it first, e.g. `iconv -f latin1 -t utf-8`")
 
 
 def find_drafter(model_arg: Optional[str], drafter_arg: Optional[str]):
@@ -59,14 +99,14 @@ def generate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory, Hub id or .gguf file (default: SmolLM2-135M-Instruct)."),
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter directory (default: the model's packaged drafter)."),
     autoregressive: bool = typer.Option(False, "--autoregressive", help="Decode with the base model alone."),
-    beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, max=128, help=f"Beams drafted per step ({WIDTH_DEFAULT})."),
-    beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, max=16, help=f"Tokens per beam, the base model's own next token included ({LENGTH_DEFAULT})."),
+    beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, max=MAX_WIDTH, help=f"Beams drafted per step ({WIDTH_DEFAULT})."),
+    beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, max=MAX_LENGTH, help=f"Tokens per beam, the base model's own next token included ({LENGTH_DEFAULT})."),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely tokens (0 = all)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, 0 .. 2**64 - 1."),
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Use the prompt as raw text."),
     dtype: str = typer.Option("auto", "--dtype", help="float32 | float16 | bfloat16 | auto (fp32 on CPU, 16-bit on GPU)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Report tokens/s, tokens per step and acceptance."),
@@ -77,8 +117,9 @@ def generate(
     from .generate import print_report
     from .sampling import SamplingConfig
 
+    check_seed(seed)
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin_prompt()
     sampling = SamplingConfig(temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
     base, tokenizer, _ = load(model, dtype=dtype)
     draft = None
@@ -94,13 +135,17 @@ def generate(
             draft = load_drafter(path, base)
     last, accepted = None, Counter()
     shape = default_shape(beam_width, beam_length, lookup)
-    for last in stream_generate(
-        base, tokenizer, prompt, drafter=draft, max_tokens=max_tokens, sampling=sampling,
-        beam=shape, chat_template=not no_chat_template,
-    ):
-        typer.echo(last.text, nl=False)
-        if not last.from_draft:
-            accepted[last.step_accepted] += 1
+    try:
+        for last in stream_generate(
+            base, tokenizer, prompt, drafter=draft, max_tokens=max_tokens, sampling=sampling,
+            beam=shape, chat_template=not no_chat_template,
+        ):
+            typer.echo(last.text, nl=False)
+            if not last.from_draft:
+                accepted[last.step_accepted] += 1
+    except KeyboardInterrupt:
+        typer.echo()  # the text so far has been printed as it came
+        interrupted()
     typer.echo()
     if last is None:
         return
@@ -130,14 +175,24 @@ def command_line(name: str, params: dict) -> str:
     return " ".join(words)
 
 
-def parse_grid(text: str, name: str):
+def parse_grid(text: str, name: str, low: int = 1, high: Optional[int] = None):
+    """A comma-separated list of integers in low..high (for beam widths: 1..MAX_WIDTH; lengths: 2..MAX_LENGTH)."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         fail(f"{name} must be a comma-separated list of integers, got {text!r}")
-    if not values or min(values) < 1:
-        fail(f"{name} needs positive integers, got {text!r}")
+    if not values or min(values) < low or (high is not None and max(values) > high):
+        fail(f"{name} needs integers in {low}..{high}, got {text!r}" if high is not None
+             else f"{name} needs integers >= {low}, got {text!r}")
     return values
+
+
+def grid_widths(text: str, name: str):
+    return parse_grid(text, name, 1, MAX_WIDTH)
+
+
+def grid_lengths(text: str, name: str):
+    return parse_grid(text, name, 2, MAX_LENGTH)
 
 
 @app.command()
@@ -165,7 +220,7 @@ def train(
     lr: float = typer.Option(1e-3, "--lr", min=0.0),
     kl_weight: float = typer.Option(0.0, "--kl-weight", min=0.0, help="Weight of the KL term to the base model's top-k distribution."),
     kl_top_k: int = typer.Option(32, "--kl-top-k", min=1),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Random seed, 0 .. 2**64 - 1."),
     holdout: int = typer.Option(0, "--holdout", min=0, help="Examples kept out of training; their per-position top-1 accuracy is reported."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many steps."),
@@ -183,6 +238,10 @@ def train(
     from .distill import DataConfig, make_distillation_data, read_sequences
     from .training import TrainConfig, train as run_training
 
+    from .loading import is_default_model
+    from .outputs import claim_dir, write_file
+
+    check_seed(seed)
     if responses not in ("model", "dataset"):
         fail(f"--responses must be model or dataset, got {responses!r}")
     if save_bits not in (None, 4, 8):
@@ -193,6 +252,8 @@ def train(
                       max_steps=max_steps)
     if out.exists() and not resume and (out / "checkpoint").exists():
         fail(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
+    model_dir = None if model is None or is_default_model(model) or not Path(model).exists() else model
+    claim_dir(out, [model_dir, prompts], what="train")  # before any work: never the cwd, home, a source, a user's folder
     base, tokenizer, _ = load(model, dtype=dtype)
     data_dir = data or out / "data"
     started = time.perf_counter()
@@ -212,7 +273,7 @@ def train(
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: checkpoint saved in {out / 'checkpoint'}; rerun with --resume", err=True)
         raise typer.Exit(130)
-    (out / "training.json").write_text(_json.dumps(metrics, indent=2))
+    write_file(out / "training.json", _json.dumps(metrics, indent=2))
     typer.echo(f"drafter written to {out / 'drafter'} ({metrics['steps']} steps, {metrics['wall_seconds']} s, "
                f"final loss {metrics['final_loss']:.3f}, top-1 per position {metrics['final_top1_per_position']}"
                + (f", held out {metrics['heldout_top1_per_position']}" if metrics["heldout_top1_per_position"] else "") + ")")
@@ -232,20 +293,21 @@ def eval_drafter(
     max_tokens: int = typer.Option(256, "--max-tokens", min=1),
     decode: bool = typer.Option(False, "--decode", help="Count by running speculative decoding (slow) instead of replaying greedy references."),
     out: Path = typer.Option(Path("results"), "--out", help="Where the JSON, Markdown table and plot go."),
+    force: bool = typer.Option(False, "--force", help="Replace earlier acceptance.json/.md/.png in --out."),
     dtype: str = typer.Option("auto", "--dtype"),
 ):
     """Mean accepted tokens per step (greedy) on held-out prompts, over a grid of W x Lb."""
     from . import load
     from .data import prompt_texts
     from .drafter import load_drafter
-    from .evaluate import acceptance_grid, markdown_table, save_results
+    from .evaluate import acceptance_grid, markdown_table, result_files, save_results
+    from .outputs import check_new_files
 
-    ws, ls = parse_grid(widths, "--widths"), parse_grid(lengths, "--lengths")
+    ws, ls = grid_widths(widths, "--widths"), grid_lengths(lengths, "--lengths")
     lookups = {"off": (False,), "on": (True,), "both": (False, True)}.get(lookup)
     if lookups is None:
         fail(f"--lookup must be off, on or both, got {lookup!r}")
-    if min(ls) < 2:
-        fail("--lengths must be >= 2 (the base model's own token counts as one)")
+    check_new_files(result_files(out, "acceptance"), force)  # before the (long) run
     base, tokenizer, _ = load(model, dtype=dtype)
     path = find_drafter(model, drafter)
     if path is None:
@@ -253,7 +315,7 @@ def eval_drafter(
     draft = load_drafter(path, base)
     texts = prompt_texts(prompts, limit, every)
     results = acceptance_grid(base, tokenizer, draft, texts, ws, ls, max_tokens, lookups=lookups, replay=not decode)
-    save_results(results, out, "acceptance", f"{Path(str(path)).name}: tokens per step ({len(texts)} prompts)")
+    save_results(results, out, "acceptance", f"{Path(str(path)).name}: tokens per step ({len(texts)} prompts)", force)
     typer.echo(markdown_table(results))
     typer.echo(f"saved {out}/acceptance.json, .md and .png")
 
@@ -267,8 +329,8 @@ def benchmark(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N prompts."),
     every: int = typer.Option(1, "--every", min=1, help="Use every K-th prompt (MT-Bench is ordered by category: 10 spans all 8)."),
     max_tokens: int = typer.Option(128, "--max-tokens", min=1),
-    beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, help=f"Beams drafted per step ({WIDTH_DEFAULT})."),
-    beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, help=f"Tokens per beam, g0 included ({LENGTH_DEFAULT})."),
+    beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, max=MAX_WIDTH, help=f"Beams drafted per step ({WIDTH_DEFAULT})."),
+    beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, max=MAX_LENGTH, help=f"Tokens per beam, g0 included ({LENGTH_DEFAULT})."),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     temp: float = typer.Option(0.7, "--temp", min=0.0, help="Temperature of the sampled ReDrafter run."),
     sweep_widths: str = typer.Option("", "--sweep-widths", help="Also sweep these beam widths (e.g. 1,2,4)."),
@@ -277,6 +339,7 @@ def benchmark(
     no_mlx_lm_spec: bool = typer.Option(False, "--no-mlx-lm-spec", help="Skip mlx-lm's draft-model speculative decoding."),
     out: Path = typer.Option(Path("results"), "--out"),
     tag: Optional[str] = typer.Option(None, "--tag", help="Name of the saved files (default: cpu or gpu)."),
+    force: bool = typer.Option(False, "--force", help="Replace earlier speed-TAG.json/.md (and speedup-TAG.png) in --out."),
     dtype: str = typer.Option("auto", "--dtype"),
 ):
     """Benchmark ReDrafter against plain decoding and mlx-lm, with an optional W x Lb sweep."""
@@ -284,7 +347,13 @@ def benchmark(
     from . import benchmark as bench
     from .data import prompt_texts
     from .drafter import load_drafter
+    from .outputs import check_new_files
 
+    grid = None
+    if sweep_widths:
+        grid = grid_widths(sweep_widths, "--sweep-widths"), grid_lengths(sweep_lengths, "--sweep-lengths")
+    tag = tag or ("gpu" if backend.on_gpu() else "cpu")
+    check_new_files(bench.result_files(out, tag, grid is not None), force)  # before any work
     base, tokenizer, config = load(model, dtype=dtype)
     path = find_drafter(model, drafter)
     draft = load_drafter(path, base) if path else None
@@ -294,11 +363,10 @@ def benchmark(
     shape = default_shape(beam_width, beam_length, lookup)
     result = bench.run_benchmark(base, tokenizer, config, draft, texts, max_tokens, shape, temp, not no_mlx_lm_spec)
     sweep = None
-    if sweep_widths and draft is not None:
+    if grid is not None and draft is not None:
         sweep = bench.run_sweep(base, tokenizer, config, draft, texts[: sweep_limit or len(texts)], max_tokens,
-                                parse_grid(sweep_widths, "--sweep-widths"), parse_grid(sweep_lengths, "--sweep-lengths"), lookup)
-    tag = tag or ("gpu" if backend.on_gpu() else "cpu")
-    bench.save(result, sweep, out, tag)
+                                *grid, lookup)
+    bench.save(result, sweep, out, tag, force)
     typer.echo(bench.markdown(result))
     typer.echo(f"saved {out}/speed-{tag}.json and .md" + (f", {out}/speedup-{tag}.png" if sweep else ""))
 
@@ -316,7 +384,7 @@ def convert_base_cmd(
     quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize linear layers and embeddings."),
     q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight (2, 3, 4, 6 or 8)."),
     q_group_size: int = typer.Option(64, "--q-group-size", help="Weights per quantization group (32, 64 or 128)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if mlx-redrafter wrote it (or it is empty)."),
 ):
     """A Hugging Face Llama-family model (PyTorch or safetensors) -> MLX (loads in mlx-lm too)."""
     from .convert import convert_base
@@ -334,7 +402,7 @@ def convert_drafter_cmd(
     out: Path = typer.Argument(..., help="Output drafter directory."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model to check the drafter against."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32"),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if mlx-redrafter wrote it (or it is empty)."),
 ):
     """A ReDrafter drafter from Apple's PyTorch code (or TensorRT-LLM's key layout) -> MLX."""
     from .convert import convert_drafter

@@ -2,46 +2,29 @@
 
 Base models are converted shard by shard (peak memory near the largest
 shard); drafters are renamed from Apple's or TensorRT-LLM's key layout. The
-output is written to a temporary directory beside OUT and renamed at the end,
-so a failure leaves nothing half-written; an existing OUT needs force=True.
+output is written with outputs.atomic_output: OUT may not be (or hold) the
+source, the current directory, home or root; an existing OUT is replaced only
+with force=True and only if this project wrote it (or it is empty); a failure
+or a signal leaves nothing half-written.
 """
 
 import json
-import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import mlx.core as mx
 from tqdm import tqdm
 
-from .drafter import MODEL_TYPE, DrafterConfig, build_drafter, save_drafter
+from .drafter import MODEL_TYPE, DrafterConfig, build_drafter, write_drafter_files
 from .llama import ModelArgs
+from .outputs import atomic_output, prepare_output
 from .torch_pickle import load_torch_checkpoint, to_mlx
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja"]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-
-@contextmanager
-def atomic_output(out, force: bool) -> Iterator[Path]:
-    """A temporary directory that becomes OUT only if the block succeeds."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists: pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def weight_shards(src: Path) -> List[Path]:
@@ -92,6 +75,7 @@ def convert_base(src, out, dtype: str = "float16", quantize: bool = False, q_bit
                  force: bool = False, progress: bool = True) -> Path:
     """A Hugging Face Llama-family checkpoint directory -> an MLX directory (mlx-lm layout)."""
     src = Path(src)
+    prepare_output(out, force, [src])  # refuse before any work
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src} has no config.json: is it a Hugging Face model directory?")
     if dtype not in DTYPES:
@@ -101,7 +85,7 @@ def convert_base(src, out, dtype: str = "float16", quantize: bool = False, q_bit
     shards = weight_shards(src)
     _check_index(src, shards)
     per_layer: dict = {}
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, [src], "convert base", {"source": str(src)}) as tmp:
         weight_map = {}
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for shard, name in zip(tqdm(shards, desc="converting", unit="shard", disable=not progress), names):
@@ -180,6 +164,7 @@ def convert_drafter(src, out, base=None, dtype: str = "float16", force: bool = F
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"no drafter checkpoint at {src}")
+    prepare_output(out, force, [src])  # refuse before any work
     weights = read_drafter_weights(src)
     config_file = (src if src.is_dir() else src.parent) / "config.json"
     if config_file.exists():
@@ -190,6 +175,6 @@ def convert_drafter(src, out, base=None, dtype: str = "float16", force: bool = F
     else:
         config = infer_drafter_config(weights)
     drafter = build_drafter(config, weights, str(src), base)
-    if Path(out).exists() and not force:
-        raise FileExistsError(f"{out} already exists: pass --force to replace it")
-    return save_drafter(drafter, out, dtype=DTYPES[dtype])
+    with atomic_output(out, force, [src], "convert drafter", {"source": str(src)}) as tmp:
+        write_drafter_files(drafter, tmp, dtype=DTYPES[dtype])
+    return Path(out)

@@ -3,7 +3,9 @@
 Accepted files: JSON arrays or JSONL of ShareGPT records ({"conversations":
 [{"from": "human", "value": ...}, {"from": "gpt", ...}]}), chat records
 ({"messages": [{"role", "content"}]}), MT-Bench questions ({"turns": [...]}),
-{"prompt": ..., "response": ...} records, or plain strings. By default only
+{"prompt": ..., "response": ...} records, or plain strings; a "turns" string
+is one turn. A record whose prompt is not text is refused with its file and
+record number. By default only
 the first user turn (and the first assistant reply, if any) is used; with
 all_turns, every user turn of a chat record becomes a prompt, with the turns
 before it (the dataset's own replies) as its history.
@@ -50,6 +52,16 @@ def _chat_turns(texts, all_turns: bool) -> List[Conversation]:
     return out
 
 
+class BadRecord(ValueError):
+    """A record of a known shape whose prompt (or reply) is not text."""
+
+
+def _text(value, what: str, optional: bool = False):
+    if isinstance(value, str) or (optional and value is None):
+        return value
+    raise BadRecord(f"its {what} is {type(value).__name__} {json.dumps(value)[:40]}, not text")
+
+
 def _from_record(record, all_turns: bool = False) -> List[Conversation]:
     if isinstance(record, str):
         return [Conversation(record)]
@@ -57,12 +69,17 @@ def _from_record(record, all_turns: bool = False) -> List[Conversation]:
         return []
     if "conversations" in record or "messages" in record:
         turns = record.get("conversations") or record.get("messages") or []
+        if not isinstance(turns, list):
+            raise BadRecord(f"its conversation is {type(turns).__name__}, not a list of turns")
         texts = [(t.get("from") or t.get("role"), t.get("value") or t.get("content")) for t in turns if isinstance(t, dict)]
+        texts = [(who, _text(text, f"{who} turn", optional=True)) for who, text in texts]
         return _chat_turns(texts, all_turns)
     if "turns" in record and record["turns"]:
-        return [Conversation(record["turns"][0])]
+        turns = record["turns"]
+        first = turns if isinstance(turns, str) else turns[0] if isinstance(turns, list) else turns
+        return [Conversation(_text(first, "first turn"))]
     if "prompt" in record:
-        return [Conversation(record["prompt"], record.get("response"))]
+        return [Conversation(_text(record["prompt"], "prompt"), _text(record.get("response"), "response", optional=True))]
     return []
 
 
@@ -83,23 +100,39 @@ def _json_records(text: str, path: Path) -> Iterator:
         yield record
 
 
+def _jsonl_records(text: str, path: Path) -> Iterator:
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not JSON ({e.msg}): expected one JSON record per line") from None
+
+
 def read_conversations(path, limit: Optional[int] = None, all_turns: bool = False) -> List[Conversation]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such prompt file: {path}")
-    if path.suffix == ".gz":
-        import gzip
+    try:
+        if path.suffix == ".gz":
+            import gzip
 
-        text = gzip.decompress(path.read_bytes()).decode("utf-8")
-    else:
-        text = path.read_text(encoding="utf-8")
+            text = gzip.decompress(path.read_bytes()).decode("utf-8")
+        else:
+            text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte offset {e.start}): convert it first, "
+                         "e.g. `iconv -f latin1 -t utf-8`") from None
     if text.lstrip().startswith("["):
         records = _json_records(text, path)
     else:
-        records = (json.loads(line) for line in text.splitlines() if line.strip())
+        records = _jsonl_records(text, path)
     out = []
-    for record in records:
-        out += _from_record(record, all_turns)
+    for n, record in enumerate(records, 1):
+        try:
+            out += _from_record(record, all_turns)
+        except BadRecord as e:
+            raise ValueError(f"{path}: record {n} is not usable: {e}; fix or remove it") from None
         if limit and len(out) >= limit:
             out = out[:limit]
             break

@@ -25,9 +25,6 @@ decoding runs in the usual float dtype.
 """
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -162,34 +159,32 @@ def dequantize_weights(weights: dict, quantization: dict) -> dict:
 
 def save_drafter(drafter: Drafter, path, dtype=None, extra_config: Optional[dict] = None,
                  bits: Optional[int] = None) -> Path:
-    """Write config.json + model.safetensors into `path` atomically (temp dir, then rename).
+    """Write config.json + model.safetensors into `path` atomically (outputs.atomic_output).
 
+    An existing `path` is replaced only if this project wrote it (or it is empty).
     bits: store weight matrices quantized to 8 or 4 bits (module docstring).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .outputs import atomic_output
+
+    with atomic_output(path, force=True, what="drafter") as tmp:
+        write_drafter_files(drafter, tmp, dtype, extra_config, bits)
+    return Path(path)
+
+
+def write_drafter_files(drafter: Drafter, directory, dtype=None, extra_config: Optional[dict] = None,
+                        bits: Optional[int] = None):
+    """config.json + model.safetensors into an existing (temporary) directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(drafter.parameters()))
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     if bits is not None:
         weights = quantize_weights(weights, bits)
         extra_config = {**(extra_config or {}), "quantization": {"group_size": QUANT_GROUP, "bits": bits}}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        config = {**asdict(drafter.config), **(extra_config or {})}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "d")
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = {**asdict(drafter.config), **(extra_config or {})}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def build_drafter(config: DrafterConfig, weights: dict, source: str, base=None) -> Drafter:

@@ -25,6 +25,7 @@ from .beam_search import BeamShape, beam_search
 from .distill import batch_generate
 from .generate import encode_prompt, stream_generate
 from .lookup import ContextLookup, with_lookup_beam
+from .outputs import atomic_file, check_new_files, write_file
 from .sampling import SamplingConfig
 
 
@@ -137,14 +138,21 @@ def plot_grid(results: List[Dict], path, title: str, key: str = "tokens_per_step
             ax.set_title("drafter + context lookup" if panel else "drafter alone")
     fig.colorbar(im, ax=axes[0].tolist(), label=label)
     fig.suptitle(title)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
     plt.close(fig)
 
 
-def save_results(results: List[Dict], out_dir, name: str, title: str):
+def result_files(out_dir, name: str) -> List[Path]:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
-    (out / f"{name}.md").write_text(markdown_table(results) + "\n")
-    plot_grid(results, out / f"{name}.png", title)
-    return out
+    return [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
+
+
+def save_results(results: List[Dict], out_dir, name: str, title: str, force: bool = False):
+    """NAME.json, .md and .png in out_dir; earlier result files are replaced only with force (each atomically)."""
+    json_file, md_file, png_file = result_files(out_dir, name)
+    check_new_files([json_file, md_file, png_file], force)
+    write_file(json_file, json.dumps(results, indent=2))
+    write_file(md_file, markdown_table(results) + "\n")
+    with atomic_file(png_file) as tmp:
+        plot_grid(results, tmp, title)
+    return Path(out_dir)

@@ -17,9 +17,6 @@ predicts acceptance (the training accuracy flatters an overfit drafter).
 """
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,8 +29,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
-from .drafter import DrafterConfig, init_drafter, load_drafter, save_drafter
+from .drafter import DrafterConfig, init_drafter, load_drafter, save_drafter, write_drafter_files
 from .loading import cast
+from .outputs import atomic_output, claim_dir
 
 
 @dataclass
@@ -217,18 +215,12 @@ def schedule(cfg: TrainConfig, total_steps: int):
 
 
 def save_checkpoint(path: Path, drafter, optimizer, step: int, extra: dict):
-    """Drafter + optimizer state + step in one directory, replaced atomically."""
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=path.parent))
-    try:
-        save_drafter(drafter, tmp / "drafter")
+    """Drafter + optimizer state + step in one directory: the new one is written beside it and swapped in
+    (outputs.atomic_output), so a failure or a signal leaves the previous checkpoint whole."""
+    with atomic_output(path, force=True, what="training checkpoint") as tmp:
+        write_drafter_files(drafter, tmp / "drafter")
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_checkpoint(path: Path, base, optimizer):
@@ -240,8 +232,7 @@ def load_checkpoint(path: Path, base, optimizer):
 def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False, progress: bool = True,
           save_dtype=mx.float16, record: Optional[dict] = None, save_bits: Optional[int] = None):
     """Train a drafter on (tokens, prompt_len) examples; write it to `out`. Returns metrics."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_dir(out, what="train")  # new, empty or ours; never the cwd, home or root
     checkpoint = out / "checkpoint"
     examples, heldout = split_holdout(examples, cfg)
     per_epoch = steps_per_epoch(examples, cfg)

@@ -1,0 +1,304 @@
+"""Safe writing of outputs: nothing the user owns is ever lost.
+
+Directories (converted models, drafters, checkpoints, `train --out`) are
+written by `atomic_output`:
+
+* OUT is refused when it resolves (symlinks and `..` resolved) to a source, to
+  a folder holding a source, to the current directory or one of its parents,
+  or to the home or root directory (`UnsafeOutputError`, a ValueError).
+* An existing OUT is replaced only with force=True, and then only if this
+  project wrote it (it holds the marker file `.mlx-redrafter`, or one of the
+  layouts earlier versions wrote) or it is empty; anything else is the user's
+  to remove.
+* The new output is written into `.OUT.partial.<pid>.<rand>` beside OUT; the
+  old OUT is renamed aside (`.OUT.old.<pid>.<rand>`), the new one renamed in,
+  then the old one deleted, so a failure at any point leaves the old or the
+  new OUT whole.
+* SIGTERM and Ctrl-C remove the partial folder (exit 143 / KeyboardInterrupt),
+  and a later run sweeps the `.OUT.partial.*` / `.OUT.old.*` folders that a
+  killed run (whose pid is gone) left.
+
+Result files (benchmark, eval-drafter) go through `check_new_files` (refuse to
+replace an existing file without force) and `atomic_file` / `write_file`
+(temp file beside the target, then os.replace).
+"""
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Union
+
+MARKER = ".mlx-redrafter"
+
+# What earlier versions (before the marker) wrote: (names a directory may hold, names it must hold).
+LEGACY_LAYOUTS = [
+    ({"config.json", "model.safetensors"}, {"config.json", "model.safetensors"}),  # a drafter
+    ({"drafter", "optimizer.safetensors", "state.json"}, {"state.json"}),  # a training checkpoint
+]
+
+
+class UnsafeOutputError(ValueError):
+    """OUT names something that must not be written over; the message says what to do instead."""
+
+
+def resolved(path) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+
+
+def _marker_ok(path: Path) -> bool:
+    try:
+        return json.loads((path / MARKER).read_text()).get("written_by") == "mlx-redrafter"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def written_by_us(path) -> bool:
+    """Whether the directory holds this project's marker (or exactly a layout it wrote before markers)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if _marker_ok(path):
+        return True
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError:
+        return False
+    return any(names and names <= allowed and required <= names for allowed, required in LEGACY_LAYOUTS)
+
+
+def is_empty_dir(path) -> bool:
+    path = Path(path)
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def write_marker(directory, what: str, **details):
+    from . import __version__
+
+    record = {"written_by": "mlx-redrafter", "version": __version__, "what": what,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **details}
+    (Path(directory) / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def check_location(out, sources: Iterable = ()) -> Path:
+    """OUT, resolved, if writing there can destroy nothing but OUT; else UnsafeOutputError."""
+    target = resolved(out)
+    fix = "choose a new folder for the output"
+    if target == Path(target.anchor):
+        raise UnsafeOutputError(f"refusing to write the output to {out} (the root directory): {fix}")
+    home = resolved(Path.home())
+    if target == home or target in home.parents:
+        where = "your home directory" if target == home else f"{target}, which holds your home directory"
+        raise UnsafeOutputError(f"refusing to write the output to {out} ({where}): {fix}")
+    cwd = resolved(Path.cwd())
+    if target == cwd or target in cwd.parents:
+        where = "the current directory" if target == cwd else f"{target}, which holds the current directory"
+        raise UnsafeOutputError(f"refusing to write the output to {out} ({where}): {fix}")
+    for src in sources:
+        if src is None:
+            continue
+        s = resolved(src)
+        if target == s or target in s.parents:
+            what = "is the source" if target == s else f"holds the source {src}"
+            raise UnsafeOutputError(f"refusing to write the output to {out}: it {what}; {fix}")
+    if target.exists() and not target.is_dir():
+        raise UnsafeOutputError(f"{out} is a file, not a folder: choose a new folder for the output")
+    return target
+
+
+def check_replaceable(out, target: Path, force: bool):
+    """An existing OUT may be replaced: only with force, and only if we wrote it or it is empty."""
+    if not os.path.lexists(target):
+        return
+    if not force:
+        raise FileExistsError(f"{out} already exists: pass --force to replace it")
+    if not (written_by_us(target) or is_empty_dir(target)):
+        raise UnsafeOutputError(f"{out} holds files mlx-redrafter did not write, so --force will not replace it: "
+                                "remove it yourself or choose another output folder")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def sweep_stale(target: Path):
+    """Remove the `.OUT.partial.*` / `.OUT.old.*` folders that a killed run left beside OUT.
+
+    Only folders whose writer's pid is gone and that we wrote (marker) or are empty are touched; an old
+    OUT that was renamed aside but never replaced (a run killed mid-swap) is put back.
+    """
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(partial|old)\.(\d+)\.[0-9a-f]+$")
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return
+    for p in sorted(siblings, key=lambda p: p.name):
+        m = pattern.match(p.name)
+        if not m or _pid_alive(int(m.group(2))) or p.is_symlink() or not p.is_dir():
+            continue
+        if not (written_by_us(p) or is_empty_dir(p)):
+            continue
+        if m.group(1) == "old" and not os.path.lexists(target):
+            os.rename(p, target)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived while an output was being written (exit status 143)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(128 + signum)
+
+
+@contextmanager
+def _cleanup_on_signals():
+    """SIGTERM raises Terminated (SIGINT already raises KeyboardInterrupt) so `finally` blocks run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    if previous[signal.SIGINT] in (signal.SIG_IGN, None):
+        pass  # leave an ignored Ctrl-C ignored
+    elif previous[signal.SIGINT] is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def _signals_deferred():
+    """Hold SIGTERM / SIGINT until the block ends (the swap of old and new OUT is not interrupted)."""
+    sigs = {signal.SIGTERM, signal.SIGINT}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _swap_in(new: Path, target: Path):
+    """Rename old OUT aside, rename new in, delete old: old or new OUT is whole at every moment."""
+    with _signals_deferred():
+        if os.path.lexists(target):
+            old = target.parent / f".{target.name}.old.{os.getpid()}.{secrets.token_hex(4)}"
+            os.rename(target, old)
+            try:
+                os.rename(new, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(new, target)
+
+
+def prepare_output(out, force: bool = False, sources: Iterable = ()) -> Path:
+    """The checks `atomic_output` makes, for callers that want to fail before doing any work."""
+    target = check_location(out, sources)
+    check_replaceable(out, target, force)
+    return target
+
+
+@contextmanager
+def atomic_output(out, force: bool = False, sources: Iterable = (), what: str = "output",
+                  details: Optional[dict] = None) -> Iterator[Path]:
+    """A temporary directory (with the marker) that becomes OUT only if the block succeeds (module docstring)."""
+    sources = list(sources)
+    target = prepare_output(out, force, sources)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(target)
+    with _cleanup_on_signals():
+        tmp = target.parent / f".{target.name}.partial.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            write_marker(tmp, what, **(details or {}))
+            yield tmp
+            check_replaceable(out, target, force)  # nothing new appeared at OUT meanwhile
+            _swap_in(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def claim_dir(out, sources: Iterable = (), what: str = "output") -> Path:
+    """OUT as a folder this project writes into in place (`train --out`): new, empty, or ours; marked.
+
+    Nothing in it is replaced here; its subfolders are written with `atomic_output`.
+    """
+    target = check_location(out, sources)
+    if target.exists() and not (written_by_us(target) or is_empty_dir(target) or _legacy_run(target)):
+        raise UnsafeOutputError(f"{out} holds files mlx-redrafter did not write: remove them yourself or "
+                                "choose another output folder")
+    target.mkdir(parents=True, exist_ok=True)
+    if not _marker_ok(target):
+        write_marker(target, what)
+    return target
+
+
+def _legacy_run(path: Path) -> bool:
+    """A `train --out` folder from before the marker: only data/, checkpoint/, drafter/, training.json."""
+    names = {p.name for p in path.iterdir()}
+    return bool(names & {"checkpoint", "drafter", "training.json"}) and names <= {"data", "checkpoint", "drafter",
+                                                                                     "training.json"}
+
+
+# ---- files ----
+
+def check_new_files(paths: Iterable, force: bool):
+    """Refuse (FileExistsError) before anything is written if a result file exists and force is off."""
+    for path in paths:
+        path = Path(path)
+        if os.path.lexists(path) and (path.is_dir() and not path.is_symlink()):
+            raise UnsafeOutputError(f"{path} is a folder, not a file: choose another --out")
+        if os.path.lexists(path) and not force:
+            raise FileExistsError(f"{path} already exists: pass --force to replace it, or choose another --out")
+
+
+@contextmanager
+def atomic_file(path) -> Iterator[Path]:
+    """A temporary file beside `path` that replaces it (os.replace) only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def write_file(path, data: Union[str, bytes]) -> Path:
+    """Write text or bytes to `path` atomically (temp file, then os.replace)."""
+    with atomic_file(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+    return Path(path)
