@@ -297,6 +297,7 @@ HOSTILE_GGUF = {  # the 24-57-byte files that killed MLX by a signal, and their 
     "deprecated-type": (gguf_bytes(tensors=[tensor_info("w", [32], 4)], data=bytes(64)), "type Q4_2"),
     "unknown-type": (gguf_bytes(tensors=[tensor_info("w", [32], 99)], data=bytes(64)), "unknown type 99"),
     "ndim-5": (gguf_bytes(tensors=[tensor_info("w", [1, 1, 1, 1, 1], 0)], data=bytes(64)), "5 dimensions"),
+    "ndim-9": (gguf_bytes(tensors=[tensor_info("w", [1] * 9, 0)], data=bytes(64)), "9 dimensions"),
     "ndim-0": (gguf_bytes(tensors=[tensor_info("w", [], 0)], data=bytes(64)), "0 dimensions"),
     "zero-dim": (gguf_bytes(tensors=[tensor_info("w", [0, 4], 0)], data=bytes(64)), "dimensions [0, 4]"),
     "huge-dims": (gguf_bytes(tensors=[tensor_info("w", [2 ** 31 - 1] * 4, 0)], data=bytes(64)), "ends past the end"),
