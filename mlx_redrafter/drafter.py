@@ -33,6 +33,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import validate as V
+
 MODEL_TYPE = "recurrent_drafting_drafter"
 
 
@@ -48,15 +50,35 @@ class DrafterConfig:
     model_type: str = MODEL_TYPE
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DrafterConfig":
+    def from_dict(cls, d: dict, source: str = "drafter config.json") -> "DrafterConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"invalid drafter config {source}: expected a JSON object, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         try:
-            cfg = cls(**{k: v for k, v in d.items() if k in names})
+            return cls(**{k: v for k, v in d.items() if k in names})
         except TypeError as e:
-            raise ValueError(f"drafter config.json is incomplete: {e}") from None
-        if cfg.shared_lm_head and cfg.exit_dim != cfg.hidden_size:
+            raise ValueError(f"{source} is incomplete: {e}") from None
+        except ValueError as e:
+            raise ValueError(str(e).replace("invalid drafter config:", f"invalid drafter config {source}:", 1)) from None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, where: str = "invalid drafter config") -> None:
+        """Sizes in range (validate.py) and consistent, else one line naming the field."""
+        if self.model_type != MODEL_TYPE:
+            raise ValueError(f"{where}: model_type is {V._show(self.model_type)}, not {MODEL_TYPE!r} (not a drafter)")
+        vocab = V.integer(where, "vocab_size", self.vocab_size, 1, V.MAX_VOCAB)
+        V.integer(where, "hidden_size", self.hidden_size, 1, V.MAX_HIDDEN)
+        V.integer(where, "exit_dim", self.exit_dim, 1, V.MAX_HIDDEN)
+        V.integer(where, "num_draft_layers", self.num_draft_layers, 0, V.MAX_DRAFT_LAYERS)
+        V.boolean(where, "rnn", self.rnn)
+        V.boolean(where, "shared_lm_head", self.shared_lm_head)
+        V.optional_integer(where, "draft_vocab_size", self.draft_vocab_size, 1, vocab)
+        if self.shared_lm_head and self.exit_dim != self.hidden_size:
             raise ValueError("a drafter with shared_lm_head needs exit_dim == hidden_size")
-        return cfg
+        if self.shared_lm_head and self.draft_vocab_size:
+            raise ValueError(f"{where}: shared_lm_head and draft_vocab_size exclude each other")
 
     @property
     def draft_vocab(self) -> int:
@@ -113,21 +135,53 @@ class Drafter(nn.Module):
             return self.draft_to_token[draft_ids]
         return draft_ids
 
-    def check_base(self, base) -> None:
+    def check_base(self, base, source: str = "") -> None:
         """Refuse a base model this drafter was not made for."""
-        args = base.args
-        if (self.config.hidden_size, self.config.vocab_size) != (args.hidden_size, args.vocab_size):
-            raise ValueError(
-                f"drafter does not match the base model: drafter hidden_size={self.config.hidden_size}, "
-                f"vocab_size={self.config.vocab_size}; base model hidden_size={args.hidden_size}, "
-                f"vocab_size={args.vocab_size}; train or convert a drafter for this model"
-            )
+        check_config_against_base(self.config, base, source)
+        check_token_table(self.config, self.draft_to_token if self.config.draft_vocab_size else None, source,
+                          base.args.vocab_size)
+
+
+def check_config_against_base(config: DrafterConfig, base, source: str = "") -> None:
+    """The drafter's hidden and vocabulary sizes must be the base model's."""
+    args = base.args
+    if (config.hidden_size, config.vocab_size) != (args.hidden_size, args.vocab_size):
+        name = f"drafter {source}" if source else "the drafter"
+        raise ValueError(
+            f"{name} was made for another model (drafter does not match the base model: drafter "
+            f"hidden_size={config.hidden_size}, vocab_size={config.vocab_size}; base model "
+            f"hidden_size={args.hidden_size}, vocab_size={args.vocab_size}): train or convert a drafter for this model"
+        )
+
+
+def check_token_table(config: DrafterConfig, table, source: str = "", vocab_size: Optional[int] = None) -> None:
+    """A reduced-vocabulary drafter's draft id -> token id table must name tokens of the vocabulary.
+
+    An id past the base vocabulary would index past the embedding table in beam
+    search (a crash, or garbage read from memory), so it is refused at load.
+    """
+    if table is None:
+        return
+    name = f"drafter {source}" if source else "the drafter"
+    vocab = config.vocab_size if vocab_size is None else vocab_size
+    if table.ndim != 1 or table.shape[0] != config.draft_vocab_size:
+        raise ValueError(f"{name}: draft_to_token has shape {tuple(table.shape)}, expected ({config.draft_vocab_size},)")
+    if not mx.issubdtype(table.dtype, mx.integer):
+        raise ValueError(f"{name}: draft_to_token holds {table.dtype}, not integer token ids")
+    low, high = mx.min(table).item(), mx.max(table).item()
+    if low < 0 or high >= vocab:
+        bad = high if high >= vocab else low
+        raise ValueError(f"{name} was made for another model: its token table names token id {bad}, "
+                         f"outside this vocabulary of {vocab} tokens; train or convert a drafter for this model")
 
 
 def init_drafter(config: DrafterConfig, base=None, draft_to_token: Optional[mx.array] = None) -> Drafter:
     """A fresh drafter; with a base model, checked against it."""
+    if base is not None:
+        check_config_against_base(config, base)
     drafter = Drafter(config)
     if draft_to_token is not None:
+        check_token_table(config, draft_to_token)
         drafter.draft_to_token = draft_to_token.astype(mx.int32)
     if base is not None:
         drafter.check_base(base)
@@ -148,12 +202,21 @@ def quantize_weights(weights: dict, bits: int) -> dict:
     return out
 
 
-def dequantize_weights(weights: dict, quantization: dict) -> dict:
+def dequantize_weights(weights: dict, quantization: dict, source: str = "the drafter") -> dict:
+    if not (isinstance(quantization, dict) and quantization.get("group_size") in (32, 64, 128)
+            and quantization.get("bits") in (2, 3, 4, 5, 6, 8)):
+        raise ValueError(f"{source}: config.json's quantization {V._show(quantization)} is not "
+                         "{group_size: 32/64/128, bits: 2-8}")
     packed = [k[: -len(".scales")] for k in weights if k.endswith(".scales")]
     out = {k: v for k, v in weights.items() if not k.endswith((".scales", ".biases"))}
     for k in packed:
-        out[k] = mx.dequantize(weights[k], weights[f"{k}.scales"], weights[f"{k}.biases"],
-                               quantization["group_size"], quantization["bits"])
+        if k not in weights or f"{k}.biases" not in weights:
+            raise ValueError(f"{source}: quantized weight {k} is missing its packed matrix or biases")
+        try:
+            out[k] = mx.dequantize(weights[k], weights[f"{k}.scales"], weights[f"{k}.biases"],
+                                   quantization["group_size"], quantization["bits"])
+        except ValueError as e:
+            raise ValueError(f"{source}: quantized weight {k} is malformed: {e}".replace("\n", " ")) from None
     return out
 
 
@@ -189,14 +252,27 @@ def write_drafter_files(drafter: Drafter, directory, dtype=None, extra_config: O
 
 def build_drafter(config: DrafterConfig, weights: dict, source: str, base=None) -> Drafter:
     """A drafter holding `weights` (strictly matched to `config`), checked against `base`."""
+    if base is not None:  # before the weights: a wrong model is the likelier story than a damaged file
+        check_config_against_base(config, base, source)
     drafter = Drafter(config)
     try:
         drafter.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise ValueError(f"drafter weights in {source} do not match its config: {e}".replace("\n", " ")) from None
-    if base is not None:
-        drafter.check_base(base)
+    check_token_table(config, drafter.draft_to_token if config.draft_vocab_size else None, source,
+                      base.args.vocab_size if base is not None else None)
     return drafter
+
+
+def read_config(config_file: Path) -> dict:
+    """config.json as a dict; a malformed file is one line naming it."""
+    try:
+        raw = json.loads(Path(config_file).read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e}): restore or re-create the drafter") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file} is not a drafter config (expected a JSON object)")
+    return raw
 
 
 def load_drafter(path, base=None, dtype=None) -> Drafter:
@@ -207,8 +283,8 @@ def load_drafter(path, base=None, dtype=None) -> Drafter:
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"no drafter at {path}: expected config.json and model.safetensors there")
-    raw_config = json.loads(config_file.read_text())
-    config = DrafterConfig.from_dict(raw_config)
+    raw_config = read_config(config_file)
+    config = DrafterConfig.from_dict(raw_config, str(config_file))
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"drafter {path} has no *.safetensors weights")
@@ -216,7 +292,7 @@ def load_drafter(path, base=None, dtype=None) -> Drafter:
 
     weights = read_safetensors(files)
     if raw_config.get("quantization"):
-        weights = dequantize_weights(weights, raw_config["quantization"])
+        weights = dequantize_weights(weights, raw_config["quantization"], str(path))
     drafter = build_drafter(config, weights, str(path), base)
     if base is not None:
         if dtype is None:

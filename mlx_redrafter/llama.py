@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
+from . import validate as V
 from .kv_cache import KVCache, LayerKV
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2", "vicuna")
@@ -45,6 +46,8 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
+        if not isinstance(config, dict):
+            raise ValueError(f"invalid model config: expected a JSON object, got {type(config).__name__}")
         model_type = config.get("model_type")
         if model_type not in SUPPORTED:
             raise ValueError(
@@ -54,6 +57,8 @@ class ModelArgs:
         names = {f.name for f in fields(cls)} - {"extra"}
         args = {k: v for k, v in config.items() if k in names}
         rope = config.get("rope_parameters") or {}  # transformers >= 5 nests these
+        if not isinstance(rope, dict):
+            raise ValueError(f"invalid model config: rope_parameters must be an object, got {V._show(rope)}")
         default_theta = 1e6 if model_type == "qwen2" else 10000.0  # mlx-lm's defaults
         args.setdefault("rope_theta", rope.get("rope_theta", default_theta))
         if args.get("rope_scaling") is None and rope.get("rope_type", "default") != "default":
@@ -66,8 +71,34 @@ class ModelArgs:
             raise ValueError(f"config.json is missing required fields: {e}") from None
 
     def __post_init__(self):
+        self.validate()
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def validate(self, where: str = "invalid model config") -> None:
+        """Refuse absurd or inconsistent sizes with one line naming the field (bounds: validate.py)."""
+        hidden = V.integer(where, "hidden_size", self.hidden_size, 1, V.MAX_HIDDEN)
+        V.integer(where, "num_hidden_layers", self.num_hidden_layers, 1, V.MAX_LAYERS)
+        V.integer(where, "intermediate_size", self.intermediate_size, 1, V.MAX_INTERMEDIATE)
+        heads = V.integer(where, "num_attention_heads", self.num_attention_heads, 1, V.MAX_HEADS)
+        V.integer(where, "vocab_size", self.vocab_size, 1, V.MAX_VOCAB)
+        kv = V.optional_integer(where, "num_key_value_heads", self.num_key_value_heads, 1, heads)
+        if kv is not None and heads % kv:
+            raise ValueError(f"{where}: num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv}")
+        if V.optional_integer(where, "head_dim", self.head_dim, 1, V.MAX_HEAD_DIM) is None:
+            if hidden % heads:
+                raise ValueError(f"{where}: hidden_size = {hidden} is not divisible by num_attention_heads = {heads}")
+            V.integer(where, "head_dim (hidden_size / num_attention_heads)", hidden // heads, 1, V.MAX_HEAD_DIM)
+        V.optional_integer(where, "max_position_embeddings", self.max_position_embeddings, 1, V.MAX_POSITIONS)
+        V.number(where, "rms_norm_eps", self.rms_norm_eps, 0.0, 1.0, low_open=True)
+        V.number(where, "rope_theta", self.rope_theta, 0.0, 1e12, low_open=True)
+        for name in ("rope_traditional", "tie_word_embeddings", "attention_bias", "mlp_bias"):
+            V.boolean(where, name, getattr(self, name))
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ValueError(f"{where}: rope_scaling must be an object or null, got {V._show(self.rope_scaling)}")
+            if "factor" in self.rope_scaling:
+                V.number(where, "rope_scaling.factor", self.rope_scaling["factor"], 0.0, 1e6, low_open=True)
 
 
 def apply_rope(rope: nn.Module, x: mx.array, positions: Union[int, mx.array]) -> mx.array:
