@@ -10,8 +10,7 @@ Lb - 1.) Worked example, W = 2, Lb = 3, g0 = 7:
 """
 
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
@@ -112,12 +111,6 @@ def beam_search(drafter, base, hidden: mx.array, g0: mx.array, shape: BeamShape)
     cumulative = mx.stack(step_scores[::-1], axis=1)
     logprobs = cumulative - mx.concatenate([mx.zeros((W, 1)), cumulative[:, :-1]], axis=1)
     return mx.concatenate([g0, mx.stack(columns[::-1], axis=1)], axis=1), logprobs
-
-
-def compiled_beam_search(drafter, base, shape: BeamShape) -> Callable[[mx.array, mx.array], Tuple[mx.array, mx.array]]:
-    """beam_search(drafter, base, ., ., shape) as one compiled graph: its ~15 small ops per
-    drafted position are traced once, and fused where they can be (fewer launches on a GPU)."""
-    return mx.compile(partial(beam_search, drafter, base, shape=shape))
 
 
 def nn_log_softmax(logits: mx.array) -> mx.array:

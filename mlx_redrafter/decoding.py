@@ -28,7 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from .beam_search import BeamShape, draft_levels
-from .draft_tree import accept, ranked_tree
+from .draft_tree import DraftTree, accept, ranked_tree
 from .generate import PREFILL_CHUNK
 from .kv_cache import SlotCache
 from .lookup import propose_on_device
@@ -69,14 +69,16 @@ class Decoder:
     ...     print(tokens[0], accepted[0])
     """
 
-    def __init__(self, model, drafter, shape: BeamShape, sampling: SamplingConfig, budget: int = 0, slack: int = 256):
+    def __init__(self, model, drafter, shape: BeamShape, sampling: SamplingConfig, slack: int = 256):
         self.model, self.drafter, self.shape, self.sampling = model, drafter, shape, sampling
         depth = shape.length - 1
-        self.budget = min(budget or shape.width * depth, shape.width * depth)
+        final_beams = shape.tree == "beams"
+        self.budget = shape.width * depth if final_beams or not shape.nodes else min(shape.nodes, shape.width * depth)
         self.nodes = 1 + self.budget + depth
         self.slack = slack
-        self._draft = mx.compile(partial(_draft_tree, drafter, model, shape, self.budget))
-        self._accept = mx.compile(partial(_accept, sampling.greedy))
+        self.tree = mx.compile(partial(_draft_tree, drafter, model, shape, self.budget, final_beams))
+        """tree(hidden (B, H), g0 (B,), history (B, T), lengths (B,)) -> DraftTree, one compiled graph."""
+        self._accept = mx.compile(partial(_accept))  # MLX caches traces per function object: one per decoder
 
     def prefill(self, prompts: List[List[int]]) -> DecodeState:
         if not prompts or min(len(p) for p in prompts) == 0:
@@ -93,17 +95,30 @@ class Decoder:
         return DecodeState(cache, g0, hidden, history)
 
     def step(self, state: DecodeState) -> Tuple[DecodeState, Emitted]:
-        """One speculative step for every row, as a lazy graph (module docstring, 2)."""
-        cache, Lb = state.cache, self.shape.length
+        """One speculative step for every row, as a lazy graph: draft, verify, commit."""
+        tree = self.draft(state)
+        hidden, targets = self.verify(state, tree)
+        return self.commit(state, tree, hidden, targets)
+
+    def draft(self, state: DecodeState) -> DraftTree:
+        """Beam search, lookup proposal and the tree to verify (one compiled graph)."""
+        cache = state.cache
         cache.maybe_compact(self.nodes)
-        history = _fit_history(state.history, cache.bound + 2 * Lb)
-        tree = self._draft(state.hidden, state.g0, history, cache.lengths)
+        state.history = _fit_history(state.history, cache.bound + 2 * self.shape.length)
+        return self.tree(state.hidden, state.g0, state.history, cache.lengths)
+
+    def verify(self, state: DecodeState, tree: DraftTree) -> Tuple[mx.array, mx.array]:
+        """One base-model forward over the tree: hidden states (B, N, H) and a target token per node (B, N)."""
+        cache = state.cache
         mask = cache.tree_mask(tree.ancestors)
-        positions = cache.lengths[:, None] + tree.depth
-        hidden = self.model(tree.tokens, cache, positions, mask)
-        targets = choose_tokens(self.model.logits(hidden), self.sampling)
-        result, keep, history = self._accept(tree, targets, history, cache.lengths)
-        cache.commit(keep, result.count + 1, Lb)
+        hidden = self.model(tree.tokens, cache, cache.lengths[:, None] + tree.depth, mask)
+        return hidden, choose_tokens(self.model.logits(hidden), self.sampling)
+
+    def commit(self, state: DecodeState, tree: DraftTree, hidden, targets) -> Tuple[DecodeState, Emitted]:
+        """The acceptance rule, then the accepted nodes become committed (a mask update) and the
+        bonus token with its hidden state the next step's start."""
+        result, keep, history = self._accept(tree, targets, state.history, state.cache.lengths)
+        state.cache.commit(keep, result.count + 1, self.shape.length)
         next_hidden = mx.take_along_axis(hidden, result.best[:, None, None], axis=1)[:, 0]
         return replace(state, g0=result.bonus, hidden=next_hidden, history=history), Emitted(result.tokens, result.count)
 
@@ -124,16 +139,16 @@ class Decoder:
             emitted = queued
 
 
-def _draft_tree(drafter, model, shape: BeamShape, budget: int, hidden, g0, history, lengths):
+def _draft_tree(drafter, model, shape: BeamShape, budget: int, final_beams: bool, hidden, g0, history, lengths):
     levels = draft_levels(drafter, model, hidden, g0, shape)
     if shape.lookup:
         proposal, found = propose_on_device(history, lengths, g0, shape.length - 1)
     else:
         proposal, found = levels.tokens[:, :, 0], mx.zeros(g0.shape, mx.bool_)
-    return ranked_tree(levels, g0, proposal, found, budget)
+    return ranked_tree(levels, g0, proposal, found, budget, final_beams)
 
 
-def _accept(greedy: bool, tree, targets, history, lengths):
+def _accept(tree, targets, history, lengths):
     """The acceptance rule, the committed slots and the history after it (one compiled graph)."""
     result = accept(tree, targets)
     Lb = result.path.shape[1]

@@ -45,10 +45,15 @@ class DraftTree(NamedTuple):
     hops: mx.array
 
 
-def ranked_tree(levels: DraftLevels, g0: mx.array, lookup: mx.array, found: mx.array, budget: int) -> DraftTree:
-    """The verified tree (module docstring). g0 (B,); lookup (B, D) proposal, used where found (B,)."""
+def ranked_tree(levels: DraftLevels, g0: mx.array, lookup: mx.array, found: mx.array, budget: int,
+                final_beams: bool = False) -> DraftTree:
+    """The verified tree (module docstring). g0 (B,); lookup (B, D) proposal, used where found (B,).
+
+    final_beams: only the prefixes of the final W beams (Apple's tree), budget W * D.
+    """
     B, D, W = levels.tokens.shape
-    flat_scores = levels.scores.reshape(B, D * W)
+    scores = _on_final_beams(levels) if final_beams else levels.scores
+    flat_scores = scores.reshape(B, D * W)
     depth_of = mx.arange(D * W) // W + 1
     key = flat_scores - RANK_TIE_BREAK * depth_of
     top = mx.argsort(-key, axis=-1)[:, :budget]  # (B, budget) candidate index, best first
@@ -68,6 +73,16 @@ def ranked_tree(levels: DraftLevels, g0: mx.array, lookup: mx.array, found: mx.a
     nodes = mx.arange(tokens.shape[1])
     ancestors = (hops[:, :, :, None] == nodes).any(axis=2)
     return DraftTree(tokens, parents, depth, live, ancestors, hops)
+
+
+def _on_final_beams(levels: DraftLevels) -> mx.array:
+    """levels.scores where the prefix leads to one of the final W beams, else -inf."""
+    B, D, W = levels.tokens.shape
+    on = [mx.ones((B, W), mx.bool_)]
+    for d in range(D - 1, 0, -1):  # a prefix is on a final beam when one of its children is
+        parent_hit = mx.arange(W)[None, :, None] == levels.parents[:, d, None, :]  # (B, W parent, W child)
+        on.append((parent_hit & on[-1][:, None, :]).any(axis=-1))
+    return mx.where(mx.stack(on[::-1], axis=1), levels.scores, -mx.inf)
 
 
 def _add_lookup(tokens, parents, depth, live, lookup, found):

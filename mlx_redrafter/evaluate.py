@@ -21,10 +21,11 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .beam_search import BeamShape, beam_search
+from .beam_search import BeamShape
+from .decoding import Decoder
+from .draft_tree import accept
 from .distill import batch_generate
 from .generate import encode_prompt, stream_generate
-from .lookup import ContextLookup, with_lookup_beam
 from .outputs import atomic_file, check_new_files, write_file
 from .sampling import SamplingConfig
 
@@ -54,21 +55,25 @@ def greedy_references(model, tokenizer, prompts: Sequence[str], max_tokens: int,
 
 
 def replay_acceptance(model, drafter, references: Sequence[tuple], shape: BeamShape, progress: bool = True) -> Dict:
-    """Accepted tokens per step along greedy references (module docstring); same result as `acceptance`."""
+    """Accepted tokens per step along greedy references (module docstring); same result as `acceptance`.
+
+    Each step builds the decoder's own tree and applies its acceptance rule (`draft_tree.accept`)
+    with the reference as the base model's choice at every node on it.
+    """
+    decoder = Decoder(model, drafter, shape, SamplingConfig())
     accepted: List[int] = []
     tokens = 0
     for prompt, reference in tqdm(references, desc=f"W={shape.width} Lb={shape.length}", disable=not progress, leave=False):
-        hidden = model(mx.array([list(prompt) + list(reference)]))[0]
-        lookup = ContextLookup(prompt) if shape.lookup else None
+        context = list(prompt) + list(reference)
+        hidden = model(mx.array([context]))[0]
+        history = mx.array([context + [-1] * shape.length])
         j = 0
         while j < len(reference):
-            beams, _ = beam_search(drafter, model, hidden[len(prompt) + j - 1], mx.array(reference[j]), shape)
-            beams = with_lookup_beam(np.array(beams), lookup)
-            truth = np.array((list(reference[j + 1: j + shape.length]) + [-1] * shape.length)[: shape.length - 1])
-            a = int(np.cumprod(beams[:, 1:] == truth, axis=1).sum(axis=1).max())
+            at = len(prompt) + j  # reference[j] is this step's g0
+            tree = decoder.tree(hidden[at - 1][None], mx.array([reference[j]]), history, mx.array([at]))
+            truth = mx.array([(context[at + 1: at + shape.length] + [-1] * shape.length)[: shape.length]])
+            a = int(accept(tree, mx.take_along_axis(truth, tree.depth, axis=1)).count[0])
             accepted.append(a)
-            if lookup is not None:
-                lookup.extend(reference[j: j + a + 1])
             j += a + 1
         tokens += len(reference)
     return summary(shape, len(references), tokens, accepted)

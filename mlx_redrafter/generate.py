@@ -92,16 +92,10 @@ def stream_generate(
         steps = plain_steps(model, ids, sampling)
     else:
         from .beam_search import default_shape
+        from .decoding import Decoder
 
-        beam = beam or default_shape()
-        if beam.tree == "beams":
-            from .speculative import speculative_steps
-
-            steps = speculative_steps(model, drafter, ids, sampling, beam)
-        else:
-            from .decoding import Decoder
-
-            steps = ((tokens[0], counts[0]) for tokens, counts in Decoder(model, drafter, beam, sampling, beam.nodes).run([ids]))
+        decoder = Decoder(model, drafter, beam or default_shape(), sampling)
+        steps = ((tokens[0], counts[0]) for tokens, counts in decoder.run([ids]))
     yield from _responses(tokenizer, steps, len(ids), max_tokens)
 
 

@@ -11,54 +11,14 @@ model's. Worked example, n_max = 2, Lb = 4:
     context [5 8 9 4 1 5 8], next token g0 = 9
     suffix [8 9] occurred at 1..2, followed by [4 1 5]  -> beam [9 4 1 5]
 
-The index maps every n-gram (n <= n_max) to where its latest occurrence ended,
-so a proposal costs n_max dictionary lookups.
+The longest suffix (n <= n_max tokens, g0 included) that occurred before wins,
+its latest occurrence first; past the end of the context the copy repeats
+itself, as a loop would. It runs on the device, for every row at once, so the
+step never waits for the host (tests/test_lookup.py holds a plain-Python
+reference it is checked against).
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
-
 import mlx.core as mx
-import numpy as np
-
-
-class ContextLookup:
-    def __init__(self, tokens: Sequence[int] = (), n_max: int = 4):
-        self.n_max = n_max
-        self.tokens: List[int] = []
-        self.follows: Dict[Tuple[int, ...], int] = {}  # n-gram -> index of the token after its latest occurrence
-        self.extend(tokens)
-
-    def extend(self, new: Sequence[int]):
-        for token in new:
-            i = len(self.tokens)
-            for n in range(1, min(self.n_max, i) + 1):
-                self.follows[tuple(self.tokens[i - n:i])] = i
-            self.tokens.append(token)
-
-    def propose(self, g0: int, length: int) -> Optional[List[int]]:
-        """`length` tokens to follow context + [g0], or None when no suffix of it occurred before."""
-        tail = self.tokens[-(self.n_max - 1):] + [g0] if self.n_max > 1 else [g0]
-        for n in range(min(self.n_max, len(tail)), 0, -1):
-            start = self.follows.get(tuple(tail[-n:]))
-            if start is not None:
-                # past the end of the context the copy repeats itself, as a loop would
-                seen = self.tokens[start:] + [g0]
-                return [seen[k % len(seen)] for k in range(length)]
-        return None
-
-
-def with_lookup_beam(beams: np.ndarray, lookup: Optional[ContextLookup]) -> np.ndarray:
-    """The drafter's beams (W, Lb) plus the context-lookup beam (W + 1, Lb) when lookup is on.
-
-    Without a match the extra row repeats beam 0, which the tree deduplicates away.
-    """
-    if lookup is None:
-        return beams
-    g0, length = int(beams[0, 0]), beams.shape[1]
-    proposal = lookup.propose(g0, length - 1)
-    row = beams[0] if proposal is None else np.array([g0] + proposal, dtype=beams.dtype)
-    return np.concatenate([beams, row[None]], axis=0)
-
 
 
 def propose_on_device(history: mx.array, lengths: mx.array, g0: mx.array, length: int, n_max: int = 4):

@@ -1,12 +1,51 @@
-"""Context lookup proposals and the extra beam they add."""
+"""Context lookup on the device, checked against a plain-Python reference (the rule as written)."""
 
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
 import numpy as np
+from hypothesis import given, settings, strategies as st
 
-from mlx_redrafter.lookup import ContextLookup, with_lookup_beam
+from mlx_redrafter.lookup import propose_on_device
+
+
+class ContextLookup:
+    def __init__(self, tokens: Sequence[int] = (), n_max: int = 4):
+        self.n_max = n_max
+        self.tokens: List[int] = []
+        self.follows: Dict[Tuple[int, ...], int] = {}  # n-gram -> index of the token after its latest occurrence
+        self.extend(tokens)
+
+    def extend(self, new: Sequence[int]):
+        for token in new:
+            i = len(self.tokens)
+            for n in range(1, min(self.n_max, i) + 1):
+                self.follows[tuple(self.tokens[i - n:i])] = i
+            self.tokens.append(token)
+
+    def propose(self, g0: int, length: int) -> Optional[List[int]]:
+        """`length` tokens to follow context + [g0], or None when no suffix of it occurred before."""
+        tail = self.tokens[-(self.n_max - 1):] + [g0] if self.n_max > 1 else [g0]
+        for n in range(min(self.n_max, len(tail)), 0, -1):
+            start = self.follows.get(tuple(tail[-n:]))
+            if start is not None:
+                # past the end of the context the copy repeats itself, as a loop would
+                seen = self.tokens[start:] + [g0]
+                return [seen[k % len(seen)] for k in range(length)]
+        return None
+
+
+def device_propose(rows, g0s, length, n_max=4, width=64):
+    history = np.full((len(rows), width), 3)
+    for b, row in enumerate(rows):
+        history[b, : len(row)] = row
+    proposal, found = propose_on_device(mx.array(history), mx.array([len(r) for r in rows]), mx.array(g0s), length, n_max)
+    return [p if f else None for p, f in zip(np.array(proposal).tolist(), np.array(found).tolist())]
 
 
 def test_docstring_example():
     assert ContextLookup([5, 8, 9, 4, 1, 5, 8], n_max=2).propose(9, 3) == [4, 1, 5]
+    assert device_propose([[5, 8, 9, 4, 1, 5, 8]], [9], 3, n_max=2) == [[4, 1, 5]]
 
 
 def test_longest_suffix_wins_and_latest_occurrence():
@@ -14,27 +53,18 @@ def test_longest_suffix_wins_and_latest_occurrence():
     assert lookup.propose(7, 2) == [3, 2]  # "1 2 7" beats the later "2" -> 8
     assert lookup.propose(2, 1) == [8]  # suffix "2 2"? no; "2" last seen before 8
     assert lookup.propose(9, 2) is None
+    assert device_propose([[1, 2, 7, 3, 2, 8, 1, 2]] * 3, [7, 2, 9], 2, n_max=3) == [[3, 2], [8, 1], None]
 
 
 def test_a_loop_is_continued_past_the_end():
-    lookup = ContextLookup([4, 5, 6, 4, 5], n_max=2)
-    assert lookup.propose(6, 5) == [4, 5, 6, 4, 5]
+    assert ContextLookup([4, 5, 6, 4, 5], n_max=2).propose(6, 5) == [4, 5, 6, 4, 5]
+    assert device_propose([[4, 5, 6, 4, 5]], [6], 5, n_max=2) == [[4, 5, 6, 4, 5]]
 
 
-def test_extend_matches_building_at_once():
-    tokens = list(np.random.default_rng(0).integers(0, 5, 40))
-    grown = ContextLookup(tokens[:10])
-    grown.extend(tokens[10:25])
-    grown.extend(tokens[25:])
-    whole = ContextLookup(tokens)
-    assert grown.follows == whole.follows
-    assert all(grown.propose(g, 4) == whole.propose(g, 4) for g in range(6))
-
-
-def test_lookup_beam_row():
-    beams = np.array([[9, 1, 2], [9, 3, 4]])
-    assert with_lookup_beam(beams, None) is beams
-    added = with_lookup_beam(beams, ContextLookup([7, 9, 5, 6]))
-    assert added.tolist() == [[9, 1, 2], [9, 3, 4], [9, 5, 6]]
-    # no match: the extra row repeats beam 0, which tree packing drops as a duplicate
-    assert with_lookup_beam(beams, ContextLookup([7, 8])).tolist()[-1] == [9, 1, 2]
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(rows=st.lists(st.lists(st.integers(0, 4), max_size=30), min_size=1, max_size=3),
+       g0=st.integers(0, 4), length=st.integers(1, 7), n_max=st.integers(1, 4))
+def test_device_equals_reference(rows, g0, length, n_max):
+    """Rows of different lengths at once, anything after a row's length ignored."""
+    expected = [ContextLookup(r, n_max).propose(g0, length) for r in rows]
+    assert device_propose(rows, [g0] * len(rows), length, n_max) == expected

@@ -10,8 +10,10 @@ from scipy.stats import chisquare
 from conftest import DRAFTER_VARIANTS, tiny_config, tiny_drafter, tiny_model, word_tokenizer
 from mlx_redrafter import SamplingConfig, stream_generate
 from mlx_redrafter.beam_search import BeamShape
-from mlx_redrafter.sampling import choose_tokens, target_probs
-from mlx_redrafter.speculative import speculative_steps
+from mlx_redrafter import decoding
+from mlx_redrafter.decoding import Decoder
+from mlx_redrafter.draft_tree import accept
+from mlx_redrafter.sampling import target_probs
 
 VOCAB = 16
 BASES = {seed: tiny_model(tiny_config(vocab_size=VOCAB), seed=seed, scale=4.0) for seed in range(3)}
@@ -33,8 +35,10 @@ def tokens_of(model, tok, prompt, max_tokens, drafter=None, shape=None, sampling
     max_tokens=st.integers(1, 30),
     eos_at=st.one_of(st.none(), st.integers(0, 29)),
     lookup=st.booleans(),
+    tree=st.sampled_from(["ranked", "beams"]),
+    nodes=st.integers(0, 12),
 )
-def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, prompt, max_tokens, eos_at, lookup):
+def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, prompt, max_tokens, eos_at, lookup, tree, nodes):
     model = BASES[base_seed]
     tok = word_tokenizer(VOCAB)
     tok._eos_token_ids = set()
@@ -43,7 +47,7 @@ def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, pro
         tok._eos_token_ids = {plain[eos_at]}  # EOS lands wherever it lands, mid-step too
         plain, _ = tokens_of(model, tok, prompt, max_tokens)
     drafter = tiny_drafter(model, variant, seed=drafter_seed, scale=3.0)
-    spec, responses = tokens_of(model, tok, prompt, max_tokens, drafter, BeamShape(W, Lb, lookup))
+    spec, responses = tokens_of(model, tok, prompt, max_tokens, drafter, BeamShape(W, Lb, lookup, nodes, tree))
     assert spec == plain
     assert responses[-1].finish_reason == plain_reason(plain, tok, max_tokens)
     assert all(r.step_accepted <= Lb - 1 for r in responses)
@@ -95,28 +99,23 @@ def exact_joint(model, prompt, cfg):
     return p1[:, None] * p2
 
 
-def biased_acceptance(beams, node_of, logits, draft_logprobs, sampling):
-    """Apple-style: accept a drafted token with min(1, p/q), keep the best beam, resample from p."""
-    p = target_probs(logits, sampling)
-    parents = node_of[:, :-1]
-    p_token = mx.take_along_axis(p[parents], beams[:, 1:, None], axis=-1)[..., 0]
-    ok = mx.random.uniform(shape=p_token.shape) < p_token / mx.exp(draft_logprobs)
-    accepted = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)
-    best = mx.argmax(accepted)
-    a = accepted[best]
-    return best, a, choose_tokens(logits[node_of[best, a]], sampling)
+def biased_accept(tree, targets):
+    """A rule that favours the drafter: when the base model's draw at the root is none of the
+    drafted children, the drafter's top-ranked child (node 1) is taken instead of the draw."""
+    children = tree.live & (tree.depth == 1)
+    drafted = (children & (tree.tokens == targets[:, :1])).any(axis=1, keepdims=True)
+    forced = mx.where(~drafted & (mx.arange(targets.shape[1]) == 0), tree.tokens[:, 1:2], targets)
+    return accept(tree, forced)
 
 
-def sample_pairs(model, drafter, prompt, cfg, acceptance=None):
-    """Counts of the first two tokens; the context-lookup beam is on, except for the Apple-style
-    rule, which needs the drafter's probability of every candidate."""
-    kwargs = {} if acceptance is None else {"acceptance": acceptance}
-    shape = BeamShape(2, 3, lookup=acceptance is None)
+def sample_pairs(model, drafter, prompt, cfg):
+    """Counts of the first two tokens, from the real decoding loop (context lookup on)."""
+    decoder = Decoder(model, drafter, BeamShape(2, 3), cfg)
     counts = np.zeros((SMALL, SMALL))
     for _ in range(SAMPLES):
         tokens = []
-        for step, _ in speculative_steps(model, drafter, prompt, cfg, shape, **kwargs):
-            tokens += step
+        for step, _ in decoder.run([prompt]):
+            tokens += step[0]
             if len(tokens) >= 2:
                 break
         counts[tokens[0], tokens[1]] += 1
@@ -146,10 +145,39 @@ def test_sampling_is_lossless(small, cfg):
     assert chi_square_p(counts, probs) > 1e-3
 
 
-def test_biased_rule_is_detected(small):
+def test_biased_rule_is_detected(small, monkeypatch):
+    """The same test catches a rule that favours the drafter (the loop calls `decoding.accept`)."""
     model, drafter = small
     cfg = SamplingConfig(temperature=1.0)
     mx.random.seed(12)
     probs = exact_joint(model, [3, 1], cfg)
-    counts = sample_pairs(model, drafter, [3, 1], cfg, acceptance=biased_acceptance)
+    monkeypatch.setattr(decoding, "accept", biased_accept)
+    counts = sample_pairs(model, drafter, [3, 1], cfg)
     assert chi_square_p(counts, probs) < 1e-6
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    drafter_seed=st.integers(0, 1000),
+    variant=st.sampled_from(sorted(DRAFTER_VARIANTS)),
+    W=st.integers(1, 4),
+    Lb=st.integers(2, 5),
+    prompts=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=9), min_size=2, max_size=2),
+    lookup=st.booleans(),
+    nodes=st.integers(0, 8),
+)
+def test_two_rows_equal_plain_greedy(drafter_seed, variant, W, Lb, prompts, lookup, nodes):
+    """B = 2 rows of different prompt lengths in one batch-shaped step, each equal to plain greedy."""
+    model = BASES[1]
+    tok = word_tokenizer(VOCAB)
+    tok._eos_token_ids = set()
+    n = 16
+    plain = [tokens_of(model, tok, p, n)[0] for p in prompts]
+    decoder = Decoder(model, tiny_drafter(model, variant, seed=drafter_seed, scale=3.0), BeamShape(W, Lb, lookup, nodes), SamplingConfig())
+    rows = [[], []]
+    for step, _ in decoder.run(prompts):
+        for row, new in zip(rows, step):
+            row += new
+        if min(len(r) for r in rows) >= n:
+            break
+    assert [r[:n] for r in rows] == plain

@@ -1,0 +1,84 @@
+"""The verified tree and the one acceptance rule: structure, ranking, lookup aliases, final-beams mode."""
+
+import mlx.core as mx
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from mlx_redrafter.beam_search import DraftLevels
+from mlx_redrafter.draft_tree import accept, ranked_tree
+
+NEG = -mx.inf
+
+
+def example_levels():
+    """The module docstring's example: W = 2, depth 1: 3 (-0.1), 5 (-2.3); depth 2: 3 9, 3 4."""
+    tokens = mx.array([[[3, 5], [9, 4]]])
+    parents = mx.array([[[0, 0], [0, 0]]])
+    scores = mx.array([[[-0.1, -2.3], [-0.4, -1.9]]])
+    return DraftLevels(tokens, parents, scores)
+
+
+def test_worked_example():
+    tree = ranked_tree(example_levels(), mx.array([7]), mx.array([[3, 8]]), mx.array([True]), budget=3)
+    assert np.array(tree.tokens).tolist() == [[7, 3, 9, 4, 3, 8]]
+    assert np.array(tree.parents).tolist() == [[0, 0, 1, 1, 0, 1]]
+    assert np.array(tree.depth).tolist() == [[0, 1, 2, 2, 1, 2]]
+    assert np.array(tree.live).tolist() == [[True, True, True, True, False, True]]  # node 4 is an alias of 1
+    assert np.flatnonzero(np.array(tree.ancestors[0, 5])).tolist() == [0, 1, 5]
+
+
+def test_accept_follows_the_targets():
+    tree = ranked_tree(example_levels(), mx.array([7]), mx.array([[3, 8]]), mx.array([True]), budget=3)
+    # base model: after 7 -> 3, after 7 3 -> 8 (the lookup's node), after 7 3 8 -> 6
+    targets = mx.array([[3, 8, 0, 0, 0, 6]])
+    result = accept(tree, targets)
+    assert int(result.count[0]) == 2 and int(result.best[0]) == 5 and int(result.bonus[0]) == 6
+    assert np.array(result.path).tolist() == [[0, 1, 5]]
+    assert np.array(result.tokens).tolist() == [[7, 3, 8]]
+    none = accept(tree, mx.array([[1, 1, 1, 1, 1, 1]]))  # the root's own target only
+    assert int(none.count[0]) == 0 and int(none.bonus[0]) == 1 and np.array(none.tokens)[0, 0] == 7
+
+
+def test_dead_lookup_and_dead_tree_nodes_are_never_accepted():
+    levels = DraftLevels(mx.array([[[3, 5]]]), mx.array([[[0, 0]]]), mx.array([[[-0.1, NEG]]]))
+    tree = ranked_tree(levels, mx.array([7]), mx.array([[5]]), mx.array([False]), budget=2)
+    assert np.array(tree.live).tolist() == [[True, True, False, False]]
+    assert int(accept(tree, mx.array([[5, 0, 0, 0]])).count[0]) == 0
+
+
+def test_final_beams_mode_keeps_only_their_prefixes():
+    # depth 1: a, b; depth 2 beams both extend a: prefix b is off the final beams
+    levels = DraftLevels(mx.array([[[3, 5], [9, 4]]]), mx.array([[[0, 0], [0, 0]]]), mx.array([[[-0.1, -0.2], [-0.4, -0.5]]]))
+    tree = ranked_tree(levels, mx.array([7]), mx.array([[0, 0]]), mx.array([False]), budget=4, final_beams=True)
+    live = np.array(tree.live)[0]
+    assert sorted(np.array(tree.tokens)[0][live].tolist()) == [3, 4, 7, 9]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10**6), W=st.integers(1, 4), D=st.integers(1, 4), vocab=st.integers(2, 6))
+def test_ranked_trees_are_closed_and_nested(seed, W, D, vocab):
+    """Every chosen node's parent is chosen; a larger budget verifies a superset of prefixes."""
+    rng = np.random.default_rng(seed)
+    parents = rng.integers(0, W, (1, D, W)); parents[:, 0] = 0
+    steps = -rng.exponential(1.0, (1, D, W))
+    scores = np.zeros((1, D, W))
+    for d in range(D):
+        scores[:, d] = (scores[0, d - 1, parents[0, d]] if d else 0) + steps[:, d]
+    levels = DraftLevels(mx.array(rng.integers(0, vocab, (1, D, W))), mx.array(parents), mx.array(scores, dtype=mx.float32))
+    prefixes = {}
+    for budget in range(1, W * D + 1):
+        tree = ranked_tree(levels, mx.array([0]), mx.zeros((1, D), mx.int32), mx.array([False]), budget)
+        tokens, par, depth = (np.array(x)[0] for x in (tree.tokens, tree.parents, tree.depth))
+        live = np.array(tree.live)[0]
+        assert all(depth[par[i]] == depth[i] - 1 for i in range(1, 1 + budget))
+        chosen = {tuple(_prefix(i, tokens, par)) for i in range(1 + budget) if live[i]}
+        assert prefixes.get(budget - 1, set()) <= chosen
+        prefixes[budget] = chosen
+
+
+def _prefix(i, tokens, parents):
+    out = [tokens[i]]
+    while i:
+        i = parents[i]
+        out.append(tokens[i])
+    return out[::-1]
