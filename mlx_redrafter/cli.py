@@ -102,8 +102,9 @@ def generate(
     beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, max=MAX_WIDTH, help=f"Beams drafted per step ({WIDTH_DEFAULT})."),
     beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, max=MAX_LENGTH, help=f"Tokens per beam, the base model's own next token included ({LENGTH_DEFAULT})."),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
-    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (0 = greedy)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate (and at most up to the model's context window)."),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", min=1, help="Use only the prompt's last N tokens (a prompt longer than the context window is refused without it)."),
+    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (0, or below 1e-5, = greedy)."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely tokens (0 = all)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, 0 .. 2**64 - 1."),
@@ -114,7 +115,7 @@ def generate(
     """Generate text, speculatively with a drafter when one is available."""
     from . import load, stream_generate
     from .drafter import load_drafter
-    from .generate import print_report
+    from .generate import context_window, print_report
     from .sampling import SamplingConfig
 
     check_seed(seed)
@@ -138,7 +139,7 @@ def generate(
     try:
         for last in stream_generate(
             base, tokenizer, prompt, drafter=draft, max_tokens=max_tokens, sampling=sampling,
-            beam=shape, chat_template=not no_chat_template,
+            beam=shape, chat_template=not no_chat_template, keep_last=keep_last,
         ):
             typer.echo(last.text, nl=False)
             if not last.from_draft:
@@ -149,6 +150,10 @@ def generate(
     typer.echo()
     if last is None:
         return
+    limit = context_window(base)
+    if last.finish_reason == "length" and limit and last.prompt_tokens + last.generation_tokens >= limit:
+        typer.echo(f"note: stopped at the model's context window ({limit} tokens: {last.prompt_tokens} "
+                   f"of prompt, {last.generation_tokens} generated)", err=True)
     print_report(last)
     if verbose and draft is not None:
         print_acceptance(accepted, last, shape.length)

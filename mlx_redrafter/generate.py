@@ -69,6 +69,42 @@ def plain_steps(model, prompt: List[int], sampling: SamplingConfig) -> Iterator[
         y = next_y
 
 
+def context_window(model) -> Optional[int]:
+    """The model's context window in tokens (max_position_embeddings), or None where it declares none."""
+    limit = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    if isinstance(limit, float) and limit.is_integer():
+        limit = int(limit)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def fit_context(ids: List[int], max_tokens: int, limit: Optional[int], keep_last: Optional[int] = None):
+    """(prompt ids, max_tokens) that fit a context window of `limit` tokens (None: no limit).
+
+    keep_last: use only the prompt's last N tokens (the start of a chat template
+    included). A prompt that still leaves no room for one new token is refused
+    with its length and the limit; otherwise max_tokens is clipped so that
+    prompt + generated <= limit, and generation then ends there with
+    finish_reason "length". The speculative decoder also verifies drafted
+    tokens at up to beam length - 1 positions past the last committed one; near
+    the limit those positions may lie beyond it (RoPE computes them all the
+    same), but tokens there are never emitted, and every emitted token sits
+    inside the window, so no margin is needed.
+    """
+    if keep_last is not None:
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"keep_last (--keep-last) must be a positive number of tokens, got {keep_last!r}")
+        ids = ids[-keep_last:]
+    if limit is not None and len(ids) >= limit:
+        raise ValueError(
+            f"the prompt is {len(ids)} tokens, and the model's context window is {limit} "
+            f"(prompt and reply together): shorten it, or keep only its last tokens with "
+            f"--keep-last N / keep_last=N (N at most {limit - 1})"
+        )
+    if limit is not None:
+        max_tokens = min(max_tokens, limit - len(ids))
+    return ids, max_tokens
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -78,16 +114,22 @@ def stream_generate(
     sampling: Optional[SamplingConfig] = None,
     beam=None,
     chat_template: bool = True,
+    keep_last: Optional[int] = None,
 ) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token.
 
     drafter: a ReDrafter `Drafter` for speculative decoding, or None for plain decoding.
     beam: a `BeamShape` (width, length) for the drafter's beam search.
+    keep_last: use only the last N tokens of the (encoded) prompt. A prompt that
+        does not fit the model's context window raises ValueError; generation
+        stops at the window (finish_reason "length") even before max_tokens
+        (`fit_context`).
     """
     sampling = sampling or SamplingConfig()
+    ids, max_tokens = fit_context(encode_prompt(tokenizer, prompt, chat_template), max_tokens,
+                                  context_window(model), keep_last)
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
-    ids = encode_prompt(tokenizer, prompt, chat_template)
     if drafter is None:
         steps = plain_steps(model, ids, sampling)
     else:

@@ -296,7 +296,7 @@ def load_gguf(path: str) -> Tuple[Dict[str, mx.array], dict, dict]:
     """Return (weights in mlx-lm names, model config, raw metadata)."""
     check_gguf(path)  # before MLX's C reader sees a single byte
     try:
-        raw, meta = mx.load(str(path), return_metadata=True)
+        raw, meta = mx.load(str(path), format="gguf", return_metadata=True)
     except Exception as e:
         raise ValueError(f"could not read GGUF file {path} (truncated or corrupt?): {e}") from None
     weights = {_rename(k): v for k, v in raw.items()}

