@@ -22,11 +22,12 @@ Shapes depend only on (B, W, Lb, budget) and the cache span (a multiple of
 
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Iterator, List, NamedTuple, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 
+from . import backend
 from .beam_search import BeamShape, draft_levels
 from .draft_tree import DraftTree, accept, ranked_tree
 from .generate import PREFILL_CHUNK
@@ -69,13 +70,14 @@ class Decoder:
     ...     print(tokens[0], accepted[0])
     """
 
-    def __init__(self, model, drafter, shape: BeamShape, sampling: SamplingConfig, slack: int = 256):
+    def __init__(self, model, drafter, shape: BeamShape, sampling: SamplingConfig, slack: Optional[int] = None):
         self.model, self.drafter, self.shape, self.sampling = model, drafter, shape, sampling
         depth = shape.length - 1
         final_beams = shape.tree == "beams"
         self.budget = shape.width * depth if final_beams or not shape.nodes else min(shape.nodes, shape.width * depth)
         self.nodes = 1 + self.budget + depth
-        self.slack = slack
+        self.span_step = 256 if backend.on_gpu() else 32
+        self.slack = self.span_step if slack is None else slack
         self.tree = mx.compile(partial(_draft_tree, drafter, model, shape, self.budget, final_beams))
         """tree(hidden (B, H), g0 (B,), history (B, T), lengths (B,)) -> DraftTree, one compiled graph."""
         self._accept = mx.compile(partial(_accept))  # MLX caches traces per function object: one per decoder
@@ -87,7 +89,7 @@ class Decoder:
         padded = np.zeros((len(prompts), max(lengths)), dtype=np.int32)
         for row, p in enumerate(prompts):
             padded[row, : len(p)] = p
-        cache = SlotCache(len(self.model.layers), self.slack)
+        cache = SlotCache(len(self.model.layers), self.slack, self.span_step)
         hidden = _prefill_rows(self.model, mx.array(padded), lengths, cache)
         cache.start(lengths)
         g0 = choose_tokens(self.model.logits(hidden), self.sampling)

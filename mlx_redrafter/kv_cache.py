@@ -114,12 +114,15 @@ class SlotCache(KVCache):
         compact   [t0 t1 t2 g0 b d ...]    valid [1 1 1 1 1 1 0 ...], pointer 6
 
     `lengths` (B,) on the device counts committed tokens per row; the host keeps
-    `bound` >= max(lengths) without reading the device.
+    `bound` >= max(lengths) without reading the device. On a GPU the attended
+    span rounds up to 256 slots (each new shape builds kernels); on a CPU,
+    where attention cost grows with the span, to 32, and compaction comes sooner.
     """
 
-    def __init__(self, num_layers: int, slack: int = 256):
+    def __init__(self, num_layers: int, slack: int = 256, span_step: int = LayerKV.step):
         super().__init__(num_layers)
-        self.slack = slack
+        self.slack = slack  # stale slots allowed before a compaction
+        self.span_step = span_step  # attended slots round up to this (a GPU builds kernels per shape; a CPU does not)
         self.valid: Optional[mx.array] = None  # (B, capacity) bool
         self.lengths: Optional[mx.array] = None  # (B,) int32
         self.bound = 0
@@ -133,7 +136,7 @@ class SlotCache(KVCache):
     def tree_mask(self, ancestors: mx.array) -> mx.array:
         """(B, 1, n, span) bool for a tree of n nodes written next: committed slots plus ancestors."""
         n = ancestors.shape[-1]
-        span = self.span_for(self.length + n)
+        span = -(-(self.length + n) // self.span_step) * self.span_step
         if self.valid.shape[1] < span:
             self.valid = mx.pad(self.valid, [(0, 0), (0, span - self.valid.shape[1])])
         tree = mx.pad(ancestors, [(0, 0), (0, 0), (self.length, span - self.length - n)])
