@@ -39,17 +39,18 @@ class BeamShape:
                              f"got {self.width} x {self.length}")
 
 
-# Fastest W x Lb measured with the default model and drafter (README, "Speed"). On a
-# GPU a verify pass costs about the same for 8 or 264 tree tokens, so wide trees pay
-# (32 x 8 tied for fastest on the H100, and accepts the most of those); on the CPU the
-# cost grows with the tree and 4 x 4 is fastest.
-DEFAULT_SHAPE = {"gpu": (32, 8), "cpu": (4, 4)}
+# Fastest settings measured with the default model and drafter (README, "Speed"): W x Lb
+# is the beam search, nodes the drafted prefixes verified per step (the most probable of
+# every depth; 0 = all W x (Lb - 1)). On a GPU a verify pass costs nearly the same for 8 or
+# 64 tree tokens; on the CPU every verified token costs, so the tree stays small.
+DEFAULT_SHAPE = {"gpu": (32, 6, 32), "cpu": (4, 4, 0)}
 
 
-def default_shape(width: Optional[int] = None, length: Optional[int] = None, lookup: bool = True) -> BeamShape:
-    """The default beam shape for the current device, with any of W and Lb given overriding it."""
-    w, lb = DEFAULT_SHAPE["gpu" if backend.on_gpu() else "cpu"]
-    return BeamShape(width or w, length or lb, lookup)
+def default_shape(width: Optional[int] = None, length: Optional[int] = None, lookup: bool = True,
+                  nodes: Optional[int] = None, tree: str = "ranked") -> BeamShape:
+    """The default settings for the current device, with any of W, Lb and nodes given overriding them."""
+    w, lb, n = DEFAULT_SHAPE["gpu" if backend.on_gpu() else "cpu"]
+    return BeamShape(width or w, length or lb, lookup, n if nodes is None else nodes, tree)
 
 
 class DraftLevels(NamedTuple):

@@ -12,10 +12,21 @@ import click
 
 from .beam_search import DEFAULT_SHAPE, MAX_LENGTH, MAX_WIDTH, BeamShape, default_shape
 
-_GPU_W, _GPU_L = DEFAULT_SHAPE["gpu"]
-_CPU_W, _CPU_L = DEFAULT_SHAPE["cpu"]
+_GPU_W, _GPU_L, _GPU_N = DEFAULT_SHAPE["gpu"]
+_CPU_W, _CPU_L, _CPU_N = DEFAULT_SHAPE["cpu"]
 WIDTH_DEFAULT = f"default: {_GPU_W} on a GPU, {_CPU_W} on the CPU"
 LENGTH_DEFAULT = f"default: {_GPU_L} on a GPU, {_CPU_L} on the CPU"
+NODES_HELP = (f"Drafted prefixes verified per step, the most probable first; 0 = all W x (L - 1) "
+              f"(default: {_GPU_N or 'all'} on a GPU, {_CPU_N or 'all'} on the CPU).")
+TREE_HELP = "ranked: the most probable prefixes of every depth; beams: Apple's final W beams only."
+
+
+def tree_option():
+    return typer.Option("ranked", "--tree", help=TREE_HELP)
+
+
+def nodes_option():
+    return typer.Option(None, "--nodes", min=0, max=MAX_WIDTH * (MAX_LENGTH - 1), help=NODES_HELP)
 
 
 
@@ -101,6 +112,8 @@ def generate(
     autoregressive: bool = typer.Option(False, "--autoregressive", help="Decode with the base model alone."),
     beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, max=MAX_WIDTH, help=f"Beams drafted per step ({WIDTH_DEFAULT})."),
     beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, max=MAX_LENGTH, help=f"Tokens per beam, the base model's own next token included ({LENGTH_DEFAULT})."),
+    nodes: Optional[int] = nodes_option(),
+    tree: str = tree_option(),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate (and at most up to the model's context window)."),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", min=1, help="Use only the prompt's last N tokens (a prompt longer than the context window is refused without it)."),
@@ -135,7 +148,7 @@ def generate(
         else:
             draft = load_drafter(path, base)
     last, accepted = None, Counter()
-    shape = default_shape(beam_width, beam_length, lookup)
+    shape = default_shape(beam_width, beam_length, lookup, nodes, tree)
     try:
         for last in stream_generate(
             base, tokenizer, prompt, drafter=draft, max_tokens=max_tokens, sampling=sampling,
@@ -336,6 +349,8 @@ def benchmark(
     max_tokens: int = typer.Option(128, "--max-tokens", min=1),
     beam_width: Optional[int] = typer.Option(None, "--beam-width", "-W", min=1, max=MAX_WIDTH, help=f"Beams drafted per step ({WIDTH_DEFAULT})."),
     beam_length: Optional[int] = typer.Option(None, "--beam-length", "-L", min=2, max=MAX_LENGTH, help=f"Tokens per beam, g0 included ({LENGTH_DEFAULT})."),
+    nodes: Optional[int] = nodes_option(),
+    tree: str = tree_option(),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     temp: float = typer.Option(0.7, "--temp", min=0.0, help="Temperature of the sampled ReDrafter run."),
     sweep_widths: str = typer.Option("", "--sweep-widths", help="Also sweep these beam widths (e.g. 1,2,4)."),
@@ -365,7 +380,7 @@ def benchmark(
     if draft is None:
         typer.echo("note: no drafter, so only the plain decoders are measured", err=True)
     texts = prompt_texts(prompts, limit, every)
-    shape = default_shape(beam_width, beam_length, lookup)
+    shape = default_shape(beam_width, beam_length, lookup, nodes, tree)
     result = bench.run_benchmark(base, tokenizer, config, draft, texts, max_tokens, shape, temp, not no_mlx_lm_spec)
     sweep = None
     if grid is not None and draft is not None:

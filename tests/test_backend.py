@@ -40,11 +40,11 @@ def test_default_dtype_on_cpu_is_float32():
 
 def test_default_beam_shape_per_device(monkeypatch):
     from mlx_redrafter import beam_search
-    from mlx_redrafter.beam_search import BeamShape, default_shape
+    from mlx_redrafter.beam_search import DEFAULT_SHAPE, BeamShape, default_shape
 
     monkeypatch.setattr(beam_search.backend, "on_gpu", lambda: False)
-    assert default_shape() == BeamShape(4, 4, True)
-    assert default_shape(8, None, False) == BeamShape(8, 4, False)
+    assert default_shape() == BeamShape(4, 4, True, DEFAULT_SHAPE['cpu'][2])
+    assert default_shape(8, None, False, 5, 'beams') == BeamShape(8, 4, False, 5, 'beams')
     monkeypatch.setattr(beam_search.backend, "on_gpu", lambda: True)
-    assert default_shape() == BeamShape(32, 8, True)
-    assert default_shape(None, 5) == BeamShape(32, 5, True)
+    assert default_shape() == BeamShape(*DEFAULT_SHAPE['gpu'][:2], True, DEFAULT_SHAPE['gpu'][2])
+    assert default_shape(None, 5) == BeamShape(DEFAULT_SHAPE['gpu'][0], 5, True, DEFAULT_SHAPE['gpu'][2])
