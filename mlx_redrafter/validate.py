@@ -99,7 +99,7 @@ def check_safetensors(path) -> int:
 
     Refuses (ValueError, one line naming the file) a header length past the file
     or over 100 MB, a header that is not a UTF-8 JSON object (or repeats a key),
-    `__metadata__` that is not a dict of strings, tensors with an unknown dtype,
+    `__metadata__` that is not a dict of strings (or null), tensors with an unknown dtype,
     a shape that is not a list of at most 16 non-negative int32 dimensions,
     data_offsets that are not [begin, end] inside the data section with
     end - begin = elements x itemsize, and tensors whose bytes overlap or leave
@@ -127,7 +127,9 @@ def check_safetensors(path) -> int:
         fail(f"its header is not UTF-8 JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     if not isinstance(header, dict):
         fail(f"its header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", {})
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}  # MLX writes null when there is none
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         fail("its __metadata__ is not a mapping of strings to strings")
     spans = []
