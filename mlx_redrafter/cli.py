@@ -425,8 +425,9 @@ def convert_drafter_cmd(
     force: bool = typer.Option(False, "--force", help="Replace OUT if mlx-redrafter wrote it (or it is empty)."),
 ):
     """A ReDrafter drafter from Apple's PyTorch code (or TensorRT-LLM's key layout) -> MLX."""
-    from .convert import convert_drafter
+    from .convert import convert_drafter, output_dtype
 
+    output_dtype(dtype)  # an unknown --dtype is refused before the base model loads
     base_model = None
     if base is not None:
         from . import load

@@ -21,10 +21,18 @@ from .drafter import MODEL_TYPE, DrafterConfig, build_drafter, write_drafter_fil
 from .llama import ModelArgs
 from .outputs import atomic_output, prepare_output
 from .torch_pickle import load_torch_checkpoint, to_mlx
+from .validate import check_safetensors, read_json_object
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja"]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def output_dtype(dtype: str) -> mx.Dtype:
+    """The MLX dtype for a --dtype name; an unknown name is one line listing the accepted ones."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def weight_shards(src: Path) -> List[Path]:
@@ -38,6 +46,7 @@ def weight_shards(src: Path) -> List[Path]:
 
 def read_shard(path: Path) -> Dict[str, mx.array]:
     if path.suffix == ".safetensors":
+        check_safetensors(path)  # before MLX's C++ reader sees the header
         try:
             return mx.load(str(path))
         except Exception as e:
@@ -49,7 +58,10 @@ def read_shard(path: Path) -> Dict[str, mx.array]:
 
 def _check_index(src: Path, shards: List[Path]):
     for index in src.glob("*.index.json"):
-        listed = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        weight_map = read_json_object(index, "a weight index", "restore or re-download the model").get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must map tensor names to file names")
+        listed = set(weight_map.values())
         missing = sorted(listed - {p.name for p in shards})
         if missing:
             raise FileNotFoundError(f"{index.name} lists {missing[0]}, which is not in {src}")
@@ -75,12 +87,11 @@ def convert_base(src, out, dtype: str = "float16", quantize: bool = False, q_bit
                  force: bool = False, progress: bool = True) -> Path:
     """A Hugging Face Llama-family checkpoint directory -> an MLX directory (mlx-lm layout)."""
     src = Path(src)
+    target_dtype = output_dtype(dtype)
     prepare_output(out, force, [src])  # refuse before any work
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src} has no config.json: is it a Hugging Face model directory?")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
-    config = json.loads((src / "config.json").read_text())
+    config = read_json_object(src / "config.json", "a model config", "restore or re-download the model")
     args = ModelArgs.from_dict(config)  # refuses unknown architectures
     shards = weight_shards(src)
     _check_index(src, shards)
@@ -89,7 +100,7 @@ def convert_base(src, out, dtype: str = "float16", quantize: bool = False, q_bit
         weight_map = {}
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for shard, name in zip(tqdm(shards, desc="converting", unit="shard", disable=not progress), names):
-            weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
+            weights = {k: v.astype(target_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                        for k, v in read_shard(shard).items() if "rotary_emb.inv_freq" not in k}
             if args.tie_word_embeddings:
                 weights.pop("lm_head.weight", None)
@@ -162,13 +173,14 @@ def read_drafter_weights(src: Path) -> Dict[str, mx.array]:
 def convert_drafter(src, out, base=None, dtype: str = "float16", force: bool = False) -> Path:
     """An Apple ReDrafter PyTorch drafter (dir or file) -> this project's drafter directory."""
     src = Path(src)
+    target_dtype = output_dtype(dtype)
     if not src.exists():
         raise FileNotFoundError(f"no drafter checkpoint at {src}")
     prepare_output(out, force, [src])  # refuse before any work
     weights = read_drafter_weights(src)
     config_file = (src if src.is_dir() else src.parent) / "config.json"
     if config_file.exists():
-        raw = json.loads(config_file.read_text())
+        raw = read_json_object(config_file, "a drafter config", "restore or re-download the drafter")
         if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
             raise ValueError(f"{config_file} is not a drafter config (model_type {raw.get('model_type')!r})")
         config = DrafterConfig.from_dict(raw)
@@ -176,5 +188,5 @@ def convert_drafter(src, out, base=None, dtype: str = "float16", force: bool = F
         config = infer_drafter_config(weights)
     drafter = build_drafter(config, weights, str(src), base)
     with atomic_output(out, force, [src], "convert drafter", {"source": str(src)}) as tmp:
-        write_drafter_files(drafter, tmp, dtype=DTYPES[dtype])
+        write_drafter_files(drafter, tmp, dtype=target_dtype)
     return Path(out)

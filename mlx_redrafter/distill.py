@@ -22,7 +22,9 @@ from tqdm import tqdm
 
 from .data import Conversation
 from .generate import encode_messages
+from .outputs import write_file
 from .sampling import SamplingConfig, choose_tokens
+from .validate import read_json_object
 
 
 @dataclass
@@ -99,10 +101,10 @@ def make_distillation_data(model, tokenizer, conversations: List[Conversation], 
     manifest = {"config": asdict(cfg), "prompts": len(conversations), "fingerprint": _fingerprint(conversations)}
     existing = out / "manifest.json"
     if existing.exists():
-        old = json.loads(existing.read_text())
+        old = read_json_object(existing, "a data manifest", "use another --data directory")
         if {k: old.get(k) for k in manifest} != manifest:
             raise ValueError(f"{out} holds data made with other settings or prompts: use another --data directory")
-    existing.write_text(json.dumps(manifest, indent=2))
+    write_file(existing, json.dumps(manifest, indent=2))
     sampling = SamplingConfig(temperature=cfg.temperature)
     mx.random.seed(cfg.seed)
     size = max(cfg.shard_size, cfg.batch_size)

@@ -266,13 +266,9 @@ def build_drafter(config: DrafterConfig, weights: dict, source: str, base=None) 
 
 def read_config(config_file: Path) -> dict:
     """config.json as a dict; a malformed file is one line naming it."""
-    try:
-        raw = json.loads(Path(config_file).read_bytes())
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise ValueError(f"{config_file} is not valid JSON ({e}): restore or re-create the drafter") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_file} is not a drafter config (expected a JSON object)")
-    return raw
+    from .validate import read_json_object
+
+    return read_json_object(config_file, "a drafter config", "restore or re-create the drafter")
 
 
 def load_drafter(path, base=None, dtype=None) -> Drafter:

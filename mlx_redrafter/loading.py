@@ -25,6 +25,7 @@ from mlx_lm.utils import dequantize_model
 from . import backend
 from .gguf import build_tokenizer, load_gguf
 from .llama import Model, ModelArgs
+from .validate import check_safetensors, read_json_object
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,7 @@ def resolve(path_or_id: str) -> Path:
 def read_safetensors(files) -> dict:
     weights = {}
     for f in files:
+        check_safetensors(f)  # before MLX's C++ reader sees the header
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:
@@ -271,7 +273,7 @@ def _load_directory(path: Path):
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path} has no config.json: is it a model directory?")
-    config = json.loads(config_file.read_text())
+    config = read_json_object(config_file, "a model config", "restore or re-download the model")
     files = sorted(glob.glob(str(path / "model*.safetensors"))) or sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         raise FileNotFoundError(

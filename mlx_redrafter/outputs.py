@@ -20,7 +20,9 @@ written by `atomic_output`:
 
 Result files (benchmark, eval-drafter) go through `check_new_files` (refuse to
 replace an existing file without force) and `atomic_file` / `write_file`
-(temp file beside the target, then os.replace).
+(temp file `.NAME.partial.<pid>.<rand>` beside the target, then os.replace;
+removed on SIGTERM / Ctrl-C, and swept by a later run once its writer's pid is
+gone).
 """
 
 import json
@@ -280,18 +282,41 @@ def check_new_files(paths: Iterable, force: bool):
             raise FileExistsError(f"{path} already exists: pass --force to replace it, or choose another --out")
 
 
+def sweep_stale_files(path: Path):
+    """Remove the `.NAME.partial.*` files that a killed run (whose pid is gone) left beside `path`."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.partial\.(\d+)\.[0-9a-f]+$")
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return
+    for p in siblings:
+        m = pattern.match(p.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+        except OSError:
+            pass
+
+
 @contextmanager
 def atomic_file(path) -> Iterator[Path]:
-    """A temporary file beside `path` that replaces it (os.replace) only if the block succeeds."""
+    """A temporary file beside `path` that replaces it (os.replace) only if the block succeeds.
+
+    SIGTERM and Ctrl-C remove the temporary file; stale ones that killed runs left are swept first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial.{os.getpid()}.{secrets.token_hex(4)}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
+    sweep_stale_files(path)
+    with _cleanup_on_signals():
+        tmp = path.parent / f".{path.name}.partial.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
 
 
 def write_file(path, data: Union[str, bytes]) -> Path:

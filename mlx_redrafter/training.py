@@ -225,8 +225,13 @@ def save_checkpoint(path: Path, drafter, optimizer, step: int, extra: dict):
 
 def load_checkpoint(path: Path, base, optimizer):
     drafter = load_drafter(path / "drafter", base, dtype=mx.float32)
-    optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-    return drafter, json.loads((path / "state.json").read_text())["step"]
+    from .loading import read_safetensors
+    from .validate import integer, read_json_object
+
+    optimizer.state = tree_unflatten(list(read_safetensors([path / "optimizer.safetensors"]).items()))
+    state = path / "state.json"
+    fix = "restore it, or train without --resume"
+    return drafter, integer(str(state), "step", read_json_object(state, "a training state", fix).get("step"), 0, 1 << 62)
 
 
 def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False, progress: bool = True,

@@ -353,6 +353,73 @@ def test_result_commands_refuse_before_any_work(tmp_path, monkeypatch):
     assert tree(tmp_path) == before
 
 
+def test_stale_partial_result_files_are_swept(tmp_path):
+    """`.NAME.partial.<pid>.<hex>` files a kill -9 left: swept once their writer's pid is gone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".speed-cpu.json.partial.{dead.pid}.0123abcd"
+    stale.write_text("half a result")
+    alive = tmp_path / f".speed-cpu.json.partial.{os.getppid()}.00000000"  # a running writer's: left alone
+    alive.write_text("being written")
+    other = tmp_path / f".notes.txt.partial.{dead.pid}.0123abcd"  # another file's: not ours to sweep here
+    other.write_text("x")
+    folder = tmp_path / f".speed-cpu.json.partial.{dead.pid}.fedc0000"  # a folder: not a result file
+    folder.mkdir()
+    outputs.write_file(tmp_path / "speed-cpu.json", "{}")
+    assert (tmp_path / "speed-cpu.json").read_text() == "{}"
+    assert not stale.exists() and alive.exists() and other.exists() and folder.is_dir()
+
+
+def test_sigterm_while_writing_a_result_file_removes_the_partial_file(tmp_path):
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        from mlx_redrafter.outputs import atomic_file
+        with atomic_file({str(tmp_path / "r.json")!r}) as tmp:
+            tmp.write_text("half")
+            os.kill(os.getpid(), signal.SIGTERM)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_distill_manifest_is_written_atomically(tmp_path, monkeypatch):
+    """A failure while the manifest is rewritten leaves the old one whole (it used to be truncated in place)."""
+    from mlx_redrafter import distill
+
+    cfg = distill.DataConfig()
+    distill.make_distillation_data(None, None, [], tmp_path, cfg, progress=False)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text())))  # same content, other layout
+    before = tree(tmp_path)
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outputs.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="No space left"):
+        distill.make_distillation_data(None, None, [], tmp_path, cfg, progress=False)
+    assert tree(tmp_path) == before
+
+
+def test_malformed_distill_manifest_is_one_line(tmp_path):
+    from mlx_redrafter import distill
+
+    (tmp_path / "manifest.json").write_text("{truncated")
+    with pytest.raises(ValueError) as e:
+        distill.make_distillation_data(None, None, [], tmp_path, distill.DataConfig(), progress=False)
+    assert str(tmp_path / "manifest.json") in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("command", ["base", "drafter"])
+def test_unknown_convert_dtype_lists_the_accepted_ones(sandbox, monkeypatch, command):
+    monkeypatch.setattr(mlx_redrafter, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    before = tree(sandbox)
+    r = runner.invoke(app, ["convert", command, "hf", "out", "--dtype", "float8", "--base", "x"][: 6 if command == "base" else 8])
+    refused(r, contains="unknown dtype 'float8': use one of float16, bfloat16, float32")
+    assert tree(sandbox) == before
+
+
 # ---- one-line CLI errors (item 5) ----
 
 class Piece:
