@@ -307,6 +307,8 @@ def eval_drafter(
     every: int = typer.Option(1, "--every", min=1, help="Use every K-th prompt (MT-Bench is ordered by category: 10 spans all 8)."),
     widths: str = typer.Option("4,32", "--widths", help="Beam widths to try, comma-separated."),
     lengths: str = typer.Option("4,8", "--lengths", help="Beam lengths to try, comma-separated."),
+    nodes: int = typer.Option(0, "--nodes", min=0, max=MAX_WIDTH * (MAX_LENGTH - 1), help="Drafted prefixes verified per step, the most probable first (0 = all W x (L - 1))."),
+    tree: str = tree_option(),
     lookup: str = typer.Option("both", "--lookup", help="Context-lookup beam: off | on | both."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1),
     decode: bool = typer.Option(False, "--decode", help="Count by running speculative decoding (slow) instead of replaying greedy references."),
@@ -332,7 +334,8 @@ def eval_drafter(
         fail("no drafter given and none packaged for this model: pass --drafter")
     draft = load_drafter(path, base)
     texts = prompt_texts(prompts, limit, every)
-    results = acceptance_grid(base, tokenizer, draft, texts, ws, ls, max_tokens, lookups=lookups, replay=not decode)
+    results = acceptance_grid(base, tokenizer, draft, texts, ws, ls, max_tokens, lookups=lookups, replay=not decode,
+                              nodes=nodes, tree=tree)
     save_results(results, out, "acceptance", f"{Path(str(path)).name}: tokens per step ({len(texts)} prompts)", force)
     typer.echo(markdown_table(results))
     typer.echo(f"saved {out}/acceptance.json, .md and .png")

@@ -83,7 +83,8 @@ def summary(shape: BeamShape, prompts: int, tokens: int, accepted: List[int]) ->
     counts = np.bincount(accepted, minlength=shape.length)
     steps = max(len(accepted), 1)
     return {
-        "width": shape.width, "length": shape.length, "lookup": shape.lookup, "prompts": prompts,
+        "width": shape.width, "length": shape.length, "lookup": shape.lookup, "nodes": shape.nodes, "tree": shape.tree,
+        "prompts": prompts,
         "steps": len(accepted), "tokens": tokens,
         "tokens_per_step": tokens / steps,
         # share of steps that accepted at least k drafted tokens, k = 1 .. Lb-1
@@ -93,9 +94,9 @@ def summary(shape: BeamShape, prompts: int, tokens: int, accepted: List[int]) ->
 
 
 def acceptance_grid(model, tokenizer, drafter, prompts, widths, lengths, max_tokens=128, progress=True,
-                    lookups=(False,), replay=True) -> List[Dict]:
+                    lookups=(False,), replay=True, nodes: int = 0, tree: str = "ranked") -> List[Dict]:
     """`replay_acceptance` (or, with replay=False, `acceptance`) for every W x Lb x lookup setting."""
-    shapes = [BeamShape(w, l, k) for k in lookups for w in widths for l in lengths]
+    shapes = [BeamShape(w, l, k, nodes, tree) for k in lookups for w in widths for l in lengths]
     if not replay:
         return [acceptance(model, tokenizer, drafter, prompts, s, max_tokens, progress) for s in shapes]
     references = greedy_references(model, tokenizer, prompts, max_tokens, progress=progress)
