@@ -148,7 +148,20 @@ def generate(
         else:
             draft = load_drafter(path, base)
     last, accepted = None, Counter()
-    shape = default_shape(beam_width, beam_length, lookup, nodes, tree)
+    shape = None
+    if any(v is not None for v in (beam_width, beam_length, nodes)) or tree != "ranked" or not lookup:
+        shape = default_shape(beam_width, beam_length, lookup, nodes, tree)
+    elif draft is not None:
+        from .generate import chosen_shape
+        from .tune import first_use_notice
+
+        notice = first_use_notice(base, draft)
+        if notice:
+            typer.echo(notice, err=True)
+        shape = chosen_shape(base, draft, sampling)
+        if shape is None:
+            typer.echo("note: `tune` measured plain decoding faster on this machine: decoding plainly", err=True)
+            draft = None
     try:
         for last in stream_generate(
             base, tokenizer, prompt, drafter=draft, max_tokens=max_tokens, sampling=sampling,
@@ -168,7 +181,7 @@ def generate(
         typer.echo(f"note: stopped at the model's context window ({limit} tokens: {last.prompt_tokens} "
                    f"of prompt, {last.generation_tokens} generated)", err=True)
     print_report(last)
-    if verbose and draft is not None:
+    if verbose and draft is not None and shape is not None:
         print_acceptance(accepted, last, shape.length)
 
 
@@ -392,6 +405,30 @@ def benchmark(
     bench.save(result, sweep, out, tag, force)
     typer.echo(bench.markdown(result))
     typer.echo(f"saved {out}/speed-{tag}.json and .md" + (f", {out}/speedup-{tag}.png" if sweep else ""))
+
+
+@app.command()
+@guarded
+def tune(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    drafter: Optional[str] = typer.Option(None, "--drafter", "-d"),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=8, max=512, help="Tokens per measured prompt."),
+    temp: float = typer.Option(0.7, "--temp", min=1e-5, max=10.0, help="Temperature of the sampled measurements."),
+    dtype: str = typer.Option("auto", "--dtype"),
+):
+    """Measure the draft settings on this machine and keep the fastest (generate uses them by default)."""
+    from . import load
+    from .drafter import load_drafter
+    from .tune import format_table, save_tuned, tune as run_tune
+
+    base, tokenizer, _ = load(model, dtype=dtype)
+    path = find_drafter(model, drafter)
+    if path is None:
+        fail("no drafter given and none packaged for this model: pass --drafter")
+    draft = load_drafter(path, base)
+    tuned = run_tune(base, tokenizer, draft, max_tokens=max_tokens, temp=temp)
+    typer.echo(format_table(tuned))
+    typer.echo(f"saved {save_tuned(base, draft, tuned)}")
 
 
 convert_app = typer.Typer(no_args_is_help=True, help="Convert PyTorch checkpoints to MLX weights.")

@@ -130,15 +130,25 @@ def stream_generate(
                                   context_window(model), keep_last)
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
-    if drafter is None:
+    beam = None if drafter is None else beam or chosen_shape(model, drafter, sampling)
+    if beam is None:  # no drafter, or `tune` measured plain decoding faster here
         steps = plain_steps(model, ids, sampling)
     else:
-        from .beam_search import default_shape
         from .decoding import Decoder
 
-        decoder = Decoder(model, drafter, beam or default_shape(), sampling)
+        decoder = Decoder(model, drafter, beam, sampling)
         steps = ((tokens[0], counts[0]) for tokens, counts in decoder.run([ids]))
     yield from _responses(tokenizer, steps, len(ids), max_tokens)
+
+
+def chosen_shape(model, drafter, sampling: SamplingConfig):
+    """The settings `mlx-redrafter tune` stored for this machine, model and drafter (None: decode
+    plainly, it measured faster), else the device's built-in default."""
+    from .beam_search import default_shape
+    from .tune import load_tuned
+
+    tuned = load_tuned(model, drafter)
+    return default_shape() if tuned is None else tuned.for_sampling(sampling)
 
 
 def _responses(tokenizer, steps, prompt_len: int, max_tokens: int):
