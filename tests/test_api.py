@@ -2,6 +2,11 @@
 `generate` is speculative by default and lossless, `drafter=None` / `speculative=False` decode plainly,
 mlx-lm's argument names work, and every public name documents itself with an example."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
@@ -156,3 +161,36 @@ def test_the_engine_runs_from_top_level_names(loaded):
         if len(got) >= 8:
             break
     assert got[:8] == plain
+
+
+# ---- the slow-BLAS notice: import order, in fresh processes ----
+
+ORDER_CODE = """
+import sys
+{first}
+import mlx_redrafter as mr
+from mlx_redrafter import backend
+model, tok = mr.load(sys.argv[1], dtype="float32")
+print("notice:", backend.blas_notice())
+mr.generate(model, tok, [3, 4, 5], max_tokens=4, verbose=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the BLAS preload is Linux-only")
+@pytest.mark.parametrize("first", ["import mlx.core", "import mlx_lm", "pass"])
+def test_import_order_slow_blas_is_said_by_load_and_the_report(model_dir, first):
+    from mlx_redrafter import backend
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MLX_REDRAFTER_BLAS": "auto", "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-c", ORDER_CODE.format(first=first), str(model_dir)], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Generation: 4 tokens" in r.stdout
+    late = first != "pass" and backend.find_blas() is not None
+    said = "runs on MLX's slow reference BLAS"
+    if late:  # by load() on stderr; by the report (and the print above) on stdout; with the fix
+        assert r.stderr.count(said) == 1 and r.stdout.count(said) == 2, (r.stdout, r.stderr)
+        assert "import mlx_redrafter first" in r.stdout and "restart the kernel" in r.stdout
+    else:
+        assert said not in r.stdout + r.stderr and "notice: None" in r.stdout
