@@ -56,7 +56,7 @@ def main():
     p.add_argument("--out", default="results")
     args = p.parse_args()
     if args.shape == "default":
-        model = load()[0]
+        model = load(drafter=None)[0]
     else:
         model = Model(ModelArgs.from_dict(SHAPES[args.shape]))
         cast(model, backend.default_dtype())

@@ -35,7 +35,7 @@ def main():
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", default="results")
     args = p.parse_args()
-    model, tok, config = load(args.model, dtype=args.dtype)
+    model, tok, config = load(args.model, drafter=None, return_config=True, dtype=args.dtype)
     ref = to_mlx_lm(model, config)
     prompts = [encode_prompt(tok, q) for q in PROMPTS]
     run_ours(model, tok, prompts[0], 16), run_mlx_lm(ref, tok, prompts[0], 16)  # warm up

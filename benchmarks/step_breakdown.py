@@ -16,11 +16,9 @@ import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
 
 import mlx.core as mx
 
-from mlx_redrafter import backend, load, stream_generate
-from mlx_redrafter.cli import find_drafter
+from mlx_redrafter import backend, find_drafter, load, stream_generate
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.decoding import Decoder
-from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.generate import encode_prompt
 from mlx_redrafter.sampling import SamplingConfig
 
@@ -64,7 +62,7 @@ def pipelined(decoder: Decoder, prompt, max_tokens: int):
 
 
 def plain_ms(model, tok, prompt, max_tokens: int) -> float:
-    rs = list(stream_generate(model, tok, prompt, max_tokens=max_tokens))
+    rs = list(stream_generate(model, tok, prompt, max_tokens=max_tokens, drafter=None))
     return 1000 / rs[-1].generation_tps
 
 
@@ -99,11 +97,11 @@ def main():
     args = p.parse_args()
     from tree_modes import parse_setting
 
-    model, tok, _ = load(args.model, dtype=args.dtype)
     path = find_drafter(args.model, args.drafter)
     if path is None:
         raise SystemExit("error: no drafter: pass --drafter")
-    drafter = load_drafter(path, model)
+    model, tok = load(args.model, drafter=path, dtype=args.dtype)
+    drafter = model.drafter
     prompts = [encode_prompt(tok, t) for t in prompt_texts(args.prompts, args.limit, args.every)]
     sampling = SamplingConfig(temperature=args.temp, seed=0)
     rows = {}

@@ -21,9 +21,7 @@ import numpy as np
 from mlx_redrafter import load
 from mlx_redrafter.benchmark import machine, run_mlx_lm, run_ours
 from mlx_redrafter.beam_search import BeamShape
-from mlx_redrafter.cli import find_drafter
 from mlx_redrafter.data import prompt_texts
-from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.generate import encode_prompt
 from mlx_redrafter.reference import to_mlx_lm
 from mlx_redrafter.sampling import SamplingConfig
@@ -50,8 +48,10 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("results/tree-modes.json"))
     args = ap.parse_args()
 
-    model, tok, config = load(args.model, dtype=args.dtype)
-    drafter = load_drafter(find_drafter(args.model, args.drafter), model)
+    model, tok, config = load(args.model, drafter=args.drafter or "auto", return_config=True, dtype=args.dtype)
+    drafter = model.drafter
+    if drafter is None:
+        raise SystemExit("error: no drafter: pass --drafter")
     ids = [encode_prompt(tok, p) for p in prompt_texts(args.prompts, args.limit, args.every)]
     ref = to_mlx_lm(model, config)
     fns = {"mlx-lm plain": lambda i: run_mlx_lm(ref, tok, i, args.max_tokens)}

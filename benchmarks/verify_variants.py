@@ -29,7 +29,7 @@ def main():
     p.add_argument("--context", type=int, default=300)
     p.add_argument("--out", default="results")
     args = p.parse_args()
-    model = load(args.model)[0]
+    model = load(args.model, drafter=None)[0]
     n, c = args.n, args.context
     cache = model.make_cache()
     mx.eval(model(mx.zeros((1, c), dtype=mx.int32), cache))

@@ -25,6 +25,7 @@ _CANDIDATES = [
 ]
 
 blas_library = None  # the library preloaded, if any
+blas_too_late = None  # the fast BLAS found but not loaded because mlx was imported first
 
 
 def find_blas():
@@ -49,6 +50,8 @@ def preload_blas():
     if path is None:
         return None
     if "mlx.core" in sys.modules:
+        global blas_too_late
+        blas_too_late = path
         print(
             "mlx-redrafter: mlx was imported before mlx_redrafter, so the fast BLAS could not be "
             "preloaded; import mlx_redrafter first",
@@ -62,6 +65,24 @@ def preload_blas():
         return None
     blas_library = path
     return path
+
+
+def blas_notice():
+    """One line saying this session runs on MLX's slow reference BLAS and how to fix it, or None.
+
+    Said when a fast BLAS was found but mlx (or mlx_lm) had been imported before
+    mlx_redrafter, so it could not be preloaded; only on the CPU, where it matters.
+    """
+    if blas_too_late is None or on_gpu():
+        return None
+    return ("mlx-redrafter: this session runs on MLX's slow reference BLAS (mlx was imported before "
+            "mlx_redrafter): import mlx_redrafter first, before mlx and mlx_lm (in a notebook, restart the kernel)")
+
+
+def print_blas_notice(file=None):
+    note = blas_notice()
+    if note:
+        print(note, file=file or sys.stderr)
 
 
 def on_gpu() -> bool:

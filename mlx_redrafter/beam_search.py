@@ -23,6 +23,12 @@ MAX_LENGTH = 16  # tokens per beam, g0 included
 
 @dataclass(frozen=True)
 class BeamShape:
+    """The drafter's search per step: W beams of Lb tokens, and how many drafted nodes are verified.
+
+    >>> mr.generate(model, tokenizer, "Hi", beam=mr.BeamShape(width=8, length=5, nodes=16))
+    >>> mr.BeamShape(4, 4, lookup=False, tree="beams")   # Apple's final beams, no context lookup
+    """
+
     width: int = 4  # W: beams kept
     length: int = 4  # Lb: tokens per beam, g0 included
     lookup: bool = True  # also verify a beam copied from earlier in the context (lookup.py)
@@ -48,7 +54,11 @@ DEFAULT_SHAPE = {"gpu": (32, 6, 32), "cpu": (4, 4, 0)}
 
 def default_shape(width: Optional[int] = None, length: Optional[int] = None, lookup: bool = True,
                   nodes: Optional[int] = None, tree: str = "ranked") -> BeamShape:
-    """The default settings for the current device, with any of W, Lb and nodes given overriding them."""
+    """The default settings for the current device, with any of W, Lb and nodes given overriding them.
+
+    >>> mr.default_shape()                 # BeamShape(32, 6, nodes=32) on a GPU, (4, 4) on the CPU
+    >>> mr.default_shape(length=5)         # the device's default with Lb = 5
+    """
     w, lb, n = DEFAULT_SHAPE["gpu" if backend.on_gpu() else "cpu"]
     return BeamShape(width or w, length or lb, lookup, n if nodes is None else nodes, tree)
 

@@ -11,6 +11,7 @@ import typer
 import click
 
 from .beam_search import DEFAULT_SHAPE, MAX_LENGTH, MAX_WIDTH, BeamShape, default_shape
+from .loading import find_drafter  # the drafter choice lives in the library: load() makes the same one
 
 _GPU_W, _GPU_L, _GPU_N = DEFAULT_SHAPE["gpu"]
 _CPU_W, _CPU_L, _CPU_N = DEFAULT_SHAPE["cpu"]
@@ -90,19 +91,6 @@ def read_stdin_prompt() -> str:
              "convert it first, e.g. `iconv -f latin1 -t utf-8`")
 
 
-def find_drafter(model_arg: Optional[str], drafter_arg: Optional[str]):
-    """The drafter to use: --drafter, a model directory's drafter/, else the packaged one for the default model."""
-    from .defaults import default_drafter_path
-    from .loading import is_default_model
-
-    if drafter_arg:
-        return Path(drafter_arg)
-    if model_arg is None or is_default_model(model_arg):
-        return default_drafter_path()
-    candidate = Path(model_arg) / "drafter"
-    return candidate if (candidate / "config.json").exists() else None
-
-
 @app.command()
 @guarded
 def generate(
@@ -127,7 +115,6 @@ def generate(
 ):
     """Generate text, speculatively with a drafter when one is available."""
     from . import load, stream_generate
-    from .drafter import load_drafter
     from .generate import context_window, print_report
     from .sampling import SamplingConfig
 
@@ -135,18 +122,14 @@ def generate(
     if prompt == "-":
         prompt = read_stdin_prompt()
     sampling = SamplingConfig(temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
-    base, tokenizer, _ = load(model, dtype=dtype)
-    draft = None
-    if not autoregressive:
-        path = find_drafter(model, drafter)
-        if path is None:
-            typer.echo(
-                "note: no drafter for this model; train one (`mlx-redrafter train`) or convert one "
-                "(`mlx-redrafter convert drafter`). Decoding autoregressively.",
-                err=True,
-            )
-        else:
-            draft = load_drafter(path, base)
+    base, tokenizer = load(model, drafter=None if autoregressive else (drafter or "auto"), dtype=dtype)
+    draft = getattr(base, "drafter", None)
+    if draft is None and not autoregressive:
+        typer.echo(
+            "note: no drafter for this model; train one (`mlx-redrafter train`) or convert one "
+            "(`mlx-redrafter convert drafter`). Decoding autoregressively.",
+            err=True,
+        )
     last, accepted = None, Counter()
     shape = None
     if any(v is not None for v in (beam_width, beam_length, nodes)) or tree != "ranked" or not lookup:
@@ -285,7 +268,7 @@ def train(
         fail(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
     model_dir = None if model is None or is_default_model(model) or not Path(model).exists() else model
     claim_dir(out, [model_dir, prompts], what="train")  # before any work: never the cwd, home, a source, a user's folder
-    base, tokenizer, _ = load(model, dtype=dtype)
+    base, tokenizer = load(model, drafter=None, dtype=dtype)
     data_dir = data or out / "data"
     started = time.perf_counter()
     conversations = (read_conversations(prompts, num_prompts, all_turns) if prompts
@@ -332,7 +315,6 @@ def eval_drafter(
     """Mean accepted tokens per step (greedy) on held-out prompts, over a grid of W x Lb."""
     from . import load
     from .data import prompt_texts
-    from .drafter import load_drafter
     from .evaluate import acceptance_grid, markdown_table, result_files, save_results
     from .outputs import check_new_files
 
@@ -341,11 +323,11 @@ def eval_drafter(
     if lookups is None:
         fail(f"--lookup must be off, on or both, got {lookup!r}")
     check_new_files(result_files(out, "acceptance"), force)  # before the (long) run
-    base, tokenizer, _ = load(model, dtype=dtype)
     path = find_drafter(model, drafter)
     if path is None:
         fail("no drafter given and none packaged for this model: pass --drafter")
-    draft = load_drafter(path, base)
+    base, tokenizer = load(model, drafter=path, dtype=dtype)
+    draft = base.drafter
     texts = prompt_texts(prompts, limit, every)
     results = acceptance_grid(base, tokenizer, draft, texts, ws, ls, max_tokens, lookups=lookups, replay=not decode,
                               nodes=nodes, tree=tree)
@@ -382,7 +364,6 @@ def benchmark(
     from . import backend, load
     from . import benchmark as bench
     from .data import prompt_texts
-    from .drafter import load_drafter
     from .outputs import check_new_files
 
     grid = None
@@ -390,9 +371,9 @@ def benchmark(
         grid = grid_widths(sweep_widths, "--sweep-widths"), grid_lengths(sweep_lengths, "--sweep-lengths")
     tag = tag or ("gpu" if backend.on_gpu() else "cpu")
     check_new_files(bench.result_files(out, tag, grid is not None), force)  # before any work
-    base, tokenizer, config = load(model, dtype=dtype)
     path = find_drafter(model, drafter)
-    draft = load_drafter(path, base) if path else None
+    base, tokenizer, config = load(model, drafter=path, return_config=True, dtype=dtype)
+    draft = getattr(base, "drafter", None)
     if draft is None:
         typer.echo("note: no drafter, so only the plain decoders are measured", err=True)
     texts = prompt_texts(prompts, limit, every)
@@ -418,14 +399,12 @@ def tune(
 ):
     """Measure the draft settings on this machine and keep the fastest (generate uses them by default)."""
     from . import load
-    from .drafter import load_drafter
     from .tune import format_table, save_tuned, tune as run_tune
 
-    base, tokenizer, _ = load(model, dtype=dtype)
-    path = find_drafter(model, drafter)
-    if path is None:
+    base, tokenizer = load(model, drafter=drafter or "auto", dtype=dtype)
+    draft = getattr(base, "drafter", None)
+    if draft is None:
         fail("no drafter given and none packaged for this model: pass --drafter")
-    draft = load_drafter(path, base)
     tuned = run_tune(base, tokenizer, draft, max_tokens=max_tokens, temp=temp)
     typer.echo(format_table(tuned))
     typer.echo(f"saved {save_tuned(base, draft, tuned)}")
@@ -472,7 +451,7 @@ def convert_drafter_cmd(
     if base is not None:
         from . import load
 
-        base_model = load(base)[0]
+        base_model = load(base, drafter=None)[0]
     path = convert_drafter(src, out, base_model, dtype, force)
     typer.echo(f"converted {src} -> {path}")
 

@@ -63,11 +63,13 @@ class Emitted(NamedTuple):
 
 
 class Decoder:
-    """Speculative decoding of B rows with a drafter; see the module docstring.
+    """Speculative decoding of B rows with a drafter: the engine under `stream_generate`; see the module docstring.
 
-    >>> decoder = Decoder(model, drafter, BeamShape(4, 4), SamplingConfig())
-    >>> for tokens, accepted in decoder.run([[1, 2, 3]]):   # per step, per row
-    ...     print(tokens[0], accepted[0])
+    >>> model, tokenizer = mr.load()
+    >>> decoder = mr.Decoder(model, model.drafter, mr.default_shape(), mr.SamplingConfig())
+    >>> steps = decoder.run([tokenizer.encode("Hi"), tokenizer.encode("Hello")])  # endless: stop it yourself
+    >>> for _, (tokens, accepted) in zip(range(8), steps):
+    ...     print(tokens[0], accepted[0])   # per step: row 0's new tokens, drafted tokens accepted
     """
 
     def __init__(self, model, drafter, shape: BeamShape, sampling: SamplingConfig, slack: Optional[int] = None):

@@ -95,6 +95,12 @@ class ResBlock(nn.Module):
 
 
 class Drafter(nn.Module):
+    """The ReDrafter draft head (module docstring). Made by `load_drafter` or `load(..., drafter=...)`.
+
+    >>> model, tokenizer = mr.load()
+    >>> model.drafter.config                # DrafterConfig(vocab_size=..., exit_dim=..., ...)
+    """
+
     def __init__(self, config: DrafterConfig):
         super().__init__()
         self.config = config
@@ -272,7 +278,14 @@ def read_config(config_file: Path) -> dict:
 
 
 def load_drafter(path, base=None, dtype=None) -> Drafter:
-    """Load a drafter directory (config.json + *.safetensors); check it against `base`."""
+    """Load a drafter directory (config.json + *.safetensors); check it against `base`.
+
+    dtype: the base model's by default. `load(path, drafter=DIR)` does this for you.
+
+    >>> model, tokenizer = mr.load("path/to/model", drafter=None)
+    >>> drafter = mr.load_drafter("path/to/drafter", model)
+    >>> mr.generate(model, tokenizer, "Hi", drafter=drafter)   # or: model.drafter = drafter
+    """
     path = Path(path)
     if not (path / "config.json").exists() and (path / "drafter" / "config.json").exists():
         path = path / "drafter"  # a `mlx-redrafter train` output directory

@@ -1,11 +1,14 @@
-"""Text generation API: plain decoding with the base model, or ReDrafter speculation.
+"""Text generation API, in mlx-lm's shapes: ReDrafter speculation with the model's drafter, or plain decoding.
 
-    model, tokenizer, _ = load()
-    for r in stream_generate(model, tokenizer, "Hello", max_tokens=32):
+    import mlx_redrafter as mr
+    model, tokenizer = mr.load()               # the default model and its packaged drafter
+    print(mr.generate(model, tokenizer, "Name three rivers.", max_tokens=64, verbose=True))
+    for r in mr.stream_generate(model, tokenizer, "Hello", max_tokens=32):
         print(r.text, end="")
 """
 
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Union
 
@@ -18,6 +21,13 @@ PREFILL_CHUNK = 512
 
 @dataclass
 class GenerationResponse:
+    """One generated token, as mlx-lm's `GenerationResponse` (plus `steps`, `from_draft`, `step_accepted`).
+
+    >>> for r in mr.stream_generate(model, tokenizer, "Hi", max_tokens=8):
+    ...     print(r.text, end="")
+    >>> r.generation_tokens / r.steps                   # tokens per base-model pass
+    """
+
     text: str  # the new text segment
     token: int
     from_draft: bool  # accepted from the drafter (False for the base model's own token)
@@ -29,9 +39,12 @@ class GenerationResponse:
     steps: int  # base-model forward passes after the prompt
     peak_memory: float  # GB
     finish_reason: Optional[str] = None  # "stop" | "length" | None
+    speculative: bool = False  # decoded with a drafter
 
 
 def encode_prompt(tokenizer, prompt: Union[str, List[int]], chat_template: bool = True) -> List[int]:
+    if isinstance(prompt, mx.array):
+        return [int(t) for t in prompt.reshape(-1).tolist()]
     if not isinstance(prompt, str):
         return list(prompt)
     if chat_template:
@@ -105,27 +118,93 @@ def fit_context(ids: List[int], max_tokens: int, limit: Optional[int], keep_last
     return ids, max_tokens
 
 
+AUTO = "auto"
+
+# mlx-lm arguments that mean something this package cannot honour exactly: refused by name,
+# with what to pass instead, rather than silently ignored.
+_REFUSED = {
+    "draft_model": "pass drafter= (a ReDrafter drafter; `model.drafter` by default)",
+    "sampler": "pass temp=, top_p=, top_k= or sampling=SamplingConfig(...): a sampler function is opaque to "
+               "the lossless acceptance rule",
+    "logits_processors": "logits processors are not supported",
+    "min_p": "min_p is not supported (use top_p or top_k)",
+    "repetition_penalty": "repetition penalties are not supported",
+    "max_kv_size": "a rotating KV cache is not supported",
+    "prompt_cache": "prompt caches are not supported",
+    "kv_bits": "a quantized KV cache is not supported",
+}
+_IGNORED = ("prefill_step_size", "kv_group_size", "quantized_kv_start", "stream")  # performance knobs only
+
+
+def sampling_from(sampling: Optional[SamplingConfig], temp=None, top_p=None, top_k=None, seed=None) -> SamplingConfig:
+    """A SamplingConfig from either `sampling=` or mlx-lm's `temp` / `top_p` / `top_k` (not both).
+
+    As in mlx-lm's `make_sampler`, top_p 0 (or 1) and top_k 0 are off.
+    """
+    loose = {k: v for k, v in (("temperature", temp), ("top_p", top_p), ("top_k", top_k), ("seed", seed))
+             if v is not None}
+    if sampling is not None:
+        if loose:
+            raise TypeError(f"pass either sampling= or {', '.join(loose)}, not both")
+        return sampling
+    if loose.get("top_p") == 0:
+        loose["top_p"] = 1.0
+    return SamplingConfig(**loose)
+
+
 def stream_generate(
     model,
     tokenizer,
-    prompt: Union[str, List[int]],
-    drafter=None,
+    prompt: Union[str, List[int], mx.array],
+    drafter=AUTO,
     max_tokens: int = 256,
     sampling: Optional[SamplingConfig] = None,
     beam=None,
     chat_template: bool = True,
     keep_last: Optional[int] = None,
+    speculative: bool = True,
+    temp: Optional[float] = None,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    seed: Optional[int] = None,
+    **kwargs,
 ) -> Iterator[GenerationResponse]:
-    """Yield one GenerationResponse per generated token.
+    """Yield one GenerationResponse per generated token (mlx-lm's `stream_generate`, speculative).
 
-    drafter: a ReDrafter `Drafter` for speculative decoding, or None for plain decoding.
-    beam: a `BeamShape` (width, length) for the drafter's beam search.
+    prompt: text (wrapped in the tokenizer's chat template unless chat_template=False;
+        mlx-lm encodes it as is), or token ids (a list or an mx.array), used as is.
+    drafter: "auto" (default) uses `model.drafter`, the drafter `load()` attached;
+        a `Drafter` uses that one (a directory path loads one, for this call only);
+        None decodes plainly. speculative=False also
+        decodes plainly. Greedy output is the same either way (lossless).
+    max_tokens, temp, top_p, top_k: as in mlx-lm (temp 0 = greedy; top_p 0 or 1 and
+        top_k 0 = off); or sampling=SamplingConfig(temperature, top_p, top_k, seed).
+    beam: a `BeamShape` for the drafter's search (default `default_shape()`, the
+        fastest measured for the device).
     keep_last: use only the last N tokens of the (encoded) prompt. A prompt that
         does not fit the model's context window raises ValueError; generation
         stops at the window (finish_reason "length") even before max_tokens
         (`fit_context`).
+    mlx-lm arguments this package cannot honour exactly (`sampler`, `draft_model`,
+    `min_p`, ...) raise TypeError saying what to pass instead.
+
+    >>> for r in mr.stream_generate(model, tokenizer, "Name three rivers.", max_tokens=64, temp=0.7):
+    ...     print(r.text, end="", flush=True)
     """
-    sampling = sampling or SamplingConfig()
+    for name in kwargs:
+        if name in _REFUSED and not (name == "min_p" and not kwargs[name]):
+            raise TypeError(f"stream_generate: {name}= is mlx-lm's; {_REFUSED[name]}")
+        if name not in _REFUSED and name not in _IGNORED:
+            raise TypeError(f"stream_generate() got an unexpected keyword argument {name!r}")
+    sampling = sampling_from(sampling, temp, top_p, top_k, seed)
+    if isinstance(drafter, str) and drafter == AUTO:
+        drafter = getattr(model, "drafter", None)
+    elif isinstance(drafter, (str, Path)):  # a drafter directory: loaded for this call only
+        from .drafter import load_drafter
+
+        drafter = load_drafter(drafter, model)
+    if not speculative:
+        drafter = None
     ids, max_tokens = fit_context(encode_prompt(tokenizer, prompt, chat_template), max_tokens,
                                   context_window(model), keep_last)
     if sampling.seed is not None:
@@ -138,7 +217,7 @@ def stream_generate(
 
         decoder = Decoder(model, drafter, beam, sampling)
         steps = ((tokens[0], counts[0]) for tokens, counts in decoder.run([ids]))
-    yield from _responses(tokenizer, steps, len(ids), max_tokens)
+    yield from _responses(tokenizer, steps, len(ids), max_tokens, speculative=beam is not None)
 
 
 def chosen_shape(model, drafter, sampling: SamplingConfig):
@@ -151,7 +230,7 @@ def chosen_shape(model, drafter, sampling: SamplingConfig):
     return default_shape() if tuned is None else tuned.for_sampling(sampling)
 
 
-def _responses(tokenizer, steps, prompt_len: int, max_tokens: int):
+def _responses(tokenizer, steps, prompt_len: int, max_tokens: int, speculative: bool = False):
     detok = tokenizer.detokenizer
     detok.reset()
     eos = set(tokenizer.eos_token_ids)
@@ -184,26 +263,53 @@ def _responses(tokenizer, steps, prompt_len: int, max_tokens: int):
                 steps=n_steps,
                 peak_memory=mx.get_peak_memory() / 1e9,
                 finish_reason=finish,
+                speculative=speculative,
             )
             if finish:
                 return
 
 
 def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
-    """The whole response as a string; see `stream_generate` for the arguments."""
+    """The whole response as a string (mlx-lm's `generate`); arguments as in `stream_generate`.
+
+    verbose=True prints the text as it comes and mlx-lm's report (prompt and
+    generation tokens-per-sec, peak memory), then how the tokens were decoded.
+
+    >>> import mlx_redrafter as mr
+    >>> model, tokenizer = mr.load()
+    >>> print(mr.generate(model, tokenizer, "Name three rivers.", max_tokens=64))
+    >>> mr.generate(model, tokenizer, "Name three rivers.", speculative=False, verbose=True)  # plain, to compare
+    """
+    if verbose:
+        print("=" * 10)
     text, last = [], None
     for last in stream_generate(model, tokenizer, prompt, **kwargs):
         text.append(last.text)
         if verbose:
             print(last.text, end="", flush=True)
-    if verbose and last is not None:
+    if verbose:
         print()
-        print_report(last)
+        if last is None:
+            print("=" * 10)
+            print("No text generated for this prompt")
+        else:
+            print_report(last, decoding=True)
     return "".join(text)
 
 
-def print_report(r: GenerationResponse, file=None):
+def print_report(r: GenerationResponse, file=None, decoding: bool = False):
+    """mlx-lm's report; with `decoding`, a line on how the tokens were decoded. A slow-BLAS notice where one applies."""
+    from . import backend
+
     print("=" * 10, file=file)
     print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
     print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
+    if decoding:
+        if r.speculative:
+            print(f"Speculative: {r.steps} steps, {r.generation_tokens / max(r.steps, 1):.2f} tokens per step", file=file)
+        else:
+            print("Plain decoding (no drafter)", file=file)
+    note = backend.blas_notice()
+    if note:
+        print(note, file=file)

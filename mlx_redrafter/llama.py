@@ -179,13 +179,35 @@ class LlamaModel(nn.Module):
 
 
 class Model(nn.Module):
+    """The base model (mlx-lm's parameter names). `load()` also sets two plain attributes:
+
+    config: the config dict the model was built from (mlx-lm's `return_config` value);
+    drafter: the ReDrafter `Drafter` that `generate` uses by default (None: plain decoding).
+
+    Neither is a child module: a drafter attached here stays outside `model.parameters()`,
+    so saving, casting, counting and training see the base model alone.
+
+    >>> model, tokenizer = mlx_redrafter.load()
+    >>> model.drafter, model.config["model_type"]
+    """
+
+    _PLAIN_ATTRIBUTES = ("drafter", "config")
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.drafter = None
+        self.config = None
         self.model_type = args.model_type
         self.model = LlamaModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __setattr__(self, key, value):
+        if key in self._PLAIN_ATTRIBUTES:
+            object.__setattr__(self, key, value)  # not a child module (class docstring)
+        else:
+            super().__setattr__(key, value)
 
     def __call__(
         self,

@@ -23,6 +23,7 @@ from mlx_lm.tokenizer_utils import load as load_hf_tokenizer
 from mlx_lm.utils import dequantize_model
 
 from . import backend
+from .drafter import Drafter, check_config_against_base, load_drafter
 from .gguf import build_tokenizer, load_gguf
 from .llama import Model, ModelArgs
 from .validate import check_safetensors, read_json_object
@@ -386,22 +387,70 @@ def cast(model: nn.Module, dtype) -> None:
     model.update(tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
 
 
+def find_drafter(model: Optional[str] = None, drafter: Optional[str] = None) -> Optional[Path]:
+    """The drafter directory for a model, chosen as `mlx-redrafter generate` chooses it.
+
+    `drafter` if given; else, for the embedded default model (model None, or a copy
+    of its file), the packaged drafter; else a model directory's `drafter/`
+    subdirectory; else None (no drafter: decode plainly).
+
+    >>> mlx_redrafter.find_drafter()                     # the packaged drafter's directory
+    >>> mlx_redrafter.find_drafter("path/to/model")      # path/to/model/drafter, or None
+    """
+    from .defaults import default_drafter_path
+
+    if drafter:
+        return Path(drafter).expanduser()
+    if model is None or is_default_model(str(model)):
+        return default_drafter_path()
+    candidate = Path(model).expanduser() / "drafter"
+    return candidate if (candidate / "config.json").exists() else None
+
+
+AUTO = "auto"
+
+
 def load(
-    path_or_id: Optional[str] = None,
+    path_or_hf_repo: Optional[str] = None,
+    drafter=AUTO,
+    return_config: bool = False,
     dtype=None,
     dequantize: Optional[bool] = None,
-) -> Tuple[Model, TokenizerWrapper, dict]:
-    """Return (model, tokenizer, config).
+):
+    """Load a base model and its drafter: `model, tokenizer = load(...)`, as in mlx-lm.
 
-    path_or_id: an mlx-lm / Hugging Face directory, a Hub id, a .gguf file, or
-        None for the embedded default model.
-    dtype: "float32" | "float16" | "bfloat16" | None (auto: fp32 on CPU, 16-bit on GPU).
+    path_or_hf_repo: an mlx-lm / Hugging Face directory, a Hub id, a .gguf file, or
+        None for the embedded default model (SmolLM2-135M-Instruct).
+    drafter: "auto" (default) finds the model's drafter as the command line does
+        (`find_drafter`: the packaged one for the default model, else a model
+        directory's `drafter/`); a path loads that drafter directory; a `Drafter`
+        is checked against the model and attached as is; None attaches none.
+        The drafter is set as `model.drafter`, which `generate` and
+        `stream_generate` use by default (None there: plain decoding).
+    return_config: also return the model's config dict, as mlx-lm does (it is
+        always `model.config` too).
+    dtype: "float32" | "float16" | "bfloat16" | "auto" | None (auto: fp32 on CPU,
+        16-bit on GPU).
     dequantize: expand quantized weights to dtype. None = on the CPU (MLX's quantized
         matmuls are slow there) and for models under 1B parameters (quantized
         matmuls do not share the weight read across the rows of a verify pass, and
         memory is no concern); larger models stay quantized on the GPU.
+
+    >>> import mlx_redrafter as mr
+    >>> model, tokenizer = mr.load()                     # the default model and its drafter
+    >>> model, tokenizer, config = mr.load("mlx-community/Qwen2.5-0.5B-Instruct-4bit",
+    ...                                    drafter="path/to/drafter", return_config=True)
     """
-    path = default_model_path() if path_or_id is None else resolve(str(path_or_id))
+    if isinstance(drafter, str) and drafter == AUTO:
+        drafter_path = find_drafter(path_or_hf_repo)
+    elif drafter is None or isinstance(drafter, Drafter):
+        drafter_path = None
+    else:
+        drafter_path = Path(drafter).expanduser()
+        if not drafter_path.exists():  # before the model is loaded: a typo costs no time
+            raise FileNotFoundError(f"no drafter at {drafter_path}")
+    backend.print_blas_notice()
+    path = default_model_path() if path_or_hf_repo is None else resolve(str(path_or_hf_repo))
     if path.is_dir():
         weights, config, tokenizer = _load_directory(path)
     elif path.suffix == ".gguf":
@@ -417,7 +466,15 @@ def load(
     cast(model, backend.parse_dtype(dtype) if isinstance(dtype, (str, type(None))) else dtype)
     mx.eval(model.parameters())
     model.eval()
-    return model, tokenizer, config
+    model.config = config
+    if drafter_path is not None:
+        model.drafter = load_drafter(drafter_path, model)
+    elif isinstance(drafter, Drafter):
+        check_config_against_base(drafter.config, model)
+        model.drafter = drafter
+    if return_config:
+        return model, tokenizer, config
+    return model, tokenizer
 
 
 def parameter_count(model: nn.Module, unpacked: bool = False) -> int:

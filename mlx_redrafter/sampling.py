@@ -25,6 +25,12 @@ MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (module docstring)
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """How tokens are chosen, in both decoders: greedy (temperature 0) or sampled.
+
+    >>> mr.generate(model, tokenizer, "Hi", sampling=mr.SamplingConfig(temperature=0.7, top_p=0.9, seed=0))
+    >>> mr.generate(model, tokenizer, "Hi", temp=0.7, top_p=0.9, seed=0)   # the same, mlx-lm's names
+    """
+
     temperature: float = 0.0  # below MIN_TEMPERATURE (0 included) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off

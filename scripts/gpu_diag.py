@@ -7,7 +7,7 @@ from mlx_redrafter.generate import encode_prompt
 from mlx_redrafter.reference import to_mlx_lm
 
 for dtype in ("float32", "bfloat16", "float16"):
-    model, tok, config = load(dtype=dtype)
+    model, tok, config = load(drafter=None, return_config=True, dtype=dtype)
     ref = to_mlx_lm(model, config)
     ids = encode_prompt(tok, "What is the capital of France?")
     ours = model.logits(model(mx.array([ids])))

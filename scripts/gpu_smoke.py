@@ -15,7 +15,7 @@ from mlx_redrafter.generate import encode_prompt
 from mlx_redrafter.sampling import SamplingConfig
 from mlx_redrafter.training import TrainConfig, train
 
-model, tok, _ = load()
+model, tok = load(drafter=None)  # plain first; a random drafter below
 print("device", mx.default_device(), "dtype", model.model.norm.weight.dtype)
 d = init_drafter(DrafterConfig(49152, 576, 576, 1, shared_lm_head=True), model)
 p = "Explain photosynthesis briefly."

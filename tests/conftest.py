@@ -51,10 +51,11 @@ def word_tokenizer(vocab_size, eos=1):
 
 @pytest.fixture(scope="session")
 def default_model():
-    """The embedded default model (fetched into the user cache once)."""
+    """The embedded default model (fetched into the user cache once): (model, tokenizer, config);
+    model.drafter is the packaged drafter."""
     from mlx_redrafter import load
 
-    return load()
+    return load(return_config=True)
 
 
 DRAFTER_VARIANTS = {

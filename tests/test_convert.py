@@ -67,7 +67,7 @@ def test_converted_logits_equal_transformers(tmp_path, hf_model, layout):
     else:
         save_torch_bin(hf_model, src, shards=3 if layout == "bin-sharded" else 1)
     out = convert_base(src, tmp_path / "mlx", dtype="float32", progress=False)
-    model, tok, _ = load(out, dtype="float32")
+    model, tok = load(out, dtype="float32")
     ours = np.array(model.logits(model(mx.array(TOKENS))))
     np.testing.assert_allclose(ours, torch_logits(hf_model), atol=1e-4)
     from mlx_lm import load as mlx_lm_load
@@ -82,7 +82,7 @@ def test_quantized_conversion(tmp_path):
     hf = FAMILIES["llama"]().eval()
     src = save_torch_bin(hf, tmp_path / "src")
     out = convert_base(src, tmp_path / "q", dtype="float32", quantize=True, q_bits=8, q_group_size=32, progress=False)
-    model, _, config = load(out, dtype="float32", dequantize=False)
+    model, _, config = load(out, dtype="float32", dequantize=False, return_config=True)
     assert config["quantization"]["bits"] == 8
     np.testing.assert_allclose(np.array(model.logits(model(mx.array(TOKENS)))), torch_logits(hf), atol=0.05)
 

@@ -72,7 +72,7 @@ def gguf_file(tmp_path):
 
 def test_gguf_weights_match_after_unpermuting(gguf_file):
     path, model, _ = gguf_file
-    loaded, _, config = load(path, dtype="float32")
+    loaded, _, config = load(path, dtype="float32", return_config=True)
     assert config["tie_word_embeddings"] and config["num_key_value_heads"] == 2
     x = mx.array([[5, 9, 100, 7]])
     assert mx.allclose(loaded.logits(loaded(x)), model.logits(model(x)), atol=1e-4)
@@ -80,7 +80,7 @@ def test_gguf_weights_match_after_unpermuting(gguf_file):
 
 def test_gguf_tokenizer_special_tokens_and_template(gguf_file):
     path, _, tokens = gguf_file
-    _, tok, _ = load(path)
+    _, tok = load(path)
     ids = tok.apply_chat_template([{"role": "user", "content": "the 42"}], add_generation_prompt=True, return_dict=False)
     assert ids[0] == 1 and ids.count(2) == 1  # <|im_start|> / <|im_end|> are single tokens
     assert tok.decode(ids) == "<|im_start|>user\nthe 42<|im_end|>\n<|im_start|>assistant\n"

@@ -439,7 +439,7 @@ def test_ctrl_c_in_generate_keeps_the_text_and_exits_130(monkeypatch):
         yield Piece(" world")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mlx_redrafter, "load", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(mlx_redrafter, "load", lambda *a, **k: (None, None))
     monkeypatch.setattr(mlx_redrafter, "stream_generate", stream)
     r = runner.invoke(app, ["generate", "-p", "hi", "--autoregressive"])
     assert r.exit_code == 130 and r.stdout == "Hello world\n", r.output
@@ -453,7 +453,7 @@ def test_ctrl_c_in_train_exits_130_with_one_line(tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mlx_redrafter, "load", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(mlx_redrafter, "load", lambda *a, **k: (None, None))
     monkeypatch.setattr(distill, "make_distillation_data", lambda *a, **k: None)
     monkeypatch.setattr(distill, "read_sequences", lambda *a, **k: [])
     monkeypatch.setattr(training, "train", interrupted)

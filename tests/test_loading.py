@@ -32,7 +32,7 @@ def logits_of(model, tokens):
 def test_directory_round_trip(tmp_path, family):
     config = tiny_config(family)
     model = tiny_model(config)
-    loaded, tokenizer, cfg = load(write_model_dir(tmp_path / "m", model, config), dtype="float32")
+    loaded, tokenizer = load(write_model_dir(tmp_path / "m", model, config), dtype="float32")
     assert mx.allclose(logits_of(loaded, [1, 2, 3]), logits_of(model, [1, 2, 3]), atol=1e-5)
     assert tokenizer.eos_token == "t1"
 
@@ -41,9 +41,9 @@ def test_quantized_directory_stays_quantized_on_request(tmp_path):
     config = tiny_config("llama3", hidden_size=64)
     model = tiny_model(config)
     path = write_model_dir(tmp_path / "q", model, config, quantize=4)
-    kept, _, cfg = load(path, dtype="float32", dequantize=False)
+    kept, _, cfg = load(path, dtype="float32", dequantize=False, return_config=True)
     assert isinstance(kept.layers[0].self_attn.q_proj, nn.QuantizedLinear) and cfg["quantization"]["bits"] == 4
-    expanded, _, _ = load(path, dtype="float32", dequantize=True)
+    expanded, _ = load(path, dtype="float32", dequantize=True)
     assert isinstance(expanded.layers[0].self_attn.q_proj, nn.Linear)
     want = logits_of(model, [3, 4, 5])
     assert mx.allclose(logits_of(kept, [3, 4, 5]), want, atol=1e-3)
@@ -62,7 +62,7 @@ def test_hub_id_resolves_through_snapshot_download(tmp_path, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    model, _, _ = load("mlx-community/tiny-llama")
+    model, _ = load("mlx-community/tiny-llama")
     assert calls and calls[0][0] == "mlx-community/tiny-llama" and "model*.safetensors" in calls[0][1]
     assert model.args.vocab_size == 64
 
