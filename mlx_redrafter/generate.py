@@ -8,6 +8,7 @@
 """
 
 import time
+from collections import OrderedDict
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Union
@@ -213,11 +214,26 @@ def stream_generate(
     if beam is None:  # no drafter, or `tune` measured plain decoding faster here
         steps = plain_steps(model, ids, sampling)
     else:
-        from .decoding import Decoder
-
-        decoder = Decoder(model, drafter, beam, sampling)
-        steps = ((tokens[0], counts[0]) for tokens, counts in decoder.run([ids]))
+        steps = ((tokens[0], counts[0]) for tokens, counts in decoder_for(model, drafter, beam, sampling).run([ids]))
     yield from _responses(tokenizer, steps, len(ids), max_tokens, speculative=beam is not None)
+
+
+_DECODERS: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+def decoder_for(model, drafter, beam, sampling: SamplingConfig):
+    """A `Decoder`, reused across calls with the same model, drafter and settings: its compiled
+    graphs are traced once (a new trace costs ~40 ms, a few percent of a short answer)."""
+    from .decoding import Decoder
+
+    key = (id(model), id(drafter), beam, sampling)
+    decoder = _DECODERS.pop(key, None)
+    if decoder is None:  # the cached decoder holds its model and drafter, so their ids stay theirs
+        decoder = Decoder(model, drafter, beam, sampling)
+    _DECODERS[key] = decoder
+    while len(_DECODERS) > 4:
+        _DECODERS.popitem(last=False)
+    return decoder
 
 
 def chosen_shape(model, drafter, sampling: SamplingConfig):

@@ -129,7 +129,7 @@ def first_use_notice(model, drafter) -> Optional[str]:
     except OSError:
         pass  # a read-only cache: say it every time rather than never
     return ("note: built-in draft settings in use; `mlx-redrafter tune` measures the fastest ones "
-            "for this machine, model and drafter (under a minute)")
+            "for this machine, model and drafter (a minute or two)")
 
 
 def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, int, int]]] = None,
