@@ -81,3 +81,12 @@ def tiny_drafter(base, variant="apple", seed=1, scale=1.0):
         drafter.lm_head[-1].weight = drafter.lm_head[-1].weight * scale
     mx.eval(drafter.parameters())
     return drafter
+
+
+def one_line(excinfo, *needles):
+    """The error's message: one line, holding every needle."""
+    message = str(excinfo.value)
+    assert "\n" not in message and message.strip() == message
+    for needle in needles:
+        assert needle in message, message
+    return message

@@ -24,17 +24,10 @@ from mlx_redrafter.drafter import DrafterConfig, load_drafter, save_drafter
 from mlx_redrafter.gguf import check_gguf, load_gguf
 from mlx_redrafter.llama import ModelArgs
 from mlx_redrafter.torch_pickle import MAX_BROADCAST_BYTES, MAX_EXPANSION, load_torch_checkpoint
+from conftest import one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_LIMIT = 4 << 30
-
-
-def one_line(excinfo, *needles):
-    message = str(excinfo.value)
-    assert "\n" not in message and message.strip() == message
-    for needle in needles:
-        assert needle in message, message
-    return message
 
 
 def run_limited(code: str, *args) -> subprocess.CompletedProcess:

@@ -24,16 +24,9 @@ from mlx_redrafter.cli import app
 from mlx_redrafter.convert import read_shard
 from mlx_redrafter.loading import load, read_safetensors
 from mlx_redrafter.validate import check_safetensors, read_json_object
+from conftest import one_line
 
 runner = CliRunner()
-
-
-def one_line(excinfo, *needles):
-    message = str(excinfo.value)
-    assert "\n" not in message and message.strip() == message
-    for needle in needles:
-        assert needle in message, message
-    return message
 
 
 def st_bytes(header=None, data=b"", length=None, raw=None) -> bytes:
