@@ -80,7 +80,9 @@ class Decoder:
         self.nodes = 1 + self.budget + depth
         self.span_step = 256 if backend.on_gpu() else 32
         self.slack = self.span_step if slack is None else slack
-        self.tree = mx.compile(partial(_draft_tree, drafter, model, shape, self.budget, final_beams))
+        # the weights are inputs, not constants of the trace: a model or drafter updated in place is seen
+        self.tree = mx.compile(partial(_draft_tree, drafter, model, shape, self.budget, final_beams),
+                               inputs=[drafter.state, model.state])
         """tree(hidden (B, H), g0 (B,), history (B, T), lengths (B,)) -> DraftTree, one compiled graph."""
         self._accept = mx.compile(partial(_accept))  # MLX caches traces per function object: one per decoder
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
@@ -161,7 +162,7 @@ def check_config_against_base(config: DrafterConfig, base, source: str = "") -> 
 
 
 def check_token_table(config: DrafterConfig, table, source: str = "", vocab_size: Optional[int] = None) -> None:
-    """A reduced-vocabulary drafter's draft id -> token id table must name tokens of the vocabulary.
+    """A reduced-vocabulary drafter's draft id -> token id table must name distinct tokens of the vocabulary.
 
     An id past the base vocabulary would index past the embedding table in beam
     search (a crash, or garbage read from memory), so it is refused at load.
@@ -179,6 +180,9 @@ def check_token_table(config: DrafterConfig, table, source: str = "", vocab_size
         bad = high if high >= vocab else low
         raise ValueError(f"{name} was made for another model: its token table names token id {bad}, "
                          f"outside this vocabulary of {vocab} tokens; train or convert a drafter for this model")
+    if len(np.unique(np.array(table))) != table.shape[0]:
+        # equal draft tokens would give a tree node two equal children, which biases sampling
+        raise ValueError(f"{name}: draft_to_token names a token more than once; each draft id must map to its own token")
 
 
 def init_drafter(config: DrafterConfig, base=None, draft_to_token: Optional[mx.array] = None) -> Drafter:

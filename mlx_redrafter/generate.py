@@ -218,21 +218,20 @@ def stream_generate(
     yield from _responses(tokenizer, steps, len(ids), max_tokens, speculative=beam is not None)
 
 
-_DECODERS: "OrderedDict[tuple, object]" = OrderedDict()
-
-
 def decoder_for(model, drafter, beam, sampling: SamplingConfig):
     """A `Decoder`, reused across calls with the same model, drafter and settings: its compiled
-    graphs are traced once (a new trace costs ~40 ms, a few percent of a short answer)."""
+    graphs are traced once (a new trace costs ~40 ms, a few percent of a short answer). The
+    decoders live on the model, so they go when the model goes."""
     from .decoding import Decoder
 
-    key = (id(model), id(drafter), beam, sampling)
-    decoder = _DECODERS.pop(key, None)
-    if decoder is None:  # the cached decoder holds its model and drafter, so their ids stay theirs
+    decoders = model.__dict__.setdefault("_decoders", OrderedDict())  # not a module child: no parameters
+    key = (id(drafter), beam, sampling)
+    decoder = decoders.pop(key, None)
+    if decoder is None or decoder.drafter is not drafter:
         decoder = Decoder(model, drafter, beam, sampling)
-    _DECODERS[key] = decoder
-    while len(_DECODERS) > 4:
-        _DECODERS.popitem(last=False)
+    decoders[key] = decoder
+    while len(decoders) > 4:
+        decoders.popitem(last=False)
     return decoder
 
 

@@ -29,6 +29,7 @@ def propose_on_device(history: mx.array, lengths: mx.array, g0: mx.array, length
     propose garbage with found False.
     """
     B, T = history.shape
+    n_max = min(n_max, T)
     end = mx.arange(T)[None]  # where an earlier occurrence of the suffix ends
     lengths = lengths[:, None]
     run = mx.ones((B, T), mx.bool_)

@@ -78,17 +78,13 @@ def machine() -> str:
 
 
 def fingerprint(module) -> str:
-    """A short id of a model or drafter: its configuration, dtype and a few of its weights."""
-    cached = getattr(module, "_fingerprint", None)
-    if cached:
-        return cached
+    """A short id of a model or drafter: its configuration, dtype and a few of its weights
+    (computed each time, so a model changed in place gets a new id)."""
     config = getattr(module, "args", None) or getattr(module, "config", None)
     described = json.dumps(asdict(config) if config is not None else {}, sort_keys=True, default=str)
     leaves = [v for _, v in sorted(tree_flatten(module.parameters()), key=lambda kv: kv[0])][:4]
     sums = [float(v.reshape(-1)[:4096].astype(mx.float32).sum()) for v in leaves]
-    digest = hashlib.sha256(f"{described}|{[str(v.dtype) for v in leaves]}|{sums}".encode()).hexdigest()[:16]
-    setattr(module, "_fingerprint", digest)
-    return digest
+    return hashlib.sha256(f"{described}|{[str(v.dtype) for v in leaves]}|{sums}".encode()).hexdigest()[:16]
 
 
 def settings_path(model, drafter) -> Path:
@@ -140,6 +136,7 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, int
     from .generate import encode_prompt
 
     candidates = candidates or CANDIDATES["gpu" if backend.on_gpu() else "cpu"]
+    finalists = max(1, min(finalists, len(candidates)))
     shapes = [BeamShape(w, lb, True, n) for w, lb, n in candidates]
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     greedy, sampled = SamplingConfig(), SamplingConfig(temperature=temp, seed=0)
@@ -179,7 +176,7 @@ def _speeds(model, tokenizer, drafter, shape, ids, max_tokens, sampling, bar) ->
     for prompt in ids:
         n, s = run(prompt, max_tokens)
         tokens, seconds = tokens + n, seconds + s
-    return tokens / max(seconds, 1e-9)
+    return max(tokens, 1.0) / max(seconds, 1e-9)  # an answer that ends at once still gets a speed
 
 
 def format_table(tuned: Tuned) -> str:

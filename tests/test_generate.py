@@ -85,3 +85,31 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
 def test_bad_sampling_settings(bad):
     with pytest.raises(ValueError):
         SamplingConfig(**bad)
+
+
+def test_reused_decoders_see_updated_weights_and_go_with_their_model():
+    """generate reuses a Decoder per (model, drafter, settings); a drafter updated in place is seen,
+    and a dropped model is freed with its decoders."""
+    import gc
+    import weakref
+
+    from conftest import tiny_drafter
+    from mlx_redrafter.beam_search import BeamShape
+    from mlx_redrafter.generate import decoder_for
+
+    model = tiny_model(tiny_config(vocab_size=64))
+    a, b = tiny_drafter(model, "apple", seed=1, scale=3.0), tiny_drafter(model, "apple", seed=2, scale=3.0)
+    shape, greedy = BeamShape(4, 4), SamplingConfig()
+
+    def tree_of(drafter):
+        decoder = decoder_for(model, drafter, shape, greedy)
+        return decoder, decoder.draft(decoder.prefill([[1, 2, 3]])).tokens.tolist()
+
+    first, before = tree_of(a)
+    a.update(b.parameters())
+    again, after = tree_of(a)
+    assert again is first and after == tree_of(b)[1] and after != before
+    alive = weakref.ref(model)
+    del model, first, again
+    gc.collect()
+    assert alive() is None

@@ -529,3 +529,14 @@ def test_bad_quantization_config_is_refused(tmp_path, base, quantization):
     with pytest.raises(ValueError) as e:
         load_drafter(tmp_path / "d", base)
     one_line(e, "quantization")
+
+
+def test_a_token_table_naming_a_token_twice_is_refused():
+    """Equal draft tokens would give a tree node two equal children (sampling would be biased)."""
+    from mlx_redrafter.drafter import DrafterConfig, check_token_table
+
+    config = DrafterConfig(vocab_size=64, hidden_size=48, exit_dim=96, num_draft_layers=1, draft_vocab_size=4)
+    check_token_table(config, mx.array([1, 2, 3, 4]), "x")
+    with pytest.raises(ValueError) as e:
+        check_token_table(config, mx.array([1, 2, 2, 4]), "x")
+    one_line(e, "more than once")
