@@ -63,8 +63,6 @@ def main():
     for k in (1, n):
         variants[f"{k} tokens, no cache, eager"] = lambda k=k: mx.eval(plain(tokens[:, :k]))
         variants[f"{k} tokens, no cache, mx.compile"] = lambda k=k: mx.eval(compiled(tokens[:, :k]))
-    path = mx.arange(4)
-    variants["commit (copy_path, 4 nodes)"] = lambda: (cache.copy_path(c, path), mx.eval(cache.state()))
     logits = mx.zeros((n, model.args.vocab_size), dtype=dtype)
     variants["argmax over tree logits"] = lambda: mx.eval(mx.argmax(logits, axis=-1))
     rows = {name: timed(fn, 20) for name, fn in variants.items()}

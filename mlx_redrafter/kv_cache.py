@@ -1,17 +1,12 @@
-"""KV cache written by position (gpt-fast style), with path commit for tree verification.
+"""KV cache written by position (gpt-fast style): `KVCache` for plain decoding and prefill,
+`SlotCache` for speculative decoding (commit by mask, see its docstring).
 
 Each layer keeps one growing buffer of shape (B, kv_heads, capacity, head_dim),
-capacity a multiple of 256. `length` counts committed tokens; a forward pass
+capacity a multiple of 256. `length` is the write pointer: a forward pass
 writes its n new keys at [length, length + n), attends over [0, length + n)
 (or over a fixed `span` of slots, masked, see `span_for`) and advances
-`length` by n.
-Tree verification writes the packed tree after the committed prefix, then
-`copy_path` gathers the accepted nodes' K/V into place and `truncate` drops
-the rest:
-
-    committed: [t0 t1 t2]  tree written at 3..8: [g0 a b c d e]
-    accepted path = nodes (0, 2, 4) -> keys of g0, b, d copied to slots 3, 4, 5
-    length becomes 3 + accepted count; the stale slots are overwritten later.
+`length` by n. Positions are explicit (RoPE is applied before the write), so
+a slot's index need not equal its token's position.
 """
 
 from typing import List, Optional
@@ -47,12 +42,6 @@ class LayerKV:
             new_v[..., :old, :] = self.values
         self.keys, self.values = new_k, new_v
 
-    def gather(self, src: mx.array, dst: int):
-        """Copy slots `src` (int array, shape (m,)) to [dst, dst+m)."""
-        m = src.shape[0]
-        self.keys[..., dst : dst + m, :] = self.keys[..., src, :]
-        self.values[..., dst : dst + m, :] = self.values[..., src, :]
-
     def take(self, order: mx.array):
         """Reorder each row's slots: order (B, capacity') of slot indices; slots past it keep theirs."""
         index = order[:, None, :, None]
@@ -83,17 +72,6 @@ class KVCache:
 
     def truncate(self, length: int):
         self.length = length
-
-    def copy_path(self, start: int, path: mx.array):
-        """Move tree nodes `path` (indices into the tree written at `start`) to `start`.
-
-        path: (Lb,) node indices of the chosen beam, root first, in packed order.
-        The gather has the fixed shape (Lb,) so it stays on the device; once the
-        host knows how many nodes were accepted it calls `truncate(start + accepted)`.
-        """
-        src = path.astype(mx.int32) + start
-        for layer in self.layers:
-            layer.gather(src, start)
 
     def state(self) -> List[mx.array]:
         return [a for layer in self.layers for a in layer.state()]
