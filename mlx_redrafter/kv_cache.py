@@ -70,6 +70,12 @@ class KVCache:
         """
         return -(-end // LayerKV.step) * LayerKV.step
 
+    def allocate(self, n: int) -> int:
+        """The first of n slots for a forward pass to write, at the write pointer, which moves past them."""
+        start = self.length
+        self.length += n
+        return start
+
     def truncate(self, length: int):
         self.length = length
 

@@ -7,7 +7,7 @@ final-norm hidden states; `logits` maps only the rows the caller asks for.
 
     model = Model(ModelArgs.from_dict(config))
     cache = model.make_cache()
-    h = model(mx.array([[1, 2, 3]]), cache)      # (1, 3, H), cache.length == 3
+    h = model(mx.array([[1, 2, 3]]), cache)      # (1, 3, H) written at slots 0..2 (cache.allocate)
     logits = model.logits(h[:, -1:])              # (1, 1, V)
 """
 
@@ -218,13 +218,14 @@ class Model(nn.Module):
     ) -> mx.array:
         """Hidden states after the final norm for tokens (B, n): shape (B, n, H).
 
-        The new K/V are written at [cache.length, cache.length + n) and the cache
-        advances by n. positions (B, n) defaults to cache.length + arange(n);
+        The new K/V are written at the n slots the cache hands out (`allocate`);
+        the forward moves no counter of its own. positions (B, n) defaults to
+        the first slot + arange(n) (plain decoding, where slots are positions);
         mask (additive or boolean, broadcastable to (B, heads, n, S)) defaults to
-        causal; an array mask's width S >= cache.length + n sets how many cache
+        causal; an array mask's width S >= first slot + n sets how many cache
         slots are attended (slots past the new tokens must be masked out).
         """
-        start = cache.length if cache is not None else 0
+        start = cache.allocate(tokens.shape[1]) if cache is not None else 0
         pos = start if positions is None else positions
         if mask is None and tokens.shape[1] > 1:
             mask = "causal"
@@ -234,8 +235,6 @@ class Model(nn.Module):
         layer_caches = cache.layers if cache is not None else [None] * len(self.model.layers)
         for layer, layer_cache in zip(self.model.layers, layer_caches):
             h = layer(h, pos, mask, layer_cache, start)
-        if cache is not None:
-            cache.length += tokens.shape[1]
         return self.model.norm(h)
 
     def logits(self, hidden: mx.array) -> mx.array:
