@@ -126,7 +126,7 @@ def generate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Report tokens/s, tokens per step and acceptance."),
 ):
     """Generate text, speculatively with a drafter when one is available."""
-    from . import load, stream_generate
+    from . import backend, load, stream_generate
     from .drafter import load_drafter
     from .generate import context_window, print_report
     from .sampling import SamplingConfig
@@ -136,6 +136,9 @@ def generate(
         prompt = read_stdin_prompt()
     sampling = SamplingConfig(temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
     base, tokenizer, _ = load(model, dtype=dtype)
+    notice = backend.blas_notice()
+    if notice:
+        typer.echo(notice, err=True)
     draft = None
     if not autoregressive:
         path = find_drafter(model, drafter)
