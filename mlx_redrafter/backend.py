@@ -17,7 +17,7 @@ Where it comes from, in order:
 3. A system OpenBLAS (``apt-get install libopenblas0-pthread``, ``dnf install
    openblas``): the fallback where the wheel is not installed (Linux aarch64 has
    no ngsolve-openblas wheel). On the 2-core EPYC both run the same kernels at
-   the same speed (see results/blas_candidates.md).
+   the same speed (measurements in the README's Linux notes).
 
 ``blas_notice()`` says in one line when matmuls run on the reference BLAS
 (Linux CPU only) and what to do; ``generate`` prints it.
