@@ -2,7 +2,7 @@
 
 MLX's Linux CPU wheel links the reference BLAS (~5 GFLOP/s on a 64x576 @
 576x1536 matmul). Loading OpenBLAS with RTLD_GLOBAL *before* mlx is imported
-makes libmlx bind its cblas/LAPACK symbols there (~70-140 GFLOP/s on 2 cores).
+makes libmlx bind its cblas/LAPACK symbols there (~90 GFLOP/s on one EPYC core).
 
 Where it comes from, in order:
 
@@ -16,8 +16,9 @@ Where it comes from, in order:
    through two symbolic links in a temporary folder: no system package needed.
 3. A system OpenBLAS (``apt-get install libopenblas0-pthread``, ``dnf install
    openblas``): the fallback where the wheel is not installed (Linux aarch64 has
-   no ngsolve-openblas wheel). On the 2-core EPYC both run the same kernels at
-   the same speed (measurements in the README's Linux notes).
+   no ngsolve-openblas wheel). On the 2-core EPYC, Debian's OpenBLAS and the
+   wheel's on one thread decode at about the same speed (measurements in the
+   README's Linux notes).
 
 ``blas_notice()`` says in one line when matmuls run on the reference BLAS
 (Linux CPU only) and what to do; ``generate`` prints it.
