@@ -38,7 +38,8 @@ mx.eval(mx.ones((64, 576)) @ mx.ones((576, 1536)))
 maps = [line.split()[-1] for line in open("/proc/self/maps") if "/" in line]
 print(json.dumps({
     "in_use": backend.blas_in_use(),
-    "site": sorted(set(site.getsitepackages() + [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])),
+    "site": sorted(set(site.getsitepackages() + [site.getusersitepackages(), sysconfig.get_paths()["purelib"],
+                                                 sysconfig.get_paths()["platlib"]])),
     "gfortran": sorted({m for m in maps if "libgfortran" in m}),
     "notice": backend.blas_notice(),
 }))
