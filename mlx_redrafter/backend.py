@@ -84,7 +84,7 @@ def mlx_gfortran():
 
 def system_blas():
     for pattern in _SYSTEM_CANDIDATES:
-        found = glob.glob(pattern)
+        found = [f for f in glob.glob(pattern) if os.path.exists(f)]  # not a dangling link
         if found:
             return found[0]
     return None
