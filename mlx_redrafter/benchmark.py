@@ -71,7 +71,7 @@ def machine() -> str:
         except Exception:
             name = "GPU"
         return f"{name} ({platform.system()})"
-    return f"CPU {platform.processor() or platform.machine()} ({platform.system()}, BLAS: {backend.blas_library or 'reference'})"
+    return f"CPU {platform.processor() or platform.machine()} ({platform.system()}, BLAS: {backend.blas_in_use() or backend.blas_library or 'reference'})"
 
 
 def summarize(runs: Dict[str, List[dict]], greedy_reference: str = "mlx-lm plain") -> Dict[str, dict]:
