@@ -135,23 +135,6 @@ def _load(path):
         _load_beside_gfortran(path, gfortran)
 
 
-def _one_thread_unless_asked(path):
-    """The wheel's OpenBLAS (0.3.33) on one thread, unless OPENBLAS_NUM_THREADS says otherwise.
-
-    Measured on the 2-core EPYC while other work ran: it sends one-row matmuls
-    (every decode step) to a threaded GEMV that took 15.6 ms for a 1x576 @
-    576x1536 product on 2 threads against 0.3 ms on one, and decoded the default
-    model at 1-3 tokens/s on 2 threads against 11-13 on one (Debian's 0.3.21
-    does not do this).
-    """
-    if path != wheel_blas() or os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
-        return
-    try:
-        ctypes.CDLL(path).openblas_set_num_threads(1)
-    except (AttributeError, OSError):
-        pass
-
-
 def preload_blas():
     """On Linux, load an optimized BLAS globally before mlx; a no-op elsewhere."""
     global blas_library, blas_problem
@@ -171,7 +154,6 @@ def preload_blas():
         return None
     try:
         _load(path)
-        _one_thread_unless_asked(path)
     except OSError as e:
         blas_problem = f"could not load {path}: {e}"
         print(f"mlx-redrafter: could not load BLAS {path}: {e}", file=sys.stderr)
