@@ -61,9 +61,11 @@ def ranked_tree(levels: DraftLevels, g0: mx.array, lookup: mx.array, found: mx.a
     slot = mx.put_along_axis(mx.zeros((B, D * W), mx.int32), top, mx.broadcast_to(mx.arange(1, budget + 1, dtype=mx.int32), top.shape), axis=-1)
     depth = depth_of[top].astype(mx.int32)
     parent_candidate = (depth - 2) * W + mx.take_along_axis(levels.parents.reshape(B, D * W), top, axis=-1)
-    parents = mx.where(depth == 1, 0, mx.take_along_axis(slot, mx.maximum(parent_candidate, 0), axis=-1))
+    parent_slot = mx.take_along_axis(slot, mx.maximum(parent_candidate, 0), axis=-1)
+    parents = mx.where(depth == 1, 0, parent_slot)
     tokens = mx.take_along_axis(levels.tokens.reshape(B, D * W), top, axis=-1)
-    live = mx.isfinite(mx.take_along_axis(flat_scores, top, axis=-1))
+    # a child outranks its parent only at an exact tie (|score| past ~16k in fp32): never accept it then
+    live = mx.isfinite(mx.take_along_axis(flat_scores, top, axis=-1)) & ((depth == 1) | (parent_slot > 0))
     tokens = mx.concatenate([g0.astype(mx.int32)[:, None], tokens], axis=1)
     parents = mx.concatenate([mx.zeros((B, 1), mx.int32), parents], axis=1)
     depth = mx.concatenate([mx.zeros((B, 1), mx.int32), depth], axis=1)
