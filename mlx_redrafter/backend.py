@@ -213,6 +213,20 @@ def print_blas_notice(file=None):
         print(note, file=file or sys.stderr)
 
 
+def machine() -> str:
+    """This machine in one line, for benchmark results and for the key of `tune`'s stored choice."""
+    if on_gpu():
+        import mlx.core as mx
+
+        try:
+            name = mx.device_info().get("device_name", "GPU")
+        except Exception:
+            name = "GPU"
+        return f"{name} ({platform.system()})"
+    return (f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} ({platform.system()}, "
+            f"BLAS: {blas_in_use() or blas_library or 'reference'})")
+
+
 def on_gpu() -> bool:
     import mlx.core as mx
 

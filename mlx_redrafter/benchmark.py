@@ -2,7 +2,6 @@
 and mlx-lm's draft-model speculative decoding, interleaved prompt by prompt in one run."""
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from tqdm import tqdm
 
-from . import backend
+from .backend import machine
 from .beam_search import BeamShape
 from .evaluate import plot_grid
 from .generate import encode_prompt, stream_generate
@@ -61,17 +60,6 @@ def methods(model, config, drafter, shape: BeamShape, temp: float, with_mlx_lm_s
         draft = quantized_copy(ref)
         m["mlx-lm speculative (4-bit draft)"] = lambda tok, ids, n: run_mlx_lm(ref, tok, ids, n, draft)
     return m
-
-
-def machine() -> str:
-    dev = "GPU" if backend.on_gpu() else "CPU"
-    if dev == "GPU":
-        try:
-            name = mx.device_info().get("device_name", "GPU")
-        except Exception:
-            name = "GPU"
-        return f"{name} ({platform.system()})"
-    return f"CPU {platform.processor() or platform.machine()} ({platform.system()}, BLAS: {backend.blas_in_use() or backend.blas_library or 'reference'})"
 
 
 def summarize(runs: Dict[str, List[dict]], greedy_reference: str = "mlx-lm plain") -> Dict[str, dict]:

@@ -66,17 +66,6 @@ class Tuned:
         return cls(shape(data["greedy"]), shape(data["sampled"]), str(data["machine"]), list(data.get("rows", [])))
 
 
-def machine() -> str:
-    if backend.on_gpu():
-        try:
-            return str(mx.device_info().get("device_name", "GPU"))
-        except Exception:
-            return "GPU"
-    import platform
-
-    return f"CPU {platform.machine()} x{__import__('os').cpu_count()} BLAS {Path(backend.blas_library or 'reference').name}"
-
-
 def fingerprint(module) -> str:
     """A short id of a model or drafter: its configuration, dtype and a few of its weights
     (computed each time, so a model changed in place gets a new id)."""
@@ -90,7 +79,7 @@ def fingerprint(module) -> str:
 def settings_path(model, drafter) -> Path:
     from .loading import home
 
-    key = hashlib.sha256(f"{machine()}|{fingerprint(model)}|{fingerprint(drafter)}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{backend.machine()}|{fingerprint(model)}|{fingerprint(drafter)}".encode()).hexdigest()[:20]
     return home() / "tuned" / f"{key}.json"
 
 
@@ -154,7 +143,7 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, int
     best_g = max(range(len(shapes)), key=lambda i: speeds[i])
     best_s = max(sampled_speeds, key=lambda i: sampled_speeds[i])
     return Tuned(shapes[best_g] if speeds[best_g] >= MIN_GAIN * plain_g else None,
-                 shapes[best_s] if sampled_speeds[best_s] >= MIN_GAIN * plain_s else None, machine(), rows)
+                 shapes[best_s] if sampled_speeds[best_s] >= MIN_GAIN * plain_s else None, backend.machine(), rows)
 
 
 def _speeds(model, tokenizer, drafter, shape, ids, max_tokens, sampling, bar) -> float:
