@@ -2,7 +2,7 @@
 (`Decoder.draft`, `verify`, `commit`) are called one by one and each is evaluated on its
 own, next to the pipelined step (`Decoder.run`) and a plain token, in the same run.
 
-    python benchmarks/step_breakdown.py [--drafter D] [--settings ranked:4x4:12,beams:4x4] [--limit 5]
+    python benchmarks/step_breakdown.py [--drafter D] [--settings ranked:4x4:12,beams:4x4] [--limit 5] [--verify both]
 
 Prints a table and saves results/step_breakdown-<device>.json (--out).
 """
@@ -93,6 +93,8 @@ def main():
     p.add_argument("--settings", default="ranked:4x4:12,beams:4x4")
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--verify", choices=["default", "compiled", "eager", "both"], default="default",
+                   help="the tree forward as one mx.compile'd graph or built op by op (default: the backend's choice)")
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args()
     from tree_modes import parse_setting
@@ -105,15 +107,17 @@ def main():
     prompts = [encode_prompt(tok, t) for t in prompt_texts(args.prompts, args.limit, args.every)]
     sampling = SamplingConfig(temperature=args.temp, seed=0)
     rows = {}
-    print(f"{'setting':>18} {'tok/step':>8} " + " ".join(f"{k:>8}" for k in PHASES)
+    print(f"{'setting':>26} {'tok/step':>8} " + " ".join(f"{k:>8}" for k in PHASES)
           + f" {'sum':>8} {'pipelined':>9} {'plain':>6} {'step/plain':>10}  (ms)")
-    for text in args.settings.split(","):
-        decoder = Decoder(model, drafter, parse_setting(text, True), sampling)
+    modes = {"default": [None], "compiled": [True], "eager": [False], "both": [True, False]}[args.verify]
+    for text, compiled in ((t, c) for t in args.settings.split(",") for c in modes):
+        decoder = Decoder(model, drafter, parse_setting(text, True), sampling, compiled=compiled)
+        text += {None: "", True: " compiled", False: " eager"}[compiled]
         profile(decoder, model, tok, prompts[:1], 32)  # warm this setting's shapes
         r = profile(decoder, model, tok, prompts, args.max_tokens)
         rows[text] = r
         ms = r["ms_per_step"]
-        print(f"{text:>18} {r['tokens_per_step']:8.2f} " + " ".join(f"{ms[k]:8.2f}" for k in PHASES)
+        print(f"{text:>26} {r['tokens_per_step']:8.2f} " + " ".join(f"{ms[k]:8.2f}" for k in PHASES)
               + f" {r['sum_ms']:8.2f} {r['pipelined_ms_per_step']:9.2f} {r['plain_ms_per_token']:6.2f} {r['step_in_plain_tokens']:10.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.out / f"step_breakdown-{'gpu' if backend.on_gpu() else 'cpu'}.json"

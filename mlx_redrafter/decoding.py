@@ -31,7 +31,7 @@ from . import backend
 from .beam_search import BeamShape, draft_levels
 from .draft_tree import DraftTree, accept, ranked_tree
 from .generate import PREFILL_CHUNK
-from .kv_cache import SlotCache
+from .kv_cache import SlotCache, SlotView
 from .lookup import propose_on_device
 from .sampling import SamplingConfig, choose_tokens
 
@@ -72,7 +72,8 @@ class Decoder:
     ...     print(tokens[0], accepted[0])   # per step: row 0's new tokens, drafted tokens accepted
     """
 
-    def __init__(self, model, drafter, shape: BeamShape, sampling: SamplingConfig, slack: Optional[int] = None):
+    def __init__(self, model, drafter, shape: BeamShape, sampling: SamplingConfig, slack: Optional[int] = None,
+                 compiled: Optional[bool] = None):
         self.model, self.drafter, self.shape, self.sampling = model, drafter, shape, sampling
         depth = shape.length - 1
         final_beams = shape.tree == "beams"
@@ -84,6 +85,11 @@ class Decoder:
         self.tree = mx.compile(partial(_draft_tree, drafter, model, shape, self.budget, final_beams),
                                inputs=[drafter.state, model.state])
         """tree(hidden (B, H), g0 (B,), history (B, T), lengths (B,)) -> DraftTree, one compiled graph."""
+        verify = partial(_verify, model, sampling)
+        self._verify = mx.compile(verify, inputs=[model.state, mx.random.state], outputs=[mx.random.state]) \
+            if (backend.on_gpu() if compiled is None else compiled) else verify
+        # compiled by default on a GPU, where building the graph on the host costs more than running it
+        """verify(tokens, positions, ancestors, valid, start, buffers) -> (hidden, targets, buffers)"""
         self._accept = mx.compile(partial(_accept))  # MLX caches traces per function object: one per decoder
 
     def prefill(self, prompts: List[List[int]]) -> DecodeState:
@@ -116,9 +122,11 @@ class Decoder:
     def verify(self, state: DecodeState, tree: DraftTree) -> Tuple[mx.array, mx.array]:
         """One base-model forward over the tree: hidden states (B, N, H) and a target token per node (B, N)."""
         cache = state.cache
-        mask = cache.tree_mask(tree.ancestors)
-        hidden = self.model(tree.tokens, cache, cache.lengths[:, None] + tree.depth, mask)
-        return hidden, choose_tokens(self.model.logits(hidden), self.sampling)
+        view, valid = cache.reserve(tree.tokens.shape[1])
+        hidden, targets, buffers = self._verify(tree.tokens, cache.lengths[:, None] + tree.depth,
+                                                tree.ancestors, valid, view.start, view.state())
+        cache.store(SlotView(buffers, view.start))
+        return hidden, targets
 
     def commit(self, state: DecodeState, tree: DraftTree, hidden, targets) -> Tuple[DecodeState, Emitted]:
         """The acceptance rule, then the accepted nodes become committed (a mask update) and the
@@ -152,6 +160,13 @@ def _draft_tree(drafter, model, shape: BeamShape, budget: int, final_beams: bool
     else:
         proposal, found = levels.tokens[:, :, 0], mx.zeros(g0.shape, mx.bool_)
     return ranked_tree(levels, g0, proposal, found, budget, final_beams)
+
+
+def _verify(model, sampling: SamplingConfig, tokens, positions, ancestors, valid, start, buffers):
+    """The tree forward written at slot `start` of the buffers (see `SlotView`), a target per node."""
+    view = SlotView(buffers, start)
+    hidden = model(tokens, view, positions, view.tree_mask(ancestors, valid))
+    return hidden, choose_tokens(model.logits(hidden), sampling), view.state()
 
 
 def _accept(tree, targets, history, lengths):

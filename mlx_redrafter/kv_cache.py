@@ -117,14 +117,22 @@ class SlotCache(KVCache):
         self.bound = max(prompt_lengths)
         self.valid = mx.arange(self.span_for(self.length))[None] < self.lengths[:, None]
 
-    def tree_mask(self, ancestors: mx.array) -> mx.array:
-        """(B, 1, n, span) bool for a tree of n nodes written next: committed slots plus ancestors."""
-        n = ancestors.shape[-1]
-        span = -(-(self.length + n) // self.span_step) * self.span_step
+    def reserve(self, n: int):
+        """Hand out the n slots of the next tree: (view, valid), where view is a `SlotView` of the
+        buffers writing at the pointer and valid (B, span) the committed slots the tree may attend."""
+        start = self.allocate(n)
+        span = -(-self.length // self.span_step) * self.span_step
+        for layer in self.layers:
+            if layer.keys.shape[2] < span:
+                layer._grow(layer.keys, span)
         if self.valid.shape[1] < span:
             self.valid = mx.pad(self.valid, [(0, 0), (0, span - self.valid.shape[1])])
-        tree = mx.pad(ancestors, [(0, 0), (0, 0), (self.length, span - self.length - n)])
-        return (self.valid[:, None, :span] | tree)[:, None]
+        return SlotView(self.state(), mx.array(start, dtype=mx.int32)), self.valid[:, :span]
+
+    def store(self, view: "SlotView"):
+        """Take back the buffers a forward over `view` wrote."""
+        for layer, (keys, values) in zip(self.layers, view.pairs()):
+            layer.keys, layer.values = keys, values
 
     def commit(self, keep: mx.array, counts: mx.array, most: int):
         """After a tree of n nodes was written at the pointer (already advanced past it):
@@ -146,3 +154,41 @@ class SlotCache(KVCache):
             layer.take(order)
         self.valid = slots[None] < self.lengths[:, None]
         self.length = self.bound
+
+
+class SlotView:
+    """Slot buffers as plain arrays with the write pointer on the device, so that a forward
+    over a tree can be one `mx.compile`d graph (a host int start would retrace every step).
+
+    buffers: [k0, v0, k1, v1, ...] each (B, kv_heads, capacity, D); start: () int32.
+    """
+
+    def __init__(self, buffers: List[mx.array], start: mx.array):
+        self.layers = [_ViewLayer(k, v) for k, v in zip(buffers[::2], buffers[1::2])]
+        self.start = start
+
+    def allocate(self, n: int) -> mx.array:
+        return self.start
+
+    def tree_mask(self, ancestors: mx.array, valid: mx.array) -> mx.array:
+        """(B, 1, n, span) bool: the committed slots valid (B, span) plus each node's ancestors
+        (B, n, n), which sit at [start, start + n)."""
+        B, n, _ = ancestors.shape
+        tree = mx.slice_update(mx.zeros((B, n, valid.shape[1]), mx.bool_), ancestors, self.start[None], axes=(2,))
+        return (valid[:, None] | tree)[:, None]
+
+    def pairs(self):
+        return [(layer.keys, layer.values) for layer in self.layers]
+
+    def state(self) -> List[mx.array]:
+        return [a for pair in self.pairs() for a in pair]
+
+
+class _ViewLayer:
+    def __init__(self, keys: mx.array, values: mx.array):
+        self.keys, self.values = keys, values
+
+    def write(self, keys: mx.array, values: mx.array, start: mx.array, span: int):
+        self.keys = mx.slice_update(self.keys, keys, start[None], axes=(2,))
+        self.values = mx.slice_update(self.values, values, start[None], axes=(2,))
+        return self.keys[..., :span, :], self.values[..., :span, :]

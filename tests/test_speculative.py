@@ -108,9 +108,9 @@ def biased_accept(tree, targets):
     return accept(tree, forced)
 
 
-def sample_pairs(model, drafter, prompt, cfg):
+def sample_pairs(model, drafter, prompt, cfg, compiled=False):
     """Counts of the first two tokens, from the real decoding loop (context lookup on)."""
-    decoder = Decoder(model, drafter, BeamShape(2, 3), cfg)
+    decoder = Decoder(model, drafter, BeamShape(2, 3), cfg, compiled=compiled)
     counts = np.zeros((SMALL, SMALL))
     for _ in range(SAMPLES):
         tokens = []
@@ -136,12 +136,15 @@ def small():
     return model, tiny_drafter(model, "apple", seed=2, scale=8.0)
 
 
-@pytest.mark.parametrize("cfg", [SamplingConfig(temperature=1.0), SamplingConfig(temperature=1.5, top_k=6, top_p=0.95)])
-def test_sampling_is_lossless(small, cfg):
+@pytest.mark.parametrize("cfg, compiled", [(SamplingConfig(temperature=1.0), False),
+                                           (SamplingConfig(temperature=1.5, top_k=6, top_p=0.95), False),
+                                           (SamplingConfig(temperature=1.0), True)])
+def test_sampling_is_lossless(small, cfg, compiled):
+    """Also with the tree forward compiled (the GPU default), whose draws go through mx.random.state."""
     model, drafter = small
     mx.random.seed(11)
     probs = exact_joint(model, [3, 1], cfg)
-    counts = sample_pairs(model, drafter, [3, 1], cfg)
+    counts = sample_pairs(model, drafter, [3, 1], cfg, compiled)
     assert chi_square_p(counts, probs) > 1e-3
 
 
@@ -174,6 +177,26 @@ def test_two_rows_equal_plain_greedy(drafter_seed, variant, W, Lb, prompts, look
     n = 16
     plain = [tokens_of(model, tok, p, n)[0] for p in prompts]
     decoder = Decoder(model, tiny_drafter(model, variant, seed=drafter_seed, scale=3.0), BeamShape(W, Lb, lookup, nodes), SamplingConfig())
+    rows = [[], []]
+    for step, _ in decoder.run(prompts):
+        for row, new in zip(rows, step):
+            row += new
+        if min(len(r) for r in rows) >= n:
+            break
+    assert [r[:n] for r in rows] == plain
+
+
+@pytest.mark.parametrize("variant, W, Lb, lookup, nodes", [("apple", 2, 4, True, 0), ("reduced-vocab", 3, 5, False, 6)])
+def test_compiled_verify_equals_plain_greedy(variant, W, Lb, lookup, nodes):
+    """The tree forward as one mx.compile'd graph (writing at a device-side slot) through span growth
+    and compaction (slack 8), for two rows of different lengths."""
+    model = BASES[1]
+    tok = word_tokenizer(VOCAB)
+    tok._eos_token_ids = set()
+    prompts, n = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]], 60
+    plain = [tokens_of(model, tok, p, n)[0] for p in prompts]
+    drafter = tiny_drafter(model, variant, seed=3, scale=3.0)
+    decoder = Decoder(model, drafter, BeamShape(W, Lb, lookup, nodes), SamplingConfig(), slack=8, compiled=True)
     rows = [[], []]
     for step, _ in decoder.run(prompts):
         for row, new in zip(rows, step):
