@@ -102,13 +102,12 @@ class ModelArgs:
 
 
 def apply_rope(rope: nn.Module, x: mx.array, positions: Union[int, mx.array]) -> mx.array:
-    """Rotate x (B, heads, n, D) by positions: an int offset or a (B, n) array."""
+    """Rotate x (B, n, heads, D) by positions, an int offset or a (B, n) array: (B, heads, n, D)."""
     if isinstance(positions, int):
-        return rope(x, offset=positions)
-    B, H, n, D = x.shape
-    # mx.fast.rope takes one offset per batch row: fold the tokens into the batch.
-    folded = x.transpose(0, 2, 1, 3).reshape(B * n, H, 1, D)
-    rotated = rope(folded, offset=positions.reshape(-1))
+        return rope(x.transpose(0, 2, 1, 3), offset=positions)
+    B, n, H, D = x.shape
+    # mx.fast.rope takes one offset per batch row: fold the tokens into the batch (a free reshape here)
+    rotated = rope(x.reshape(B * n, H, 1, D), offset=positions.reshape(-1))
     return rotated.reshape(B, n, H, D).transpose(0, 2, 1, 3)
 
 
@@ -137,8 +136,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(self.rope, q.transpose(0, 2, 1, 3), positions)
-        k = apply_rope(self.rope, k.transpose(0, 2, 1, 3), positions)
+        q = apply_rope(self.rope, q, positions)
+        k = apply_rope(self.rope, k, positions)
         if cache is not None:
             k, v = cache.write(k, v, start, mask.shape[-1] if isinstance(mask, mx.array) else None)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
