@@ -230,6 +230,8 @@ def eval_drafter(model=None, tokenizer=None, drafter="auto", prompts=None, *, li
     if lookups is None:
         raise ValueError(f"lookup (--lookup) must be off, on or both, got {lookup!r}")
     widths, lengths = as_list(widths), as_list(lengths)
+    if not widths or not lengths:
+        raise ValueError(f"widths and lengths need one value each at least, got {widths} and {lengths}")
     for w in widths:  # bad shapes are refused before any work
         for length in lengths:
             BeamShape(w, length, nodes=nodes, tree=tree)

@@ -14,6 +14,10 @@ uninterrupted run reaches, because the data order depends only on seed and epoch
 `holdout` examples (chosen by the seed) are kept out of training; the drafter's
 per-position top-1 accuracy on them is reported at the end, the number that
 predicts acceptance (the training accuracy flatters an overfit drafter).
+
+`train` is the whole run (`mr.train`, and what `mlx-redrafter train` calls):
+load the base model, make the distillation data, `fit` the drafter, write
+training.json, return a `TrainResult`. `fit` is the loop over examples.
 """
 
 import json
