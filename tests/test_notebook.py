@@ -20,7 +20,7 @@ def test_quickstart_runs_top_to_bottom_in_a_kernel():
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # a cell that raises fails the run (CellExecutionError names the cell and the error)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
     assert "same text with and without the drafter" in text and "tokens per step: packaged drafter" in text
