@@ -16,7 +16,7 @@ import mlx_redrafter  # noqa: F401  (preloads the fast BLAS before mlx)
 import mlx.core as mx
 
 from mlx_redrafter import load
-from mlx_redrafter.benchmark import run_mlx_lm, run_ours
+from mlx_redrafter.speed import run_mlx_lm, run_ours
 from mlx_redrafter.generate import encode_prompt
 from mlx_redrafter.reference import to_mlx_lm
 

@@ -1,4 +1,4 @@
-"""Speed benchmark (also `mlx-redrafter benchmark`): see mlx_redrafter/benchmark.py.
+"""Speed benchmark (also `mlx-redrafter benchmark`): see mlx_redrafter/speed.py.
 
     python benchmarks/speed.py --limit 20 --max-tokens 128 --sweep-widths 1,2,4 --sweep-lengths 3,4,5,6
 """

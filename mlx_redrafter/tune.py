@@ -26,10 +26,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from tqdm.auto import tqdm
 
 from . import backend
 from .beam_search import BeamShape
+from .progress import progress as progress_bar
 from .sampling import SamplingConfig
 
 # (W, Lb, nodes) worth trying per device; the device default (beam_search.DEFAULT_SHAPE) is among them
@@ -129,7 +129,7 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, int
     shapes = [BeamShape(w, lb, True, n) for w, lb, n in candidates]
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     greedy, sampled = SamplingConfig(), SamplingConfig(temperature=temp, seed=0)
-    bar = tqdm(total=(len(shapes) + 1 + finalists + 1) * (len(ids) + 1), desc="tune", unit="run", disable=not progress)
+    bar = progress_bar(total=(len(shapes) + 1 + finalists + 1) * (len(ids) + 1), enabled=progress, desc="tune", unit="run")
     plain_g = _speeds(model, tokenizer, drafter, None, ids, max_tokens, greedy, bar)
     speeds = [_speeds(model, tokenizer, drafter, s, ids, max_tokens, greedy, bar) for s in shapes]
     ranked = sorted(range(len(shapes)), key=lambda i: -speeds[i])[:finalists]

@@ -13,7 +13,7 @@ from mlx_redrafter.distill import batch_generate
 from mlx_redrafter.drafter import DrafterConfig, init_drafter
 from mlx_redrafter.generate import encode_prompt
 from mlx_redrafter.sampling import SamplingConfig
-from mlx_redrafter.training import TrainConfig, train
+from mlx_redrafter.training import TrainConfig, fit
 
 model, tok = load(drafter=None)  # plain first; a random drafter below
 print("device", mx.default_device(), "dtype", model.model.norm.weight.dtype)
@@ -34,5 +34,5 @@ examples = [(rng.integers(0, 49152, 600).astype(np.int32), 100) for _ in range(6
 for head in ("shared", "reduced", "full"):
     cfg = TrainConfig(head=head, batch_size=16, epochs=1, max_steps=4, checkpoint_every=100)
     t = time.perf_counter()
-    _, m = train(model, examples, f"/tmp/smoke-{head}", cfg, progress=False)
+    _, m = fit(model, examples, f"/tmp/smoke-{head}", cfg, progress=False)
     print(f"train head={head}: {(time.perf_counter() - t) / 4:.3f} s/step (batch 16 x 640, incl. compile)")

@@ -145,7 +145,8 @@ def test_verbose_prints_mlx_lms_report(loaded, capsys):
 
 @pytest.mark.parametrize("name", ["load", "generate", "stream_generate", "BeamShape", "default_shape",
                                   "SamplingConfig", "load_drafter", "find_drafter", "Drafter", "Decoder",
-                                  "GenerationResponse"])
+                                  "GenerationResponse", "train", "TrainConfig", "TrainResult", "eval_drafter",
+                                  "EvalResult", "benchmark", "BenchmarkResult"])
 def test_public_names_are_top_level_with_an_example(name):
     obj = getattr(mr, name)
     assert name in mr.__all__ and obj.__doc__ and ">>>" in obj.__doc__

@@ -313,7 +313,7 @@ def test_train_out_is_checked_before_any_work(sandbox, monkeypatch):
 # ---- result files ----
 
 def test_benchmark_results_are_not_overwritten_without_force(tmp_path):
-    from mlx_redrafter import benchmark
+    from mlx_redrafter import speed as benchmark
 
     result = {"machine": "m", "dtype": "float32", "prompts": 1, "max_tokens": 1, "beam": [1, 2], "lookup": False,
               "summary": {}}
@@ -448,15 +448,16 @@ def test_ctrl_c_in_generate_keeps_the_text_and_exits_130(monkeypatch):
 
 def test_ctrl_c_in_train_exits_130_with_one_line(tmp_path, monkeypatch):
     import mlx_redrafter.distill as distill
+    import mlx_redrafter.loading as loading
     import mlx_redrafter.training as training
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mlx_redrafter, "load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(loading, "load", lambda *a, **k: (None, None))
     monkeypatch.setattr(distill, "make_distillation_data", lambda *a, **k: None)
     monkeypatch.setattr(distill, "read_sequences", lambda *a, **k: [])
-    monkeypatch.setattr(training, "train", interrupted)
+    monkeypatch.setattr(training, "fit", interrupted)
     (tmp_path / "p.jsonl").write_text('{"prompt": "t3 t4"}\n')
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--prompts", str(tmp_path / "p.jsonl")])
     assert r.exit_code == 130, r.output

@@ -16,7 +16,7 @@ from mlx_redrafter.distill import DataConfig, batch_generate, make_distillation_
 from mlx_redrafter.evaluate import acceptance, greedy_references, replay_acceptance
 from mlx_redrafter.generate import plain_steps
 from mlx_redrafter.sampling import SamplingConfig
-from mlx_redrafter.training import TrainConfig, train
+from mlx_redrafter.training import TrainConfig, fit
 
 VOCAB = 24
 
@@ -96,7 +96,7 @@ def weights(drafter):
 def test_resume_reaches_the_same_weights(base, tmp_path, monkeypatch):
     examples = read_sequences(tiny_data(base, tmp_path / "data"))
     cfg = TrainConfig(head="full", exit_dim=32, num_draft_layers=1, batch_size=8, epochs=2, checkpoint_every=4)
-    straight, _ = train(base, examples, tmp_path / "a", cfg, progress=False, save_dtype=mx.float32)
+    straight, _ = fit(base, examples, tmp_path / "a", cfg, progress=False, save_dtype=mx.float32)
     real_batches = training.batches
 
     def interrupted(examples, cfg, epoch):
@@ -107,11 +107,11 @@ def test_resume_reaches_the_same_weights(base, tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "batches", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(base, examples, tmp_path / "b", cfg, progress=False)
+        fit(base, examples, tmp_path / "b", cfg, progress=False)
     state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 8  # a usable checkpoint at the interruption
     monkeypatch.setattr(training, "batches", real_batches)
-    resumed, _ = train(base, examples, tmp_path / "b", cfg, resume=True, progress=False, save_dtype=mx.float32)
+    resumed, _ = fit(base, examples, tmp_path / "b", cfg, resume=True, progress=False, save_dtype=mx.float32)
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -121,7 +121,7 @@ def test_training_learns_what_the_base_model_says(base, tmp_path, head):
     examples = read_sequences(tiny_data(base, tmp_path / "data", n=96))
     cfg = TrainConfig(head=head, draft_vocab_size=16, batch_size=8, epochs=12, lr=3e-3, checkpoint_every=1000,
                       holdout=8)
-    drafter, metrics = train(base, examples, tmp_path / head, cfg, progress=False)
+    drafter, metrics = fit(base, examples, tmp_path / head, cfg, progress=False)
     assert metrics["final_top1_per_position"][0] > 0.5
     assert metrics["examples"] == 88 and metrics["heldout_examples"] == 8
     assert len(metrics["heldout_top1_per_position"]) == cfg.unroll and metrics["heldout_top1_per_position"][0] > 0.8
@@ -137,7 +137,7 @@ def trained(base, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     examples = read_sequences(tiny_data(base, tmp / "data", n=96))
     cfg = TrainConfig(head="full", exit_dim=32, batch_size=8, epochs=8, lr=3e-3, checkpoint_every=1000)
-    return train(base, examples, tmp / "drafter", cfg, progress=False)[0]
+    return fit(base, examples, tmp / "drafter", cfg, progress=False)[0]
 
 
 @pytest.mark.parametrize("shape", [BeamShape(2, 4, lookup=False), BeamShape(3, 3, lookup=True), BeamShape(1, 6)])

@@ -1,9 +1,12 @@
-"""Speed benchmark: mlx-lm plain, this project's plain decoder, ReDrafter greedy and sampled,
-and mlx-lm's draft-model speculative decoding, interleaved prompt by prompt in one run."""
+"""Speed benchmark (`mr.benchmark`, `mlx-redrafter benchmark`): mlx-lm plain, this project's plain
+decoder, ReDrafter greedy and sampled, and mlx-lm's draft-model speculative decoding, interleaved
+prompt by prompt in one run, every method warmed up first."""
 
 import json
 import statistics
+import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -11,13 +14,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
-from tqdm import tqdm
 
+from . import backend
 from .backend import machine
-from .beam_search import BeamShape
-from .evaluate import plot_grid
+from .beam_search import BeamShape, default_shape
+from .evaluate import as_list
 from .generate import encode_prompt, stream_generate
 from .outputs import atomic_file, check_new_files, write_file
+from .plots import grid
+from .progress import progress as progress_bar
 from .reference import to_mlx_lm
 from .sampling import SamplingConfig
 
@@ -46,7 +51,7 @@ def quantized_copy(ref, bits=4, group_size=64):
     return draft
 
 
-def methods(model, config, drafter, shape: BeamShape, temp: float, with_mlx_lm_spec: bool):
+def methods(model, config, drafter, shape: BeamShape, temp: Optional[float], with_mlx_lm_spec: bool):
     ref = to_mlx_lm(model, config)
     m = {
         "mlx-lm plain": lambda tok, ids, n: run_mlx_lm(ref, tok, ids, n),
@@ -54,6 +59,7 @@ def methods(model, config, drafter, shape: BeamShape, temp: float, with_mlx_lm_s
     }
     if drafter is not None:
         m["redrafter greedy"] = lambda tok, ids, n: run_ours(model, tok, ids, n, drafter, shape)
+    if drafter is not None and temp is not None:
         sampled = SamplingConfig(temperature=temp, seed=0)
         m[f"redrafter T={temp}"] = lambda tok, ids, n: run_ours(model, tok, ids, n, drafter, shape, sampled)
     if with_mlx_lm_spec:
@@ -81,13 +87,13 @@ def summarize(runs: Dict[str, List[dict]], greedy_reference: str = "mlx-lm plain
 
 
 def run_benchmark(model, tokenizer, config, drafter, prompts: List[str], max_tokens: int, shape: BeamShape,
-                  temp: float = 0.7, with_mlx_lm_spec: bool = True, progress: bool = True) -> Dict:
+                  temp: Optional[float] = 0.7, with_mlx_lm_spec: bool = True, progress: bool = True) -> Dict:
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     fns = methods(model, config, drafter, shape, temp, with_mlx_lm_spec)
     for fn in fns.values():  # warm up every shape (tree buckets included)
         fn(tokenizer, ids[0], max_tokens)
     runs = {name: [] for name in fns}
-    for i in tqdm(range(len(ids)), desc="benchmark", unit="prompt", disable=not progress):
+    for i in progress_bar(range(len(ids)), progress, desc="benchmark", unit="prompt"):
         for name, fn in fns.items():
             runs[name].append(fn(tokenizer, ids[i], max_tokens))
     return {"machine": machine(), "dtype": str(model.model.norm.weight.dtype), "max_tokens": max_tokens,
@@ -107,7 +113,7 @@ def run_sweep(model, tokenizer, config, drafter, prompts, max_tokens, widths, le
     run_mlx_lm(ref, tokenizer, ids[0], max_tokens)
     results = {s: [] for s in shapes}
     base = []
-    for i in tqdm(range(len(ids)), desc="sweep", unit="prompt", disable=not progress):
+    for i in progress_bar(range(len(ids)), progress, desc="sweep", unit="prompt"):
         base.append(run_mlx_lm(ref, tokenizer, ids[i], max_tokens)["tps"])
         for s in shapes:
             results[s].append(run_ours(model, tokenizer, ids[i], max_tokens, drafter, s))
@@ -150,8 +156,124 @@ def save(result: Dict, sweep: Optional[List[Dict]], out_dir, tag: str, force: bo
         md += "\n".join(f"| {r['width']} | {r['length']} | {r['median_tps']:.1f} | {r['speedup']:.2f}x | {r['tokens_per_step']:.2f} |" for r in sweep)
         md += f"\n\nBest: W={best['width']}, Lb={best['length']}: {best['speedup']:.2f}x\n"
         with atomic_file(files[2]) as tmp:
-            plot_grid(sweep, tmp, f"ReDrafter speedup over mlx-lm ({tag})", key="speedup",
+            grid(sweep, tmp, f"ReDrafter speedup over mlx-lm ({tag})", key="speedup",
                       label="speedup vs mlx-lm plain")
     write_file(files[0], json.dumps({**result, "sweep": sweep}, indent=2))
     write_file(files[1], md + "\n")
     return Path(out_dir)
+
+
+def default_tag() -> str:
+    return "gpu" if backend.on_gpu() else "cpu"
+
+
+@dataclass
+class BenchmarkResult:
+    """What `benchmark` measured (the table `mlx-redrafter benchmark` prints). `summary` per method:
+    median_tps, iqr_tps, speedup_vs_mlx_lm (median of per-prompt ratios), peak_gb,
+    tokens_per_step (ReDrafter), identical_to_mlx_lm (greedy); `per_prompt_tps` per method.
+
+    >>> b = mr.benchmark(model, tokenizer, prompts=["Name three rivers.", "Write a haiku."], max_tokens=64)
+    >>> b.speedup()   # ReDrafter greedy against mlx-lm plain
+    >>> b             # the table (Markdown in a notebook)
+    >>> b.plot()      # tokens/s per prompt and method, speedup per method
+    """
+
+    machine: str
+    dtype: str
+    max_tokens: int
+    prompts: int
+    beam: List[int]
+    lookup: bool
+    time: str
+    summary: Dict[str, dict]
+    per_prompt_tps: Dict[str, List[float]]
+    sweep: Optional[List[dict]] = None  # ReDrafter greedy over W x Lb: width, length, median_tps, speedup, tokens_per_step
+
+    def record(self) -> dict:
+        """The run as `save` writes it (speed-TAG.json), without the sweep."""
+        return {k: v for k, v in asdict(self).items() if k != "sweep"}
+
+    def speedup(self, method: str = "redrafter greedy") -> float:
+        """Median per-prompt speed of `method` over mlx-lm's plain decoding."""
+        if method not in self.summary:
+            raise KeyError(f"no method {method!r} in this benchmark: one of {', '.join(self.summary)}")
+        return self.summary[method]["speedup_vs_mlx_lm"]
+
+    def table(self) -> str:
+        return markdown(self.record())
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        speeds = ", ".join(f"{name} {row['speedup_vs_mlx_lm']:.2f}x" for name, row in self.summary.items())
+        return f"<BenchmarkResult {self.prompts} prompts, {self.max_tokens} tokens: {speeds}; print() it for the table>"
+
+    def _repr_markdown_(self) -> str:
+        return self.table()
+
+    def plot(self):
+        """Tokens per second for each prompt and method, and each method's speedup: a matplotlib Figure."""
+        from .plots import bars, figure
+
+        fig, (per_prompt, speedups) = figure(2)
+        bars(per_prompt, [str(i + 1) for i in range(self.prompts)], self.per_prompt_tps, "tokens per second",
+             "speed per prompt")
+        per_prompt.set_xlabel("prompt")
+        names = list(self.summary)
+        speedups.barh(names, [self.summary[n]["speedup_vs_mlx_lm"] for n in names])
+        speedups.axvline(1.0, color="k", lw=0.8)
+        speedups.invert_yaxis()
+        speedups.set_xlabel("speedup vs mlx-lm plain (median per prompt)")
+        speedups.set_title(f"{self.max_tokens} tokens, W x Lb = {self.beam[0]} x {self.beam[1]}", fontsize="medium")
+        return fig
+
+    def save(self, out, tag: Optional[str] = None, force: bool = False) -> Path:
+        """speed-TAG.json and .md (and speedup-TAG.png with a sweep) in `out`; TAG: cpu or gpu by default."""
+        return save(self.record(), self.sweep, out, tag or default_tag(), force)
+
+
+def benchmark(model=None, tokenizer=None, drafter="auto", prompts=None, *, limit: Optional[int] = None,
+              every: int = 1, max_tokens: int = 128, beam: Optional[BeamShape] = None, temp: Optional[float] = 0.7,
+              mlx_lm_speculative: bool = True, sweep_widths=None, sweep_lengths=(3, 4, 5, 6),
+              sweep_limit: Optional[int] = None, out=None, tag: Optional[str] = None, force: bool = False,
+              dtype="auto", progress: bool = True) -> BenchmarkResult:
+    """Speed of ReDrafter against plain decoding and mlx-lm, prompt by prompt (what `mlx-redrafter
+    benchmark` runs): mlx-lm plain, this package's plain decoder, ReDrafter greedy and sampled at
+    `temp` (None: skipped), and mlx-lm's speculative decoding with a 4-bit copy as its draft model
+    (mlx_lm_speculative=False: skipped). Greedy outputs are compared with mlx-lm's.
+
+    model, tokenizer, drafter: as in `eval_drafter`; without a drafter only plain decoders run.
+    prompts: a list, a prompt file, or None for MT-Bench (every `every`-th, the first `limit`).
+    beam: the `BeamShape` (default: `default_shape()`, the device's). sweep_widths: also time
+    ReDrafter greedy over these widths x `sweep_lengths` (on the first `sweep_limit` prompts).
+    out: also write speed-TAG.json/.md there.
+
+    >>> model, tokenizer = mr.load()
+    >>> b = mr.benchmark(model, tokenizer, prompts=["Name three rivers.", "Write a haiku."], max_tokens=64,
+    ...                  mlx_lm_speculative=False)
+    >>> b.plot()
+    """
+    from .data import prompt_texts
+    from .loading import model_for
+
+    sweep_grid = (as_list(sweep_widths), as_list(sweep_lengths)) if sweep_widths else None
+    tag = tag or default_tag()
+    if out is not None:
+        check_new_files(result_files(out, tag, sweep_grid is not None), force)  # before any work
+    base, tokenizer, draft = model_for(model, tokenizer, drafter, dtype)
+    if draft is None:
+        print("note: no drafter, so only the plain decoders are measured", file=sys.stderr)
+    texts = prompt_texts(prompts, limit, every)
+    config = getattr(base, "config", None) or {}
+    run = run_benchmark(base, tokenizer, config, draft, texts, max_tokens, beam or default_shape(), temp,
+                        mlx_lm_speculative, progress)
+    sweep = None
+    if sweep_grid is not None and draft is not None:
+        sweep = run_sweep(base, tokenizer, config, draft, texts[: sweep_limit or len(texts)], max_tokens,
+                          *sweep_grid, (beam or default_shape()).lookup, progress)
+    result = BenchmarkResult(**run, sweep=sweep)
+    if out is not None:
+        result.save(out, tag, force)
+    return result
