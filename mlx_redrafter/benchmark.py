@@ -120,6 +120,40 @@ def run_sweep(model, tokenizer, config, drafter, prompts, max_tokens, widths, le
     return rows
 
 
+def prefill_prompt(tokenizer, texts: List[str], n_tokens: int) -> List[int]:
+    """n_tokens of plain text ids: the prompts joined (repeated as needed), with no chat template."""
+    text = "\n\n".join(texts)
+    ids = list(tokenizer.encode(text))
+    if not ids:
+        raise ValueError("the prompts are empty: nothing to measure prefill on")
+    return (ids * (n_tokens // len(ids) + 1))[:n_tokens]
+
+
+def run_prefill(model, tokenizer, config, ids: List[int], rounds: int = 2) -> Dict:
+    """Prompt tokens/s of this project's prefill and mlx-lm's on the same weights, each as its own
+    generate reports it (prompt time: until the first token), warmed, interleaved, median of rounds."""
+    ref = to_mlx_lm(model, config)
+    fns = {
+        "ours": lambda p: next(stream_generate(model, tokenizer, p, drafter=None, max_tokens=1)).prompt_tps,
+        "mlx-lm": lambda p: next(mlx_lm_stream_generate(ref, tokenizer, mx.array(p), max_tokens=1)).prompt_tps,
+    }
+    for fn in fns.values():
+        fn(ids[: min(len(ids), 600)])  # warm up: a full chunk and a partial one
+    tps = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            tps[name].append(fn(ids))
+    median = {name: statistics.median(v) for name, v in tps.items()}
+    return {"tokens": len(ids), "rounds": rounds, "tps": tps, "median_tps": median,
+            "ratio_vs_mlx_lm": median["ours"] / median["mlx-lm"]}
+
+
+def prefill_line(prefill: Dict) -> str:
+    m = prefill["median_tps"]
+    return (f"Prefill of a {prefill['tokens']}-token prompt: ours {m['ours']:.0f} tokens/s, mlx-lm {m['mlx-lm']:.0f} "
+            f"tokens/s ({prefill['ratio_vs_mlx_lm']:.2f}x, median of {prefill['rounds']})")
+
+
 def markdown(result: Dict) -> str:
     lines = [f"Machine: {result['machine']}, dtype {result['dtype']}, {result['prompts']} prompts, "
              f"max {result['max_tokens']} tokens, beam W x Lb = {result['beam'][0]} x {result['beam'][1]}"
@@ -131,6 +165,8 @@ def markdown(result: Dict) -> str:
         tps = f"{r['tokens_per_step']:.2f}" if "tokens_per_step" in r else "1.00" if "plain" in name else "-"
         lines.append(f"| {name} | {r['median_tps']:.1f} | {r['iqr_tps'][0]:.1f}-{r['iqr_tps'][1]:.1f} | "
                      f"{r['speedup_vs_mlx_lm']:.2f}x | {tps} | {r['peak_gb']:.2f} | {ident} |")
+    if result.get("prefill"):
+        lines += ["", prefill_line(result["prefill"])]
     return "\n".join(lines)
 
 

@@ -355,6 +355,7 @@ def benchmark(
     sweep_lengths: str = typer.Option("3,4,5,6", "--sweep-lengths"),
     sweep_limit: Optional[int] = typer.Option(None, "--sweep-limit", min=1, help="Prompts used by the sweep."),
     no_mlx_lm_spec: bool = typer.Option(False, "--no-mlx-lm-spec", help="Skip mlx-lm's draft-model speculative decoding."),
+    prefill_tokens: int = typer.Option(3000, "--prefill-tokens", min=0, help="Also time the prefill of a prompt this long, ours against mlx-lm's (0: skip)."),
     out: Path = typer.Option(Path("results"), "--out"),
     tag: Optional[str] = typer.Option(None, "--tag", help="Name of the saved files (default: cpu or gpu)."),
     force: bool = typer.Option(False, "--force", help="Replace earlier speed-TAG.json/.md (and speedup-TAG.png) in --out."),
@@ -379,6 +380,11 @@ def benchmark(
     texts = prompt_texts(prompts, limit, every)
     shape = default_shape(beam_width, beam_length, lookup, nodes, tree)
     result = bench.run_benchmark(base, tokenizer, config, draft, texts, max_tokens, shape, temp, not no_mlx_lm_spec)
+    if prefill_tokens:
+        from .generate import context_window
+
+        n = min(prefill_tokens, (context_window(base) or prefill_tokens + 1) - 1)
+        result["prefill"] = bench.run_prefill(base, tokenizer, config, bench.prefill_prompt(tokenizer, texts, n))
     sweep = None
     if grid is not None and draft is not None:
         sweep = bench.run_sweep(base, tokenizer, config, draft, texts[: sweep_limit or len(texts)], max_tokens,
