@@ -310,6 +310,7 @@ def benchmark(
     sweep_lengths: str = typer.Option("3,4,5,6", "--sweep-lengths"),
     sweep_limit: Optional[int] = typer.Option(None, "--sweep-limit", min=1, help="Prompts used by the sweep."),
     no_mlx_lm_spec: bool = typer.Option(False, "--no-mlx-lm-spec", help="Skip mlx-lm's draft-model speculative decoding."),
+    prefill_tokens: int = typer.Option(3000, "--prefill-tokens", min=0, help="Also time the prefill of a prompt this long, ours against mlx-lm's (0: skip)."),
     out: Path = typer.Option(Path("results"), "--out"),
     tag: Optional[str] = typer.Option(None, "--tag", help="Name of the saved files (default: cpu or gpu)."),
     force: bool = typer.Option(False, "--force", help="Replace earlier speed-TAG.json/.md (and speedup-TAG.png) in --out."),
@@ -324,7 +325,8 @@ def benchmark(
     result = run_benchmark(model, drafter=drafter or "auto", prompts=prompts, limit=limit, every=every,
                            max_tokens=max_tokens, beam=default_shape(beam_width, beam_length, lookup, nodes, tree),
                            temp=temp, mlx_lm_speculative=not no_mlx_lm_spec, sweep_widths=sweep, sweep_lengths=lengths,
-                           sweep_limit=sweep_limit, out=out, tag=tag, force=force, dtype=dtype)
+                           sweep_limit=sweep_limit, out=out, tag=tag, force=force, dtype=dtype,
+                           prefill_tokens=prefill_tokens)
     typer.echo(result.table())
     typer.echo(f"saved {out}/speed-{tag}.json and .md" + (f", {out}/speedup-{tag}.png" if result.sweep else ""))
 

@@ -113,16 +113,20 @@ def read_conversations(path, limit: Optional[int] = None, all_turns: bool = Fals
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such prompt file: {path}")
+    import gzip
+    import zlib
+
     try:
         if path.suffix == ".gz":
-            import gzip
-
             text = gzip.decompress(path.read_bytes()).decode("utf-8")
         else:
             text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte offset {e.start}): convert it first, "
                          "e.g. `iconv -f latin1 -t utf-8`") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path} is not a whole gzip file ({e}): re-download it, or drop the .gz suffix "
+                         "if it is plain text") from None
     if text.lstrip().startswith("["):
         records = _json_records(text, path)
     else:

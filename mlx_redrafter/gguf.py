@@ -1,4 +1,4 @@
-"""Read a llama.cpp GGUF file: weights under mlx-lm names, config and tokenizer.
+"""Read a llama.cpp GGUF file: weights under mlx-lm names, and the model config (the tokenizer: gguf_tokenizer.py).
 
 `mx.load` parses GGUF itself. Q4_0/Q4_1/Q8_0 tensors arrive as MLX quantized
 triples (weight uint32, scales, biases; group size 32) and stay quantized;
@@ -32,24 +32,6 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-# llama.cpp's pre-tokenizer regexes for byte-level BPE vocabularies.
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
-_PRE_TOKENIZERS = {
-    "gpt2": [_GPT2],
-    "smollm": [r"\p{N}", _GPT2],
-    "starcoder": [r"\p{N}", _GPT2],
-    "llama-bpe": [_LLAMA3],
-    "llama3": [_LLAMA3],
-    "qwen2": [_QWEN2],
-    "default": [_GPT2],
-}
-
 
 # ---- header validation: MLX's C loader trusts every count, length and offset in the
 # file (a 24-byte file can make it read gigabytes past the end or divide by zero),
@@ -216,7 +198,7 @@ def _check_header(h: _Header) -> int:
     return decoded
 
 
-def _meta_value(v):
+def meta_value(v):
     if isinstance(v, mx.array):
         return v.item() if v.size == 1 else v.tolist()
     return v
@@ -233,7 +215,7 @@ def _config(meta: dict, weights: dict) -> dict:
             "this GGUF stores Llama 3.1 rope frequencies (rope_freqs), which mlx-redrafter does not "
             "read: load the Hugging Face or mlx-lm checkpoint instead"
         )
-    m = lambda key, default=None: _meta_value(meta.get(f"{arch}.{key}", default))
+    m = lambda key, default=None: meta_value(meta.get(f"{arch}.{key}", default))
     heads = m("attention.head_count")
     hidden = m("embedding_length")
     for key, value in (("attention.head_count", heads), ("embedding_length", hidden)):
@@ -317,52 +299,3 @@ def load_gguf(path: str) -> Tuple[Dict[str, mx.array], dict, dict]:
         config["quantization"] = quant
     return weights, config, meta
 
-
-def build_tokenizer(meta: dict):
-    """A transformers fast tokenizer built from GGUF metadata (byte-level BPE vocabularies)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(
-            f"GGUF tokenizer type {kind!r} is not supported (only byte-level BPE, 'gpt2'): "
-            "pass a Hugging Face model directory instead"
-        )
-    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
-    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
-        raise ValueError("GGUF metadata tokenizer.ggml.tokens is missing or not a list of strings")
-    if not (isinstance(merges, list) and all(isinstance(m, str) and " " in m for m in merges)):
-        raise ValueError("GGUF metadata tokenizer.ggml.merges is missing or not a list of 'a b' strings")
-    merges = [tuple(m.split(" ", 1)) for m in merges]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=False))
-    regexes = _PRE_TOKENIZERS.get(meta.get("tokenizer.ggml.pre", "default"), _PRE_TOKENIZERS["default"])
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    types = _meta_value(meta.get("tokenizer.ggml.token_type")) or []
-    if not isinstance(types, list):
-        types = [types]
-    special = [tokens[i] for i, t in enumerate(types[: len(tokens)]) if t in (3, 4)]  # control, user-defined
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-
-    def token(key):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if i is None:
-            return None
-        i = _meta_value(i)
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(tokens):
-            raise ValueError(f"GGUF metadata tokenizer.ggml.{key}_token_id = {str(i)[:40]} is not a token id "
-                             f"(the vocabulary has {len(tokens)} tokens)")
-        return tokens[i]
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=token("bos"),
-        eos_token=token("eos"),
-        unk_token=token("unknown"),
-        pad_token=token("padding"),
-        chat_template=meta.get("tokenizer.chat_template"),
-    )

@@ -24,7 +24,8 @@ from mlx_lm.utils import dequantize_model
 
 from . import backend
 from .drafter import Drafter, check_config_against_base, load_drafter
-from .gguf import build_tokenizer, load_gguf
+from .gguf import load_gguf
+from .gguf_tokenizer import build_tokenizer
 from .llama import Model, ModelArgs
 from .validate import check_safetensors, read_json_object
 

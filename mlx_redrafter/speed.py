@@ -126,6 +126,40 @@ def run_sweep(model, tokenizer, config, drafter, prompts, max_tokens, widths, le
     return rows
 
 
+def prefill_prompt(tokenizer, texts: List[str], n_tokens: int) -> List[int]:
+    """n_tokens of plain text ids: the prompts joined (repeated as needed), with no chat template."""
+    text = "\n\n".join(texts)
+    ids = list(tokenizer.encode(text))
+    if not ids:
+        raise ValueError("the prompts are empty: nothing to measure prefill on")
+    return (ids * (n_tokens // len(ids) + 1))[:n_tokens]
+
+
+def run_prefill(model, tokenizer, config, ids: List[int], rounds: int = 2) -> Dict:
+    """Prompt tokens/s of this project's prefill and mlx-lm's on the same weights, each as its own
+    generate reports it (prompt time: until the first token), warmed, interleaved, median of rounds."""
+    ref = to_mlx_lm(model, config)
+    fns = {
+        "ours": lambda p: next(stream_generate(model, tokenizer, p, drafter=None, max_tokens=1)).prompt_tps,
+        "mlx-lm": lambda p: next(mlx_lm_stream_generate(ref, tokenizer, mx.array(p), max_tokens=1)).prompt_tps,
+    }
+    for fn in fns.values():
+        fn(ids[: min(len(ids), 600)])  # warm up: a full chunk and a partial one
+    tps = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            tps[name].append(fn(ids))
+    median = {name: statistics.median(v) for name, v in tps.items()}
+    return {"tokens": len(ids), "rounds": rounds, "tps": tps, "median_tps": median,
+            "ratio_vs_mlx_lm": median["ours"] / median["mlx-lm"]}
+
+
+def prefill_line(prefill: Dict) -> str:
+    m = prefill["median_tps"]
+    return (f"Prefill of a {prefill['tokens']}-token prompt: ours {m['ours']:.0f} tokens/s, mlx-lm {m['mlx-lm']:.0f} "
+            f"tokens/s ({prefill['ratio_vs_mlx_lm']:.2f}x, median of {prefill['rounds']})")
+
+
 def markdown(result: Dict) -> str:
     lines = [f"Machine: {result['machine']}, dtype {result['dtype']}, {result['prompts']} prompts, "
              f"max {result['max_tokens']} tokens, beam W x Lb = {result['beam'][0]} x {result['beam'][1]}"
@@ -137,6 +171,8 @@ def markdown(result: Dict) -> str:
         tps = f"{r['tokens_per_step']:.2f}" if "tokens_per_step" in r else "1.00" if "plain" in name else "-"
         lines.append(f"| {name} | {r['median_tps']:.1f} | {r['iqr_tps'][0]:.1f}-{r['iqr_tps'][1]:.1f} | "
                      f"{r['speedup_vs_mlx_lm']:.2f}x | {tps} | {r['peak_gb']:.2f} | {ident} |")
+    if result.get("prefill"):
+        lines += ["", prefill_line(result["prefill"])]
     return "\n".join(lines)
 
 
@@ -189,6 +225,7 @@ class BenchmarkResult:
     summary: Dict[str, dict]
     per_prompt_tps: Dict[str, List[float]]
     sweep: Optional[List[dict]] = None  # ReDrafter greedy over W x Lb: width, length, median_tps, speedup, tokens_per_step
+    prefill: Optional[dict] = None  # a long prompt's prefill tokens/s, ours against mlx-lm's (`run_prefill`)
 
     def record(self) -> dict:
         """The run as `save` writes it (speed-TAG.json), without the sweep."""
@@ -238,7 +275,7 @@ def benchmark(model=None, tokenizer=None, drafter="auto", prompts=None, *, limit
               every: int = 1, max_tokens: int = 128, beam: Optional[BeamShape] = None, temp: Optional[float] = 0.7,
               mlx_lm_speculative: bool = True, sweep_widths=None, sweep_lengths=(3, 4, 5, 6),
               sweep_limit: Optional[int] = None, out=None, tag: Optional[str] = None, force: bool = False,
-              dtype="auto", progress: bool = True) -> BenchmarkResult:
+              dtype="auto", progress: bool = True, prefill_tokens: int = 0) -> BenchmarkResult:
     """Speed of ReDrafter against plain decoding and mlx-lm, prompt by prompt (what `mlx-redrafter
     benchmark` runs): mlx-lm plain, this package's plain decoder, ReDrafter greedy and sampled at
     `temp` (None: skipped), and mlx-lm's speculative decoding with a 4-bit copy as its draft model
@@ -248,7 +285,8 @@ def benchmark(model=None, tokenizer=None, drafter="auto", prompts=None, *, limit
     prompts: a list, a prompt file, or None for MT-Bench (every `every`-th, the first `limit`).
     beam: the `BeamShape` (default: `default_shape()`, the device's). sweep_widths: also time
     ReDrafter greedy over these widths x `sweep_lengths` (on the first `sweep_limit` prompts).
-    out: also write speed-TAG.json/.md there.
+    out: also write speed-TAG.json/.md there. prefill_tokens: also time the prefill of a prompt this
+    long (capped by the context window), ours against mlx-lm's.
 
     >>> model, tokenizer = mr.load()
     >>> b = mr.benchmark(model, tokenizer, prompts=["Name three rivers.", "Write a haiku."], max_tokens=64,
@@ -273,7 +311,13 @@ def benchmark(model=None, tokenizer=None, drafter="auto", prompts=None, *, limit
     if sweep_grid is not None and draft is not None:
         sweep = run_sweep(base, tokenizer, config, draft, texts[: sweep_limit or len(texts)], max_tokens,
                           *sweep_grid, (beam or default_shape()).lookup, progress)
-    result = BenchmarkResult(**run, sweep=sweep)
+    prefill = None
+    if prefill_tokens:
+        from .generate import context_window
+
+        n = min(prefill_tokens, (context_window(base) or prefill_tokens + 1) - 1)
+        prefill = run_prefill(base, tokenizer, config, prefill_prompt(tokenizer, texts, n))
+    result = BenchmarkResult(**run, sweep=sweep, prefill=prefill)
     if out is not None:
         result.save(out, tag, force)
     return result

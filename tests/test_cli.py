@@ -65,3 +65,17 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     rows = json.loads((tmp_path / "eval" / "acceptance.json").read_text())
     assert [(x["width"], x["length"], x["lookup"]) for x in rows] == [(1, 3, False), (2, 3, False), (1, 3, True), (2, 3, True)]
     assert (tmp_path / "eval" / "acceptance.png").exists()
+
+
+def test_benchmark_reports_prefill_beside_mlx_lm(tmp_path):
+    config = tiny_config(vocab_size=64)
+    model_dir = write_model_dir(tmp_path / "m", tiny_model(config), config)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"t{i} t{i + 1} t{i + 2}"}) + "\n" for i in range(2, 5)))
+    r = run("benchmark", "--model", str(model_dir), "--prompts", str(prompts), "--limit", "2", "--max-tokens", "4",
+            "--no-mlx-lm-spec", "--prefill-tokens", "100", "--out", str(tmp_path / "out"))
+    assert r.exit_code == 0, r.output
+    assert "Prefill of a 100-token prompt: ours" in r.output and "mlx-lm" in r.output
+    prefill = json.loads((tmp_path / "out" / "speed-cpu.json").read_text())["prefill"]
+    assert prefill["tokens"] == 100 and all(t > 0 for v in prefill["tps"].values() for t in v)
+    assert "Prefill of a 100-token prompt" in (tmp_path / "out" / "speed-cpu.md").read_text()
