@@ -252,6 +252,7 @@ def train(
     from .distill import DataConfig, make_distillation_data, read_sequences
     from .training import TrainConfig, train as run_training
 
+    from .distributed import world
     from .loading import is_default_model
     from .outputs import claim_dir, write_file
 
@@ -287,6 +288,8 @@ def train(
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: checkpoint saved in {out / 'checkpoint'}; rerun with --resume", err=True)
         raise typer.Exit(130)
+    if not world().is_main:  # under mlx.launch, rank 0 writes and reports
+        return
     write_file(out / "training.json", _json.dumps(metrics, indent=2))
     typer.echo(f"drafter written to {out / 'drafter'} ({metrics['steps']} steps, {metrics['wall_seconds']} s, "
                f"final loss {metrics['final_loss']:.3f}, top-1 per position {metrics['final_top1_per_position']}"
