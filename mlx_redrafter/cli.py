@@ -243,6 +243,7 @@ def train(
     dtype: str = typer.Option("auto", "--dtype", help="Base model dtype."),
 ):
     """Train a drafter by distillation from the base model."""
+    from .distributed import world
     from .training import TrainConfig, TrainingInterrupted, train as run_training
 
     check_seed(seed)
@@ -258,7 +259,8 @@ def train(
     except TrainingInterrupted as e:
         typer.echo(f"\n{e}", err=True)
         raise typer.Exit(130)
-    typer.echo(result.summary())
+    if world().is_main:  # under mlx.launch, rank 0 reports
+        typer.echo(result.summary())
 
 
 @app.command("eval-drafter")
@@ -397,6 +399,32 @@ def convert_drafter_cmd(
         base_model = load(base, drafter=None)[0]
     path = convert_drafter(src, out, base_model, dtype, force)
     typer.echo(f"converted {src} -> {path}")
+
+
+@app.command("export")
+@guarded
+def export_cmd(
+    drafter: Path = typer.Argument(..., help="Drafter directory (or a `train --out` directory)."),
+    out: Path = typer.Argument(..., help="Output folder: config.json + model.safetensors."),
+    fmt: str = typer.Option("trtllm", "--format", help="trtllm: what TensorRT-LLM's examples/redrafter/convert_checkpoint.py reads as --drafter_model_dir."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model: checks the drafter against it; needed for a drafter that shares its LM head."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32 (the converter casts to its own --dtype)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if mlx-redrafter wrote it (or it is empty)."),
+):
+    """Export a drafter for another engine (TensorRT-LLM's ReDrafter)."""
+    from .convert import output_dtype
+    from .export import FORMATS, export_drafter
+
+    if fmt not in FORMATS:
+        fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    output_dtype(dtype)  # an unknown --dtype is refused before the base model loads
+    base_model = None
+    if base is not None:
+        from . import load
+
+        base_model = load(base, drafter=None)[0]
+    path = export_drafter(drafter, out, fmt, base_model, dtype, force)
+    typer.echo(f"exported {drafter} -> {path} (TensorRT-LLM: convert_checkpoint.py --drafter_model_dir {path})")
 
 
 def main():

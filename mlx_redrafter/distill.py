@@ -2,11 +2,17 @@
 
     out/manifest.json          settings, prompt count and a fingerprint of the prompts
     out/shard-00000.npz        tokens (concatenated; uint16 when the vocabulary fits), offsets (n+1,), prompt_lens (n,)
+    out/manifest-rank-00000.json   which shards each rank wrote (with how many prompts and tokens)
 
 Shards are written atomically (compressed); a rerun skips the shards already
 on disk, so an interrupted run resumes where it stopped, and refuses a
 directory made with other settings or prompts. Files are read with
 allow_pickle=False.
+
+Under `mlx.launch -n N` (distributed.py) rank r writes shards r, r + N, r + 2N,
+...: each shard's prompts, batches and sampling seed are the same whichever
+rank writes it, so the N ranks together write exactly what one process would,
+and each resumes its own shards.
 """
 
 import hashlib
@@ -14,12 +20,13 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import mlx.core as mx
 import numpy as np
 
 from .data import Conversation
+from .distributed import World, world as current_world
 from .generate import encode_messages
 from .outputs import write_file
 from .progress import progress as progress_bar
@@ -94,8 +101,30 @@ def _fingerprint(conversations: List[Conversation]) -> str:
     return digest.hexdigest()[:16]
 
 
-def make_distillation_data(model, tokenizer, conversations: List[Conversation], out, cfg: DataConfig, progress=True) -> Path:
-    """Write shards of prompt + response token sequences under `out` (resumable)."""
+def shard_seed(seed: int, shard: int) -> int:
+    """The sampling seed of one shard: the same whichever rank writes it, and after a resume."""
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
+
+
+def _record_rank(out: Path, world: World, shard: Path, sequences: List[List[int]]):
+    """Add a shard to this rank's manifest (manifest-rank-RRRRR.json)."""
+    path = out / f"manifest-rank-{world.rank:05d}.json"
+    record = {"rank": world.rank, "ranks": world.size, "shards": {}}
+    if path.exists():
+        record["shards"] = read_json_object(path, "a rank manifest", "use another --data directory").get("shards", {})
+    record["shards"][shard.name] = {"prompts": len(sequences), "tokens": int(sum(len(s) for s in sequences))}
+    record["ranks"] = world.size
+    write_file(path, json.dumps(record, indent=2))
+
+
+def shard_size(cfg: DataConfig) -> int:
+    return max(cfg.shard_size, cfg.batch_size)
+
+
+def make_distillation_data(model, tokenizer, conversations: List[Conversation], out, cfg: DataConfig, progress=True,
+                           world: Optional[World] = None) -> Path:
+    """Write shards of prompt + response token sequences under `out` (resumable; split over `world`'s ranks)."""
+    world = world or current_world()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"config": asdict(cfg), "prompts": len(conversations), "fingerprint": _fingerprint(conversations)}
@@ -104,18 +133,20 @@ def make_distillation_data(model, tokenizer, conversations: List[Conversation], 
         old = read_json_object(existing, "a data manifest", "use another --data directory")
         if {k: old.get(k) for k in manifest} != manifest:
             raise ValueError(f"{out} holds data made with other settings or prompts: use another --data directory")
-    write_file(existing, json.dumps(manifest, indent=2))
+    if world.is_main:
+        write_file(existing, json.dumps(manifest, indent=2))
     sampling = SamplingConfig(temperature=cfg.temperature)
-    mx.random.seed(cfg.seed)
-    size = max(cfg.shard_size, cfg.batch_size)
-    n_shards = -(-len(conversations) // size)
-    bar = progress_bar(total=len(conversations), enabled=progress, desc="distillation data", unit="prompt")
-    for k in range(n_shards):
+    size = shard_size(cfg)
+    mine = range(world.rank, -(-len(conversations) // size), world.size)
+    bar = progress_bar(total=sum(len(conversations[k * size: (k + 1) * size]) for k in mine), desc="distillation data",
+                       unit="prompt", enabled=progress and world.is_main)
+    for k in mine:
         shard = out / f"shard-{k:05d}.npz"
         chunk = conversations[k * size: (k + 1) * size]
         if shard.exists():
             bar.update(len(chunk))
             continue
+        mx.random.seed(shard_seed(cfg.seed, k))
         prompts = [encode_messages(tokenizer, c.messages())[-cfg.max_prompt_tokens:] for c in chunk]
         if cfg.responses == "dataset":
             replies = [_encode_reply(tokenizer, c, cfg.max_new_tokens) if c.reference else [] for c in chunk]
@@ -128,11 +159,24 @@ def make_distillation_data(model, tokenizer, conversations: List[Conversation], 
                 for j, o in zip(idx, outs):
                     replies[j] = o
                 bar.update(len(idx))
-        _write_shard(shard, [p + r for p, r in zip(prompts, replies)], [len(p) for p in prompts])
+        sequences = [p + r for p, r in zip(prompts, replies)]
+        _write_shard(shard, sequences, [len(p) for p in prompts])
+        _record_rank(out, world, shard, sequences)
         if cfg.responses == "dataset":
             bar.update(len(chunk))
     bar.close()
+    world.barrier()  # every rank's shards are written before any rank reads them
     return out
+
+
+def missing_shards(data_dir: Path) -> List[str]:
+    """The shards the manifest promises that are not in `data_dir` (another machine's rank wrote them)."""
+    manifest = read_json_object(data_dir / "manifest.json", "a data manifest", "use another --data directory")
+    try:
+        n = -(-int(manifest["prompts"]) // shard_size(DataConfig(**manifest["config"])))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{data_dir / 'manifest.json'} is not a data manifest: use another --data directory") from None
+    return [f"shard-{k:05d}.npz" for k in range(n) if not (data_dir / f"shard-{k:05d}.npz").exists()]
 
 
 def read_sequences(data_dir) -> List[tuple]:
@@ -141,6 +185,11 @@ def read_sequences(data_dir) -> List[tuple]:
     shards = sorted(data_dir.glob("shard-*.npz"))
     if not shards:
         raise FileNotFoundError(f"no distillation data in {data_dir}: run `mlx-redrafter train` with --prompts first")
+    missing = missing_shards(data_dir) if (data_dir / "manifest.json").exists() else []
+    if missing:
+        raise FileNotFoundError(f"{data_dir} lacks {missing[0]} ({len(missing)} of the manifest's shards missing): "
+                                "if other machines wrote them, copy their shards here or put --data on a shared disk; "
+                                "else rerun the data generation to finish it")
     examples = []
     for shard in shards:
         with np.load(shard, allow_pickle=False) as z:

@@ -18,6 +18,12 @@ predicts acceptance (the training accuracy flatters an overfit drafter).
 `train` is the whole run (`mr.train`, and what `mlx-redrafter train` calls):
 load the base model, make the distillation data, `fit` the drafter, write
 training.json, return a `TrainResult`. `fit` is the loop over examples.
+
+Data parallel under `mlx.launch -n N` (distributed.py): every rank walks the
+same global batches and takes its contiguous 1/N of the rows; the loss is a sum
+over (start, step) pairs, so the sums of the ranks' gradients and counts give
+exactly the global batch's mean gradient. Rank 0's initial (or resumed)
+weights and optimizer state are sent to all; only rank 0 writes.
 """
 
 import json
@@ -30,8 +36,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .distributed import World, world as current_world
 from .drafter import DrafterConfig, init_drafter, load_drafter, save_drafter, write_drafter_files
 from .loading import cast
 from .outputs import atomic_output, claim_dir, write_file
@@ -130,10 +137,10 @@ def make_batch(rows, seq_len: int, unroll: int) -> Batch:
 
 
 def batches(examples, cfg: TrainConfig, epoch: int):
-    """Deterministic batches of one epoch."""
+    """Deterministic global batches of one epoch: lists of cfg.batch_size examples (each rank takes its part)."""
     order = np.random.default_rng(cfg.seed + epoch).permutation(len(examples))
     for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-        yield make_batch([examples[j] for j in order[i: i + cfg.batch_size]], cfg.seq_len, cfg.unroll)
+        yield [examples[j] for j in order[i: i + cfg.batch_size]]
 
 
 def split_holdout(examples, cfg: TrainConfig):
@@ -185,13 +192,20 @@ def heldout_top1(drafter, base, examples, cfg: TrainConfig, token_to_draft) -> L
 
 
 def drafter_loss(drafter, base, hidden, embeds, targets, valid, cfg: TrainConfig, token_to_draft, teacher):
-    """Mean loss over valid (start, step) pairs and top-1 accuracy per step (K,).
+    """Mean loss over valid (start, step) pairs and top-1 accuracy per step (K,); see drafter_sums."""
+    total, hits, counts = drafter_sums(drafter, base, hidden, embeds, targets, valid, cfg, token_to_draft, teacher)
+    return total / mx.maximum(counts.sum(), 1), hits / mx.maximum(counts, 1)
+
+
+def drafter_sums(drafter, base, hidden, embeds, targets, valid, cfg: TrainConfig, token_to_draft, teacher):
+    """Summed loss over valid (start, step) pairs, top-1 hits per step (K,) and valid pairs per step (K,).
 
     hidden (N, H) at the start positions; embeds (K, N, H) of the tokens step k
     consumes; targets, valid (K, N); teacher: (indices, probs) (K, N, k) or None.
+    Sums, not means, so that ranks holding parts of one batch can add them.
     """
     state = mx.zeros(hidden.shape, dtype=hidden.dtype)
-    total, count, accs = 0.0, 0.0, []
+    total, hits, counts = 0.0, [], []
     for k in range(cfg.unroll):
         state = drafter.next_state(state, embeds[k])
         logits = drafter(hidden, state, base).astype(mx.float32)
@@ -211,9 +225,9 @@ def drafter_loss(drafter, base, hidden, embeds, targets, valid, cfg: TrainConfig
             nll = nll + cfg.kl_weight * -(probs * mx.take_along_axis(logprobs, idx, axis=-1)).sum(axis=-1)
         okf = ok.astype(mx.float32)
         total = total + (nll * okf).sum()
-        count = count + okf.sum()
-        accs.append(((logits.argmax(axis=-1) == target) * okf).sum() / mx.maximum(okf.sum(), 1))
-    return total / mx.maximum(count, 1), mx.stack(accs)
+        hits.append(((logits.argmax(axis=-1) == target) * okf).sum())
+        counts.append(okf.sum())
+    return total, mx.stack(hits), mx.stack(counts)
 
 
 def schedule(cfg: TrainConfig, total_steps: int):
@@ -222,6 +236,17 @@ def schedule(cfg: TrainConfig, total_steps: int):
         [optim.linear_schedule(cfg.lr * 1e-3, cfg.lr, warm), optim.cosine_decay(cfg.lr, max(1, total_steps - warm), cfg.lr * 0.01)],
         [warm],
     )
+
+
+def shared_start(world: World, drafter, optimizer, step: int) -> int:
+    """Rank 0's weights, optimizer state and step on every rank (a fresh optimizer is initialised first)."""
+    if world.size == 1:
+        return step
+    if {k for k, _ in tree_flatten(optimizer.state)} <= {"step", "learning_rate"}:  # not initialised yet
+        optimizer.init(drafter.trainable_parameters())
+    drafter.update(world.broadcast(drafter.parameters()))
+    optimizer.state = world.broadcast(optimizer.state)
+    return int(world.broadcast(mx.array(step)).item())
 
 
 def save_checkpoint(path: Path, drafter, optimizer, step: int, extra: dict):
@@ -245,13 +270,20 @@ def load_checkpoint(path: Path, base, optimizer):
 
 
 def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False, progress: bool = True,
-        save_dtype=mx.float16, record: Optional[dict] = None, save_bits: Optional[int] = None):
+        save_dtype=mx.float16, record: Optional[dict] = None, save_bits: Optional[int] = None,
+        world: Optional[World] = None):
     """The training loop: a drafter on (tokens, prompt_len) examples, written to `out/drafter`.
 
     Returns (drafter, metrics); metrics are what the drafter's config.json records,
-    plus "loss_history", the loss of each step this call ran."""
-    out = claim_dir(out, what="train")  # new, empty or ours; never the cwd, home or root
+    plus "loss_history", the loss of each step this call ran.
+    world: the ranks sharing every batch (default: the `mlx.launch` group, else this process alone)."""
+    world = world or current_world()
+    if cfg.batch_size % world.size:
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world.size} processes: "
+                         f"use a multiple of {world.size}")
+    out = claim_dir(out, what="train") if world.is_main else Path(out)  # new, empty or ours; never the cwd, home or root
     checkpoint = out / "checkpoint"
+    progress = progress and world.is_main
     examples, heldout = split_holdout(examples, cfg)
     per_epoch = steps_per_epoch(examples, cfg)
     if per_epoch == 0:
@@ -262,23 +294,27 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     dcfg = drafter_config(base, cfg)
     vocab_map, coverage = frequent_tokens(examples, dcfg.vocab_size, dcfg.draft_vocab_size) if dcfg.draft_vocab_size else (None, 1.0)
     step = 0
-    if resume and checkpoint.exists():
+    if resume and world.is_main and checkpoint.exists():
         drafter, step = load_checkpoint(checkpoint, base, optimizer)
     else:
         drafter = init_drafter(dcfg, base, vocab_map)
         cast(drafter, mx.float32)
+    step = shared_start(world, drafter, optimizer, step)
     token_to_draft = None
     if dcfg.draft_vocab_size:
         inverse = np.full(dcfg.vocab_size, -1, dtype=np.int32)
         inverse[np.array(drafter.draft_to_token)] = np.arange(dcfg.draft_vocab_size)
         token_to_draft = mx.array(inverse)
     base.freeze()
-    loss_and_grad = nn.value_and_grad(drafter, lambda d, *a: drafter_loss(d, base, *a[:-1], cfg, token_to_draft, a[-1]))
+    sums_and_grad = nn.value_and_grad(drafter, lambda d, *a: drafter_sums(d, base, *a[:-1], cfg, token_to_draft, a[-1]))
 
-    def train_step(batch: Batch):
-        (loss, accs), grads = loss_and_grad(drafter, *base_inputs(base, batch, cfg))
-        optimizer.update(drafter, grads)
-        return loss, accs
+    def train_step(rows):
+        """One optimizer step on a global batch, of which this rank computes its part of the rows."""
+        (total, hits, counts), grads = sums_and_grad(drafter, *base_inputs(base, make_batch(world.part(rows), cfg.seq_len, cfg.unroll), cfg))
+        total, hits, counts = world.sum_tree((total, hits, counts))
+        count = mx.maximum(counts.sum(), 1)
+        optimizer.update(drafter, tree_map(lambda g: g / count, world.sum_tree(grads)))
+        return total / count, hits / mx.maximum(counts, 1)
 
     start_time, history = time.perf_counter(), []
     bar = progress_bar(total=total, initial=step, desc="training drafter", unit="step", enabled=progress)
@@ -286,22 +322,23 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     try:
         while step < total:
             epoch, skip = divmod(step, per_epoch)
-            for batch in batches(examples, cfg, epoch):
+            for rows in batches(examples, cfg, epoch):
                 if skip:
                     skip -= 1
                     continue
-                loss, accs = train_step(batch)
+                loss, accs = train_step(rows)
                 mx.eval(drafter.parameters(), optimizer.state, loss, accs)
                 step += 1
                 history.append((loss.item(), accs.tolist()))
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=" ".join(f"{a:.2f}" for a in accs.tolist()), refresh=False)
                 bar.update(1)
-                if step % cfg.checkpoint_every == 0 or step == total:
+                if world.is_main and (step % cfg.checkpoint_every == 0 or step == total):
                     save_checkpoint(checkpoint, drafter, optimizer, step, meta)
                 if step >= total:
                     break
     except KeyboardInterrupt:
-        save_checkpoint(checkpoint, drafter, optimizer, step, meta)
+        if world.is_main:
+            save_checkpoint(checkpoint, drafter, optimizer, step, meta)
         bar.close()
         raise
     bar.close()
@@ -315,7 +352,8 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
         "heldout_top1_per_position": heldout_top1(drafter, base, heldout, cfg, token_to_draft) if heldout else None,
         "train_config": asdict(cfg), **(record or {}),
     }
-    save_drafter(drafter, out / "drafter", dtype=save_dtype, extra_config={"training": metrics}, bits=save_bits)
+    if world.is_main:
+        save_drafter(drafter, out / "drafter", dtype=save_dtype, extra_config={"training": metrics}, bits=save_bits)
     return drafter, {**metrics, "loss_history": [round(h[0], 4) for h in history]}
 
 
@@ -431,7 +469,8 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, num_promp
                          "or choose another output folder")
     model_dir = model if isinstance(model, (str, Path)) and not is_default_model(str(model)) and Path(model).exists() else None
     prompt_file = prompts if isinstance(prompts, (str, Path)) else None
-    claim_dir(out, [model_dir, prompt_file], what="train")  # before any work: never the cwd, home, a source, a user's folder
+    if current_world().is_main:  # under mlx.launch rank 0 claims and writes the run's folder
+        claim_dir(out, [model_dir, prompt_file], what="train")  # before any work: never the cwd, home, a source, a user's folder
     base, tokenizer, _ = model_for(model, tokenizer, drafter=None, dtype=dtype)
     data_dir = Path(data) if data else out / "data"
     started = time.perf_counter()
@@ -451,7 +490,8 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, num_promp
         raise TrainingInterrupted(f"interrupted: checkpoint saved in {out / 'checkpoint'}; "
                                   "rerun with --resume (resume=True)") from None
     history = metrics.pop("loss_history")
-    write_file(out / "training.json", json.dumps(metrics, indent=2))
+    if current_world().is_main:
+        write_file(out / "training.json", json.dumps(metrics, indent=2))
     return TrainResult(out, data_dir, data_seconds, drafter, metrics["steps"], metrics["wall_seconds"],
                        metrics["final_loss"], metrics["final_top1_per_position"],
                        metrics["heldout_top1_per_position"], history, metrics)
