@@ -172,18 +172,8 @@ def test_biased_rule_is_detected(small, monkeypatch):
 def test_two_rows_equal_plain_greedy(drafter_seed, variant, W, Lb, prompts, lookup, nodes):
     """B = 2 rows of different prompt lengths in one batch-shaped step, each equal to plain greedy."""
     model = BASES[1]
-    tok = word_tokenizer(VOCAB)
-    tok._eos_token_ids = set()
-    n = 16
-    plain = [tokens_of(model, tok, p, n)[0] for p in prompts]
     decoder = Decoder(model, tiny_drafter(model, variant, seed=drafter_seed, scale=3.0), BeamShape(W, Lb, lookup, nodes), SamplingConfig())
-    rows = [[], []]
-    for step, _ in decoder.run(prompts):
-        for row, new in zip(rows, step):
-            row += new
-        if min(len(r) for r in rows) >= n:
-            break
-    assert [r[:n] for r in rows] == plain
+    assert_rows_equal_plain(decoder, prompts, 16)
 
 
 @pytest.mark.parametrize("variant, W, Lb, lookup, nodes", [("apple", 2, 4, True, 0), ("reduced-vocab", 3, 5, False, 6)])
@@ -191,13 +181,17 @@ def test_compiled_verify_equals_plain_greedy(variant, W, Lb, lookup, nodes):
     """The tree forward as one mx.compile'd graph (writing at a device-side slot) through span growth
     and compaction (slack 8), for two rows of different lengths."""
     model = BASES[1]
-    tok = word_tokenizer(VOCAB)
-    tok._eos_token_ids = set()
-    prompts, n = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]], 60
-    plain = [tokens_of(model, tok, p, n)[0] for p in prompts]
     drafter = tiny_drafter(model, variant, seed=3, scale=3.0)
     decoder = Decoder(model, drafter, BeamShape(W, Lb, lookup, nodes), SamplingConfig(), slack=8, compiled=True)
-    rows = [[], []]
+    assert_rows_equal_plain(decoder, [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]], 60)
+
+
+def assert_rows_equal_plain(decoder, prompts, n):
+    """The decoder's first n tokens of every row equal plain greedy decoding of that row's prompt."""
+    tok = word_tokenizer(VOCAB)
+    tok._eos_token_ids = set()
+    plain = [tokens_of(decoder.model, tok, p, n)[0] for p in prompts]
+    rows = [[] for _ in prompts]
     for step, _ in decoder.run(prompts):
         for row, new in zip(rows, step):
             row += new
