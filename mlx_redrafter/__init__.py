@@ -10,7 +10,7 @@ Three lines to a fast answer, in mlx-lm's shapes:
 `verbose`, `temp`, `top_p`, `top_k`, `return_config`); `drafter=None` or
 `speculative=False` decodes plainly. The rest of the public API: `BeamShape`,
 `default_shape`, `SamplingConfig`, `load_drafter`, `find_drafter`, `Drafter`,
-`Decoder`, `GenerationResponse`.
+`Decoder`, `GenerationResponse`, `PromptCache`.
 """
 
 from .backend import preload_blas
@@ -25,8 +25,10 @@ from .sampling import SamplingConfig  # noqa: E402
 from .beam_search import BeamShape, default_shape  # noqa: E402
 from .drafter import Drafter, load_drafter  # noqa: E402
 from .decoding import Decoder  # noqa: E402
+from .prompt_cache import PromptCache  # noqa: E402
 
 __all__ = [
     "load", "generate", "stream_generate", "GenerationResponse", "SamplingConfig",
-    "BeamShape", "default_shape", "load_drafter", "find_drafter", "Drafter", "Decoder", "__version__",
+    "BeamShape", "default_shape", "load_drafter", "find_drafter", "Drafter", "Decoder", "PromptCache",
+    "__version__",
 ]
