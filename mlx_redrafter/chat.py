@@ -49,7 +49,10 @@ class Chat:
             elif command.startswith("/"):
                 self.say(f"[unknown command {command.split()[0]}: {HELP}]")
             elif command:
-                self.answer(line)
+                try:
+                    self.answer(line)
+                except KeyboardInterrupt:  # Ctrl-C before the answer's own handler was in place
+                    self.say("\n[stopped]")
 
     def answer(self, text: str):
         messages = self.history + [{"role": "user", "content": text}]
