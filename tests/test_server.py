@@ -269,3 +269,14 @@ def test_a_client_leaving_mid_answer_frees_the_slot(server):
     time.sleep(1)
     sock.close()
     wait_idle(port)
+
+
+def test_a_port_in_use_is_one_error_line_before_the_model_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "mlx_redrafter", "serve", "--port", str(port)], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in r.stderr
