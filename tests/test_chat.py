@@ -3,6 +3,7 @@ answer without quitting, /reset forgets, unknown commands are named, /exit and C
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def test_chat_session():
     chat.sendline("/reset")
     chat.expect_exact("[conversation reset]")
     chat.expect_exact(">> ")
+    time.sleep(0.5)  # readline waiting for input (a signal just before its select() waits for a key)
     chat.sendintr()  # Ctrl-C at the prompt: a new prompt
     chat.expect_exact(">> ")
     chat.sendeof()  # Ctrl-D quits
