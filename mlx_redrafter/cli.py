@@ -517,10 +517,6 @@ def chat(
     base, tokenizer = load(model, drafter=drafter or "auto", dtype=dtype)
     if getattr(base, "drafter", None) is None:
         typer.echo("note: no drafter for this model: decoding plainly", err=True)
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
     Chat(base, tokenizer, max_tokens, sampling, verbose, system_prompt).run()
 
 
