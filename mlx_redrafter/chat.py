@@ -3,9 +3,11 @@
 Each answer streams as it is decoded. /reset forgets the conversation, /exit (or Ctrl-D) quits,
 Ctrl-C stops the current answer and keeps what was said (at the prompt it clears the line).
 Ctrl-C only raises a flag, read between tokens, so an answer is never cut inside an MLX call and the
-cached conversation stays consistent for the next turn.
+cached conversation stays consistent for the next turn. The prompt polls the same flag: the signal
+may be delivered to one of MLX's threads, which would not interrupt a blocking input().
 """
 
+import select
 import signal
 import sys
 from contextlib import contextmanager
@@ -29,15 +31,15 @@ class Chat:
     def reset(self):
         self.history = [{"role": "system", "content": self.system}] if self.system else []
 
-    def run(self, read=input):
+    def run(self):
         self.say(f"[{HELP}]")
         while True:
-            try:
-                line = read(">> ")
-            except EOFError:  # Ctrl-D
+            with _sigint_flag() as interrupted:
+                line = _read_line(">> ", interrupted, self.out)
+            if line is None:  # Ctrl-D
                 self.say("")
                 return
-            except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, as a shell does
+            if interrupted.is_set():  # Ctrl-C at the prompt: a fresh line, as a shell does
                 self.say("")
                 continue
             command = line.strip()
@@ -49,10 +51,7 @@ class Chat:
             elif command.startswith("/"):
                 self.say(f"[unknown command {command.split()[0]}: {HELP}]")
             elif command:
-                try:
-                    self.answer(line)
-                except KeyboardInterrupt:  # Ctrl-C before the answer's own handler was in place
-                    self.say("\n[stopped]")
+                self.answer(line)
 
     def answer(self, text: str):
         messages = self.history + [{"role": "user", "content": text}]
@@ -79,6 +78,17 @@ class Chat:
 
     def say(self, text: str):
         print(text, file=self.out, flush=True)
+
+
+def _read_line(prompt: str, interrupted: "_Flag", out) -> "str | None":
+    """A line from standard input (None at end of input); returns early, with "", once `interrupted`."""
+    out.write(prompt)
+    out.flush()
+    while not interrupted.is_set():
+        if select.select([sys.stdin], [], [], 0.1)[0]:
+            line = sys.stdin.readline()
+            return None if line == "" else line.rstrip("\n")
+    return ""
 
 
 def _stats(r) -> str:
