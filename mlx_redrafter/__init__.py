@@ -17,7 +17,7 @@ Three lines to a fast answer, in mlx-lm's shapes:
 
 The rest of the public API: `BeamShape`, `default_shape`, `SamplingConfig`,
 `load_drafter`, `find_drafter`, `Drafter`, `Decoder`, `GenerationResponse`,
-`TrainConfig` and the result classes.
+`TrainConfig` and the result classes, `PromptCache`.
 """
 
 from .backend import preload_blas
@@ -36,9 +36,11 @@ from .training import TrainConfig, TrainResult, train  # noqa: E402
 from .evaluate import EvalResult, eval_drafter  # noqa: E402
 from .speed import BenchmarkResult, benchmark  # noqa: E402
 
+from .prompt_cache import PromptCache  # noqa: E402
+
 __all__ = [
     "load", "generate", "stream_generate", "GenerationResponse", "SamplingConfig",
-    "BeamShape", "default_shape", "load_drafter", "find_drafter", "Drafter", "Decoder",
+    "BeamShape", "default_shape", "load_drafter", "find_drafter", "Drafter", "Decoder", "PromptCache",
     "train", "TrainConfig", "TrainResult", "eval_drafter", "EvalResult", "benchmark", "BenchmarkResult",
     "__version__",
 ]

@@ -427,6 +427,70 @@ def export_cmd(
     typer.echo(f"exported {drafter} -> {path} (TensorRT-LLM: convert_checkpoint.py --drafter_model_dir {path})")
 
 
+@app.command()
+@guarded
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory, Hub id or .gguf file (default: SmolLM2-135M-Instruct)."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter directory (default: the model's packaged drafter)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8080, "--port", min=1, max=65535),
+    max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Default most tokens per answer (a request's max_tokens overrides it)."),
+    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Default sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Default nucleus sampling mass."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Default top-k (0 = all)."),
+    queue_size: int = typer.Option(16, "--queue-size", min=0, help="Requests waiting behind the one being decoded; more get 503."),
+    prompt_cache_size: int = typer.Option(4, "--prompt-cache-size", min=1, help="Conversations whose KV cache is kept for reuse."),
+    allowed_origins: str = typer.Option("", "--allowed-origins", help="Comma-separated origins allowed by CORS, for browser front ends (default: none)."),
+    dtype: str = typer.Option("auto", "--dtype", help="float32 | float16 | bfloat16 | auto."),
+    log_level: str = typer.Option("info", "--log-level", help="debug | info | warning | error."),
+):
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions), speculative."""
+    from . import load
+    from .openai_api import Served
+    from .sampling import SamplingConfig
+    from .server import check_port, serve as run_server
+    from .serving import Worker
+
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        fail(f"--log-level must be debug, info, warning or error, got {log_level!r}")
+    check_port(host, port)  # before the model loads
+    defaults = SamplingConfig(temperature=temp, top_p=top_p or 1.0, top_k=top_k)
+    base, tokenizer = load(model, drafter=drafter or "auto", dtype=dtype)
+    if getattr(base, "drafter", None) is None:
+        typer.echo("note: no drafter for this model: decoding plainly", err=True)
+    served = Served.named(model, model=base, tokenizer=tokenizer, default_max_tokens=max_tokens, defaults=defaults)
+    worker = Worker(base, tokenizer, queue_size, prompt_cache_size)
+    origins = tuple(o.strip() for o in allowed_origins.split(",") if o.strip())
+    run_server(served, worker, host, port, origins, log_level)
+
+
+@app.command()
+@guarded
+def chat(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory, Hub id or .gguf file (default: SmolLM2-135M-Instruct)."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter directory (default: the model's packaged drafter)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Most tokens per answer."),
+    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    top_k: int = typer.Option(0, "--top-k", min=0),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, 0 .. 2**64 - 1."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A system message starting every conversation."),
+    dtype: str = typer.Option("auto", "--dtype", help="float32 | float16 | bfloat16 | auto."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tokens/s and tokens per step after each answer."),
+):
+    """An interactive chat in the terminal, speculative, reusing the conversation's cache between turns."""
+    from . import load
+    from .chat import Chat
+    from .sampling import SamplingConfig
+
+    check_seed(seed)
+    sampling = SamplingConfig(temperature=temp, top_p=top_p or 1.0, top_k=top_k, seed=seed)
+    base, tokenizer = load(model, drafter=drafter or "auto", dtype=dtype)
+    if getattr(base, "drafter", None) is None:
+        typer.echo("note: no drafter for this model: decoding plainly", err=True)
+    Chat(base, tokenizer, max_tokens, sampling, verbose, system_prompt).run()
+
+
 def main():
     app()
 

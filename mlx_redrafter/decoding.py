@@ -92,15 +92,22 @@ class Decoder:
         """verify(tokens, positions, ancestors, valid, start, buffers) -> (hidden, targets, buffers)"""
         self._accept = mx.compile(partial(_accept))  # MLX caches traces per function object: one per decoder
 
-    def prefill(self, prompts: List[List[int]]) -> DecodeState:
-        if not prompts or min(len(p) for p in prompts) == 0:
-            raise ValueError("the prompt is empty")
+    def make_cache(self) -> SlotCache:
+        return SlotCache(len(self.model.layers), self.slack, self.span_step)
+
+    def prefill(self, prompts: List[List[int]], cache: Optional[SlotCache] = None) -> DecodeState:
+        """Run the prompts and pick g0. A `cache` holding the K/V of every prompt's first
+        `cache.length` tokens (a reused prompt cache, `SlotCache.truncate`) is continued from there:
+        only the rest is run. The prompts still count from their first token (lookup reads them)."""
+        cache = cache or self.make_cache()
+        done = cache.length
+        if not prompts or min(len(p) for p in prompts) <= done:
+            raise ValueError("the prompt is empty" if done == 0 else "the prompt must extend past the cached tokens")
         lengths = [len(p) for p in prompts]
         padded = np.zeros((len(prompts), max(lengths)), dtype=np.int32)
         for row, p in enumerate(prompts):
             padded[row, : len(p)] = p
-        cache = SlotCache(len(self.model.layers), self.slack, self.span_step)
-        hidden = _prefill_rows(self.model, mx.array(padded), lengths, cache)
+        hidden = _prefill_rows(self.model, mx.array(padded[:, done:]), [n - done for n in lengths], cache)
         cache.start(lengths)
         g0 = choose_tokens(self.model.logits(hidden), self.sampling)
         history = mx.array(np.pad(padded, [(0, 0), (0, _history_size(max(lengths) + self.shape.length) - padded.shape[1])]))
@@ -136,10 +143,13 @@ class Decoder:
         next_hidden = mx.take_along_axis(hidden, result.best[:, None, None], axis=1)[:, 0]
         return replace(state, g0=result.bonus, hidden=next_hidden, history=history), Emitted(result.tokens, result.count)
 
-    def run(self, prompts: List[List[int]]) -> Iterator[Tuple[List[List[int]], List[int]]]:
+    def run(self, prompts: List[List[int]], cache: Optional[SlotCache] = None) -> Iterator[Tuple[List[List[int]], List[int]]]:
         """Yield per step (tokens emitted by each row, drafted tokens accepted per row), forever;
-        the next step is already queued on the device when a step's tokens are read."""
-        state = self.prefill(prompts)
+        the next step is already queued on the device when a step's tokens are read.
+
+        cache: as in `prefill`. Whenever a step is yielded, its committed slots hold the prompt and
+        every token yielded so far (and the queued step's), so a caller can keep it for reuse."""
+        state = self.prefill(prompts, cache)
         lengths = np.array([len(p) for p in prompts])
         state, emitted = self.step(state)
         mx.async_eval(emitted)

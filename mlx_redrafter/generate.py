@@ -41,11 +41,14 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: Optional[str] = None  # "stop" | "length" | None
     speculative: bool = False  # decoded with a drafter
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prompt cache (not run again)
 
 
 def encode_prompt(tokenizer, prompt: Union[str, List[int]], chat_template: bool = True) -> List[int]:
     if isinstance(prompt, mx.array):
         return [int(t) for t in prompt.reshape(-1).tolist()]
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+        return encode_messages(tokenizer, list(prompt))  # a chat: [{"role": ..., "content": ...}, ...]
     if not isinstance(prompt, str):
         return list(prompt)
     if chat_template:
@@ -71,10 +74,12 @@ def prefill(model, tokens: List[int], cache) -> mx.array:
     return model(mx.array([tokens[done:]]), cache)[:, -1]
 
 
-def plain_steps(model, prompt: List[int], sampling: SamplingConfig) -> Iterator[List[int]]:
-    """Autoregressive decoding: yields [token] per step, the next step already queued."""
-    cache = model.make_cache()
-    y = choose_tokens(model.logits(prefill(model, prompt, cache)), sampling)
+def plain_steps(model, prompt: List[int], sampling: SamplingConfig, cache=None) -> Iterator[List[int]]:
+    """Autoregressive decoding: yields [token] per step, the next step already queued. A `cache`
+    holding the prompt's first `cache.length` tokens continues from there; at every yield it
+    holds the prompt and every token yielded so far."""
+    cache = cache or model.make_cache()
+    y = choose_tokens(model.logits(prefill(model, prompt[cache.length:], cache)), sampling)
     mx.async_eval(y)
     while True:
         next_y = choose_tokens(model.logits(model(y[None], cache)[:, -1]), sampling)
@@ -131,7 +136,8 @@ _REFUSED = {
     "min_p": "min_p is not supported (use top_p or top_k)",
     "repetition_penalty": "repetition penalties are not supported",
     "max_kv_size": "a rotating KV cache is not supported",
-    "prompt_cache": "prompt caches are not supported",
+    "prompt_cache": "pass an mlx_redrafter.PromptCache() and the whole conversation as the prompt "
+                    "(the longest prefix shared with a cached one is reused)",
     "kv_bits": "a quantized KV cache is not supported",
 }
 _IGNORED = ("prefill_step_size", "kv_group_size", "quantized_kv_start", "stream")  # performance knobs only
@@ -168,12 +174,14 @@ def stream_generate(
     top_p: Optional[float] = None,
     top_k: Optional[int] = None,
     seed: Optional[int] = None,
+    prompt_cache=None,
     **kwargs,
 ) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token (mlx-lm's `stream_generate`, speculative).
 
     prompt: text (wrapped in the tokenizer's chat template unless chat_template=False;
-        mlx-lm encodes it as is), or token ids (a list or an mx.array), used as is.
+        mlx-lm encodes it as is), a chat (a list of {"role", "content"} messages, through the
+        chat template), or token ids (a list or an mx.array), used as is.
     drafter: "auto" (default) uses `model.drafter`, the drafter `load()` attached;
         a `Drafter` uses that one (a directory path loads one, for this call only);
         None decodes plainly. speculative=False also
@@ -186,12 +194,19 @@ def stream_generate(
         does not fit the model's context window raises ValueError; generation
         stops at the window (finish_reason "length") even before max_tokens
         (`fit_context`).
+    prompt_cache: a `PromptCache`: the prompt continues from the cached conversation sharing its
+        longest token prefix (only the rest is run), and this one is cached in turn. Unlike
+        mlx-lm's, the prompt is the whole conversation, not only its new tokens.
     mlx-lm arguments this package cannot honour exactly (`sampler`, `draft_model`,
     `min_p`, ...) raise TypeError saying what to pass instead.
 
     >>> for r in mr.stream_generate(model, tokenizer, "Name three rivers.", max_tokens=64, temp=0.7):
     ...     print(r.text, end="", flush=True)
     """
+    from .prompt_cache import PromptCache
+
+    if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+        kwargs["prompt_cache"] = prompt_cache  # mlx-lm's list of caches: refused below
     for name in kwargs:
         if name in _REFUSED and not (name == "min_p" and not kwargs[name]):
             raise TypeError(f"stream_generate: {name}= is mlx-lm's; {_REFUSED[name]}")
@@ -211,11 +226,18 @@ def stream_generate(
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
     beam = None if drafter is None else beam or chosen_shape(model, drafter, sampling)
-    if beam is None:  # no drafter, or `tune` measured plain decoding faster here
-        steps = plain_steps(model, ids, sampling)
+    decoder = None if beam is None else decoder_for(model, drafter, beam, sampling)
+    kind = (id(model), "plain" if decoder is None else "speculative")
+    cache, cached = prompt_cache.take(ids, kind) if prompt_cache is not None else (None, 0)
+    if cache is None:
+        cache = model.make_cache() if decoder is None else decoder.make_cache()
+    if decoder is None:  # no drafter, or `tune` measured plain decoding faster here
+        steps = plain_steps(model, ids, sampling, cache)
     else:
-        steps = ((tokens[0], counts[0]) for tokens, counts in decoder_for(model, drafter, beam, sampling).run([ids]))
-    yield from _responses(tokenizer, steps, len(ids), max_tokens, speculative=beam is not None)
+        steps = ((tokens[0], counts[0]) for tokens, counts in decoder.run([ids], cache))
+    if prompt_cache is not None:
+        steps = prompt_cache.record(ids, cache, kind, steps)
+    yield from _responses(tokenizer, steps, len(ids), max_tokens, speculative=decoder is not None, cached=cached)
 
 
 def decoder_for(model, drafter, beam, sampling: SamplingConfig):
@@ -245,7 +267,7 @@ def chosen_shape(model, drafter, sampling: SamplingConfig):
     return default_shape() if tuned is None else tuned.for_sampling(sampling)
 
 
-def _responses(tokenizer, steps, prompt_len: int, max_tokens: int, speculative: bool = False):
+def _responses(tokenizer, steps, prompt_len: int, max_tokens: int, speculative: bool = False, cached: int = 0):
     detok = tokenizer.detokenizer
     detok.reset()
     eos = set(tokenizer.eos_token_ids)
@@ -256,7 +278,7 @@ def _responses(tokenizer, steps, prompt_len: int, max_tokens: int, speculative: 
     for tokens, accepted in steps:
         if n_steps == 0:
             first = time.perf_counter()
-            prompt_tps = prompt_len / (first - start)
+            prompt_tps = (prompt_len - cached) / (first - start)  # the tokens run, as mlx-lm counts
         n_steps += 1
         for i, token in enumerate(tokens):
             n += 1
@@ -279,6 +301,7 @@ def _responses(tokenizer, steps, prompt_len: int, max_tokens: int, speculative: 
                 peak_memory=mx.get_peak_memory() / 1e9,
                 finish_reason=finish,
                 speculative=speculative,
+                cached_tokens=cached,
             )
             if finish:
                 return

@@ -147,13 +147,27 @@ class SlotCache(KVCache):
         """Compact when the next `upcoming` slots would pass bound + slack."""
         if self.length + upcoming <= self.bound + self.slack:
             return
+        self.compact()
+        self.length = self.bound
+
+    def compact(self):
+        """Gather each row's committed slots to the front, in slot order, which is position order:
+        a tree's nodes are written after the committed slots, and a node after its ancestors."""
         capacity = self.valid.shape[1]
         slots = mx.arange(capacity)
         order = mx.argsort(mx.where(self.valid, slots, capacity + slots), axis=1)  # valid slots first, in order
         for layer in self.layers:
             layer.take(order)
         self.valid = slots[None] < self.lengths[:, None]
-        self.length = self.bound
+
+    def truncate(self, length: int):
+        """Keep the first `length` committed tokens of every row (all rows must have that many),
+        contiguous at slots [0, length): a prefill can continue from there (`Decoder.prefill`)."""
+        if self.valid is not None:
+            self.compact()
+        self.length = self.bound = length
+        self.lengths = mx.full(self.lengths.shape, length, mx.int32) if self.lengths is not None else None
+        self.valid = None if self.valid is None else mx.arange(self.valid.shape[1])[None] < length
 
 
 class SlotView:

@@ -1,0 +1,119 @@
+"""`mlx-redrafter chat`: an interactive terminal chat, speculative, with prompt-cache reuse between turns.
+
+Each answer streams as it is decoded. /reset forgets the conversation, /exit (or Ctrl-D) quits,
+Ctrl-C stops the current answer and keeps what was said (at the prompt it clears the line).
+Ctrl-C only raises a flag, read between tokens, so an answer is never cut inside an MLX call and the
+cached conversation stays consistent for the next turn. The prompt polls the same flag: the signal
+may be delivered to one of MLX's threads, which would not interrupt a blocking input().
+"""
+
+import select
+import signal
+import sys
+from contextlib import contextmanager
+from typing import List, Optional
+
+from .generate import stream_generate
+from .prompt_cache import PromptCache
+
+HELP = "/reset forgets the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer"
+
+
+class Chat:
+    def __init__(self, model, tokenizer, max_tokens: int, sampling, verbose: bool = False,
+                 system: Optional[str] = None, out=sys.stdout):
+        self.model, self.tokenizer, self.max_tokens, self.sampling = model, tokenizer, max_tokens, sampling
+        self.verbose, self.system, self.out = verbose, system, out
+        self.cache = PromptCache()
+        self.history: List[dict] = []
+        self.reset()
+
+    def reset(self):
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+
+    def run(self):
+        self.say(f"[{HELP}]")
+        while True:
+            with _sigint_flag() as interrupted:
+                line = _read_line(">> ", interrupted, self.out)
+            if line is None:  # Ctrl-D
+                self.say("")
+                return
+            if interrupted.is_set():  # Ctrl-C at the prompt: a fresh line, as a shell does
+                self.say("")
+                continue
+            command = line.strip()
+            if command == "/exit":
+                return
+            if command == "/reset":
+                self.reset()
+                self.say("[conversation reset]")
+            elif command.startswith("/"):
+                self.say(f"[unknown command {command.split()[0]}: {HELP}]")
+            elif command:
+                self.answer(line)
+
+    def answer(self, text: str):
+        messages = self.history + [{"role": "user", "content": text}]
+        reply, last = [], None
+        try:
+            with _sigint_flag() as stop:
+                responses = stream_generate(self.model, self.tokenizer, messages, max_tokens=self.max_tokens,
+                                            sampling=self.sampling, prompt_cache=self.cache)
+                for last in responses:
+                    reply.append(last.text)
+                    self.out.write(last.text)
+                    self.out.flush()
+                    if stop.is_set():
+                        break
+                responses.close()
+        except ValueError as e:  # the conversation no longer fits the context window
+            self.say(f"\n[error: {str(e).splitlines()[0]} -- /reset starts a new conversation]")
+            return
+        stopped = last is not None and last.finish_reason is None
+        self.say("\n[stopped]" if stopped else "")
+        self.history = messages + [{"role": "assistant", "content": "".join(reply)}]
+        if self.verbose and last is not None:
+            self.say(_stats(last))
+
+    def say(self, text: str):
+        print(text, file=self.out, flush=True)
+
+
+def _read_line(prompt: str, interrupted: "_Flag", out) -> "str | None":
+    """A line from standard input (None at end of input); returns early, with "", once `interrupted`."""
+    out.write(prompt)
+    out.flush()
+    while not interrupted.is_set():
+        if select.select([sys.stdin], [], [], 0.1)[0]:
+            line = sys.stdin.readline()
+            return None if line == "" else line.rstrip("\n")
+    return ""
+
+
+def _stats(r) -> str:
+    per_step = f", {r.generation_tokens / max(r.steps, 1):.2f} tokens per step" if r.speculative else " (plain decoding)"
+    return (f"[{r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s{per_step}; prompt {r.prompt_tokens} "
+            f"tokens, {r.cached_tokens} from the cache, {r.prompt_tps:.1f} tokens/s]")
+
+
+class _Flag:
+    def __init__(self):
+        self.value = False
+
+    def set(self, *_):
+        self.value = True
+
+    def is_set(self) -> bool:
+        return self.value
+
+
+@contextmanager
+def _sigint_flag():
+    """Ctrl-C sets a flag instead of raising, for the duration of one answer."""
+    flag = _Flag()
+    previous = signal.signal(signal.SIGINT, flag.set)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
