@@ -99,6 +99,7 @@ async def _body(request: Request) -> bytes:
 async def _whole(request: Request, job: Job, events: asyncio.Queue, reply: Reply):
     """Collect the answer; a client that goes away meanwhile cancels it."""
     watch = asyncio.ensure_future(_disconnected(request))
+    watch.add_done_callback(lambda task: task.cancelled() or job.cancel())  # stop the worker at once
     text = []
     try:
         while True:

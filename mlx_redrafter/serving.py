@@ -59,6 +59,7 @@ class Worker:
         self._lock = threading.Lock()
         self.admitted = 0
         self.served = 0
+        self.cancelled = 0  # requests stopped because their client went away
         threading.Thread(target=self._serve, name="mlx-redrafter-worker", daemon=True).start()
 
     def submit(self, job: Job) -> bool:
@@ -73,14 +74,18 @@ class Worker:
     def status(self) -> dict:
         with self._lock:
             return {"active": min(self.admitted, 1), "queued": max(self.admitted - 1, 0),
-                    "queue_size": self.capacity - 1, "served": self.served}
+                    "queue_size": self.capacity - 1, "served": self.served, "cancelled": self.cancelled}
 
     def _serve(self):
         while True:
             job = self._jobs.get()
             try:
-                if not job.cancelled.is_set():
-                    job.send(self._generate(job))
+                done = None if job.cancelled.is_set() else self._generate(job)
+                if done is None or done.finish_reason == "cancelled":
+                    with self._lock:
+                        self.cancelled += 1
+                if done is not None:
+                    job.send(done)
             except Exception as e:  # a failure in one request must not stop the server
                 log.exception("generation failed")
                 job.send(Failed(f"generation failed: {type(e).__name__}: {str(e)[:200]}"))

@@ -257,10 +257,10 @@ def test_a_client_leaving_mid_answer_frees_the_slot(server):
     conn, response = open_stream(port)
     for _ in range(3):  # a few tokens in
         response.readline()
-    served = get(port, "/health")[1]["served"]
+    before = get(port, "/health")[1]
     hang_up(conn, response)
     status = wait_idle(port)
-    assert status["served"] == served + 1
+    assert status["served"] == before["served"] + 1 and status["cancelled"] == before["cancelled"] + 1
     # a non-streamed request whose client leaves is stopped too
     sock = socket.create_connection(("127.0.0.1", port))
     body = json.dumps({"messages": RIVERS, "max_tokens": 4000}).encode()
@@ -268,7 +268,8 @@ def test_a_client_leaving_mid_answer_frees_the_slot(server):
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     time.sleep(1)
     sock.close()
-    wait_idle(port)
+    status = wait_idle(port)
+    assert status["served"] == before["served"] + 2 and status["cancelled"] == before["cancelled"] + 2
 
 
 def test_a_port_in_use_is_one_error_line_before_the_model_loads():
