@@ -4,6 +4,7 @@ prompt by prompt, every setting warmed first, greedy (checked identical) and sam
 
     python benchmarks/tree_modes.py [--every 10] [--max-tokens 128] \
         [--settings beams:4x4,ranked:4x4:12,ranked:32x8:64] [--temp 0.7] [--out results/tree-modes.json]
+        [--unfused-too]   (each setting also on the same weights with q/k/v and gate/up unfused)
 
 A setting is TREE:WxL[:NODES] (NODES 0 or absent: every node of the beam search).
 """
@@ -23,6 +24,7 @@ from mlx_redrafter.speed import machine, run_mlx_lm, run_ours
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.generate import encode_prompt
+from mlx_redrafter.llama import Model, mlx_lm_weights
 from mlx_redrafter.reference import to_mlx_lm
 from mlx_redrafter.sampling import SamplingConfig
 
@@ -31,6 +33,13 @@ def parse_setting(text: str, lookup: bool) -> BeamShape:
     tree, shape, *nodes = text.split(":")
     w, length = (int(v) for v in shape.split("x"))
     return BeamShape(w, length, lookup, int(nodes[0]) if nodes else 0, tree)
+
+
+def unfused_twin(model: Model) -> Model:
+    """The same weights (shared arrays) in mlx-lm's layout: seven projection matmuls a layer."""
+    twin = Model(model.args)
+    twin.load_weights(list(mlx_lm_weights(model).items()), strict=True)
+    return twin
 
 
 def main():
@@ -45,6 +54,7 @@ def main():
     ap.add_argument("--no-lookup", action="store_true")
     ap.add_argument("--temp", type=float, default=0.7, help="also run each setting sampled (0: greedy only)")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--unfused-too", action="store_true", help="each setting also with seven projection matmuls a layer")
     ap.add_argument("--out", type=Path, default=Path("results/tree-modes.json"))
     args = ap.parse_args()
 
@@ -56,10 +66,13 @@ def main():
     ref = to_mlx_lm(model, config)
     fns = {"mlx-lm plain": lambda i: run_mlx_lm(ref, tok, i, args.max_tokens)}
     samplings = [("greedy", None)] + ([(f"T={args.temp}", SamplingConfig(temperature=args.temp, seed=0))] if args.temp else [])
+    models = {"": model} | ({" unfused": unfused_twin(model)} if args.unfused_too else {})
     for text in args.settings.split(","):
         shape = parse_setting(text, not args.no_lookup)
         for label, sampling in samplings:
-            fns[f"{text} {label}"] = lambda i, s=shape, smp=sampling: run_ours(model, tok, i, args.max_tokens, drafter, s, smp)
+            for suffix, m in models.items():
+                fns[f"{text} {label}{suffix}"] = \
+                    lambda i, s=shape, smp=sampling, m=m: run_ours(m, tok, i, args.max_tokens, drafter, s, smp)
     for fn in fns.values():
         fn(ids[0])
     runs = {name: [] for name in fns}

@@ -11,6 +11,7 @@ final-norm hidden states; `logits` maps only the rows the caller asks for.
     logits = model.logits(h[:, -1:])              # (1, 1, V)
 """
 
+import itertools
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Union
 
@@ -131,9 +132,14 @@ class Attention(nn.Module):
 
     def __call__(self, x, positions, mask, cache: Optional[LayerKV], start: int):
         B, n, _ = x.shape
-        q = self.q_proj(x).reshape(B, n, self.n_heads, -1)
-        k = self.k_proj(x).reshape(B, n, self.n_kv_heads, -1)
-        v = self.v_proj(x).reshape(B, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "qkv_proj" in self:  # fuse_projections: one matmul, then views of its heads
+            qkv = self.qkv_proj(x).reshape(B, n, self.n_heads + 2 * self.n_kv_heads, -1)
+            q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=2)
+        else:
+            q = self.q_proj(x).reshape(B, n, self.n_heads, -1)
+            k = self.k_proj(x).reshape(B, n, self.n_kv_heads, -1)
+            v = self.v_proj(x).reshape(B, n, self.n_kv_heads, -1)
+        v = v.transpose(0, 2, 1, 3)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(self.rope, q, positions)
@@ -153,7 +159,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self:  # fuse_projections
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -256,3 +266,73 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
         return weights
+
+
+# fuse_projections: the fused module's name -> the mlx-lm modules it joins, in row order
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fuse_projections(model: Model) -> None:
+    """Join each layer's q/k/v and gate/up projections into one matmul each (5 a layer, not 7).
+
+    Where a forward's cost is kernel launches (a small model on a GPU: a 38-row verify's
+    projections took 5.8 ms as seven matmuls a layer and 4.8 ms as five on the H200), fewer and
+    wider matmuls are faster; the outputs are the same rows, so results equal the unfused model's.
+    Projections stored differently (quantized with other bits, one with a bias and one without)
+    stay apart. `mlx_lm_weights` gives the parameters back under mlx-lm's names.
+    """
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, parts in FUSED.items():
+                if all(p in parent for p in parts):
+                    joined = _join([parent[p] for p in parts])
+                    if joined is not None:
+                        for p in parts:
+                            parent.pop(p)
+                        parent[name] = joined
+
+
+def _join(linears: list) -> Optional[nn.Module]:
+    first = linears[0]
+    kind, keys = type(first), set(first.keys())
+    if kind not in (nn.Linear, nn.QuantizedLinear) or any(type(m) is not kind or set(m.keys()) != keys for m in linears):
+        return None
+    rows = sum(m.weight.shape[0] for m in linears)
+    if kind is nn.QuantizedLinear:
+        if any((m.group_size, m.bits, m.mode) != (first.group_size, first.bits, first.mode) for m in linears):
+            return None
+        joined = nn.QuantizedLinear(first.group_size, 1, "bias" in keys, first.group_size, first.bits, mode=first.mode)
+    else:
+        joined = nn.Linear(1, 1, bias="bias" in keys)
+    joined.update({k: mx.concatenate([m[k] for m in linears], axis=0) for k in keys})
+    assert joined.weight.shape[0] == rows
+    return joined
+
+
+def mlx_lm_weights(model: Model) -> Dict[str, mx.array]:
+    """The parameters under mlx-lm's names: fused projections split back into their parts (views)."""
+    from mlx.utils import tree_flatten
+
+    args = model.args
+    rows = {"qkv_proj": [args.num_attention_heads * args.head_dim] + [args.num_key_value_heads * args.head_dim] * 2,
+            "gate_up_proj": [args.intermediate_size] * 2}
+    out = {}
+    for name, value in tree_flatten(model.parameters()):
+        module, _, leaf = name.rpartition(".")
+        parent, _, fused = module.rpartition(".")
+        if fused not in FUSED:
+            out[name] = value
+            continue
+        offsets = list(itertools.accumulate(rows[fused]))[:-1]
+        for part, piece in zip(FUSED[fused], mx.split(value, offsets, axis=0)):
+            out[f"{parent}.{part}.{leaf}"] = piece
+    return out
+
+
+def mlx_lm_module_names(names) -> list:
+    """Module paths under mlx-lm's names (a fused path stands for each of its parts)."""
+    out = []
+    for name in names:
+        parent, _, last = name.rpartition(".")
+        out += [f"{parent}.{p}" for p in FUSED[last]] if last in FUSED else [name]
+    return out

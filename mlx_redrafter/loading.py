@@ -26,7 +26,7 @@ from . import backend
 from .drafter import Drafter, check_config_against_base, load_drafter
 from .gguf import load_gguf
 from .gguf_tokenizer import build_tokenizer
-from .llama import Model, ModelArgs
+from .llama import Model, ModelArgs, fuse_projections
 from .validate import check_safetensors, read_json_object
 
 
@@ -380,6 +380,7 @@ def build_model(config: dict, weights: dict, source: str = "the checkpoint") -> 
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise ValueError(f"weights in {source} do not fit a {config['model_type']} model: {e}".replace("\n", " ")) from None
+    fuse_projections(model)
     return model
 
 

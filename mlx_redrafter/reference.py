@@ -1,8 +1,9 @@
 """mlx-lm's own model with this project's weights: the reference for parity tests and benchmarks."""
 
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
+
+from .llama import mlx_lm_module_names, mlx_lm_weights
 
 
 def to_mlx_lm(model, config: dict) -> nn.Module:
@@ -11,10 +12,11 @@ def to_mlx_lm(model, config: dict) -> nn.Module:
     config.pop("quantization", None)
     model_class, args_class = _get_classes(config)
     ref = model_class(args_class.from_dict(config))
-    quantized = {name: {"group_size": m.group_size, "bits": m.bits} for name, m in model.named_modules()
-                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    quantized = {part: {"group_size": m.group_size, "bits": m.bits} for name, m in model.named_modules()
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                 for part in mlx_lm_module_names([name])}
     if quantized:
         first = next(iter(quantized.values()))
         nn.quantize(ref, first["group_size"], first["bits"], class_predicate=lambda p, m: quantized.get(p, False))
-    ref.load_weights(tree_flatten(model.parameters()), strict=True)
+    ref.load_weights(list(mlx_lm_weights(model).items()), strict=True)
     return ref

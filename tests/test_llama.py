@@ -1,22 +1,53 @@
 """Parity of the base model with mlx-lm's own models, for every supported family."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 from conftest import FAMILIES, tiny_config, tiny_model
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_redrafter.llama import ModelArgs
+from mlx.utils import tree_flatten
+from mlx_redrafter.llama import ModelArgs, fuse_projections, mlx_lm_weights
 from mlx_redrafter.reference import to_mlx_lm
 
 ATOL = 1e-4
 
 
-@pytest.fixture(params=sorted(FAMILIES))
+@pytest.fixture(params=[(family, fused) for family in sorted(FAMILIES) for fused in (False, True)],
+                ids=lambda p: f"{p[0]}-{'fused' if p[1] else 'mlx-lm-layout'}")
 def pair(request):
-    config = tiny_config(request.param)
+    family, fused = request.param
+    config = tiny_config(family)
     model = tiny_model(config)
+    if fused:  # as load() builds it: q/k/v and gate/up as one matmul each
+        fuse_projections(model)
+        assert "qkv_proj" in model.layers[0].self_attn and "gate_up_proj" in model.layers[0].mlp
     return model, to_mlx_lm(model, config)
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_fused_projections_equal_the_separate_ones(bits):
+    model = tiny_model(tiny_config("qwen2", hidden_size=64))  # q/k/v biases too
+    if bits:
+        nn.quantize(model, 32, bits)
+    before = dict(tree_flatten(model.parameters()))
+    tokens = mx.random.randint(0, 64, (2, 7))
+    separate = model.logits(model(tokens))
+    fuse_projections(model)
+    assert mx.allclose(model.logits(model(tokens)), separate, atol=ATOL)  # wider BLAS calls round differently
+    after = mlx_lm_weights(model)
+    assert sorted(after) == sorted(before) and all(mx.array_equal(after[k], v) for k, v in before.items())
+
+
+def test_projections_stored_differently_stay_apart():
+    model = tiny_model(tiny_config("llama3", hidden_size=64))
+    nn.quantize(model, 32, 4, class_predicate=lambda path, m: path.endswith("q_proj") or path.endswith("gate_proj"))
+    tokens = mx.random.randint(0, 64, (1, 5))
+    separate = model.logits(model(tokens))
+    fuse_projections(model)
+    assert "q_proj" in model.layers[0].self_attn and "gate_proj" in model.layers[0].mlp
+    assert mx.allclose(model.logits(model(tokens)), separate, atol=ATOL)
 
 
 def test_full_sequence_matches_mlx_lm(pair):

@@ -42,9 +42,9 @@ def test_quantized_directory_stays_quantized_on_request(tmp_path):
     model = tiny_model(config)
     path = write_model_dir(tmp_path / "q", model, config, quantize=4)
     kept, _, cfg = load(path, dtype="float32", dequantize=False, return_config=True)
-    assert isinstance(kept.layers[0].self_attn.q_proj, nn.QuantizedLinear) and cfg["quantization"]["bits"] == 4
+    assert isinstance(kept.layers[0].self_attn.qkv_proj, nn.QuantizedLinear) and cfg["quantization"]["bits"] == 4
     expanded, _ = load(path, dtype="float32", dequantize=True)
-    assert isinstance(expanded.layers[0].self_attn.q_proj, nn.Linear)
+    assert isinstance(expanded.layers[0].self_attn.qkv_proj, nn.Linear)
     want = logits_of(model, [3, 4, 5])
     assert mx.allclose(logits_of(kept, [3, 4, 5]), want, atol=1e-3)
     assert mx.allclose(logits_of(expanded, [3, 4, 5]), want, atol=1e-3)
