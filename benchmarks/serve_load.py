@@ -112,6 +112,7 @@ def main():
     p.add_argument("--model")
     p.add_argument("--drafter")
     p.add_argument("--url", help="a server already running on this machine (default: start one)")
+    p.add_argument("--prompts", help="questions to send (default: MT-Bench)")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -127,7 +128,7 @@ def main():
 
     out = args.out or f"results/serve-load-{'gpu' if backend.on_gpu() else 'cpu'}.json"
     check_new_files([out], args.force)
-    questions = prompt_texts()
+    questions = prompt_texts(args.prompts)
     proc = None
     if args.url:
         url = urlparse(args.url)

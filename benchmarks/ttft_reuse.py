@@ -32,9 +32,9 @@ def first_token_seconds(model, tokenizer, chat, cache=None):
     return seconds, first
 
 
-def long_chat(model, tokenizer, context: int, reply_tokens: int):
+def long_chat(model, tokenizer, context: int, reply_tokens: int, prompts=None):
     """(turn 2's messages, the tokens turn 1 leaves in the cache: its prompt and reply)."""
-    texts, words = prompt_texts(), []
+    texts, words = prompt_texts(prompts), []
     while len(encode_messages(tokenizer, [{"role": "user", "content": " ".join(words)}])) < context:
         words.append(texts[len(words) % len(texts)])
     turn1 = [{"role": "user", "content": "Answer the last of these questions.\n\n" + "\n\n".join(words)}]
@@ -58,6 +58,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model")
     p.add_argument("--drafter")
+    p.add_argument("--prompts", help="questions to build the chat from (default: MT-Bench)")
     p.add_argument("--context", type=int, default=2000, help="tokens of turn 1's prompt (at least)")
     p.add_argument("--reply-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
@@ -67,7 +68,7 @@ def main():
     out = args.out or f"results/ttft-reuse-{'gpu' if backend.on_gpu() else 'cpu'}.json"
     check_new_files([out], args.force)
     model, tokenizer = load(args.model, drafter=args.drafter or "auto")
-    turn2, history = long_chat(model, tokenizer, args.context, args.reply_tokens)
+    turn2, history = long_chat(model, tokenizer, args.context, args.reply_tokens, args.prompts)
     fresh, reuse = [], []
     for i in range(args.repeats + 1):  # the first round warms both paths up and is not counted
         seconds, r_fresh = first_token_seconds(model, tokenizer, turn2)
