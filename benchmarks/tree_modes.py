@@ -6,8 +6,7 @@ prompt by prompt, every setting warmed first, greedy (checked identical) and sam
         [--settings beams:4x4,ranked:4x4:12,ranked:32x8:64] [--temp 0.7] [--out results/tree-modes.json]
         [--unfused-too]   (each setting also on the same weights with q/k/v and gate/up unfused)
 
-A setting is TREE:WxL[:NODES][:tTEMP] (NODES 0 or absent: every node of the beam search; TEMP the
-drafter's temperature for searching and ranking, default 1).
+A setting is TREE:WxL[:NODES] (NODES 0 or absent: every node of the beam search).
 """
 
 import argparse
@@ -31,10 +30,9 @@ from mlx_redrafter.sampling import SamplingConfig
 
 
 def parse_setting(text: str, lookup: bool) -> BeamShape:
-    tree, shape, *rest = text.split(":")
+    tree, shape, *nodes = text.split(":")
     w, length = (int(v) for v in shape.split("x"))
-    temperature = float(rest.pop()[1:]) if rest and rest[-1].startswith("t") else 1.0
-    return BeamShape(w, length, lookup, int(rest[0]) if rest else 0, tree, temperature)
+    return BeamShape(w, length, lookup, int(nodes[0]) if nodes else 0, tree)
 
 
 def unfused_twin(model: Model) -> Model:

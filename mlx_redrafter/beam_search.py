@@ -34,13 +34,10 @@ class BeamShape:
     lookup: bool = True  # also verify a beam copied from earlier in the context (lookup.py)
     nodes: int = 0  # drafted nodes verified per step, the most probable first (0: all W x (Lb - 1))
     tree: str = "ranked"  # "ranked": best `nodes` prefixes of every depth; "beams": Apple's final W beams
-    temperature: float = 1.0  # the drafter's log-probabilities are taken at this temperature to search and rank
 
     def __post_init__(self):
         if self.tree not in ("ranked", "beams"):
             raise ValueError(f"tree must be 'ranked' or 'beams', got {self.tree!r}")
-        if not 0.05 <= self.temperature <= 20:
-            raise ValueError(f"draft temperature must be in 0.05..20, got {self.temperature}")
         if self.nodes < 0:
             raise ValueError(f"nodes must be >= 0, got {self.nodes}")
         if not (1 <= self.width <= MAX_WIDTH and 2 <= self.length <= MAX_LENGTH):
@@ -91,8 +88,7 @@ def draft_levels(drafter, base, hidden: mx.array, g0: mx.array, shape: BeamShape
     levels = []
     for _ in range(shape.length - 1):
         state = drafter.next_state(state, base.embed(last))
-        logits = drafter(hidden[:, None], state, base)
-        logprobs = nn_log_softmax(logits if shape.temperature == 1 else logits / shape.temperature)  # (B, W, Vd)
+        logprobs = nn_log_softmax(drafter(hidden[:, None], state, base))  # (B, W, Vd)
         vocab = logprobs.shape[-1]
         candidates = (scores[..., None] + logprobs).reshape(B, -1)
         top = mx.argpartition(-candidates, W - 1, axis=-1)[:, :W]
