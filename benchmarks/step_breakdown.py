@@ -36,10 +36,10 @@ def phases(decoder: Decoder, prompt, max_tokens: int):
         tree = decoder.draft(state)
         mx.eval(tree)
         t1 = time.perf_counter()
-        hidden, targets = decoder.verify(state, tree)
-        mx.eval(hidden, targets)
+        hidden, logits = decoder.verify(state, tree)
+        mx.eval(hidden, logits)
         t2 = time.perf_counter()
-        state, emitted = decoder.commit(state, tree, hidden, targets)
+        state, emitted = decoder.commit(state, tree, hidden, logits)
         mx.eval(emitted, state.hidden, state.cache.valid, state.cache.lengths)
         t3 = time.perf_counter()
         for k, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)):

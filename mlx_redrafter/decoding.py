@@ -9,7 +9,7 @@ One token's trip, from `stream_generate` down:
    proposal (`lookup.propose_on_device`), the verified tree of the `budget`
    most probable prefixes (`draft_tree.ranked_tree`), one base-model forward
    over the tree written at the cache's write pointer, a target token at every
-   node (`sampling.choose_tokens`), the acceptance rule (`draft_tree.accept`),
+   node on the accepted walk (`draft_tree.tree_targets`), the acceptance rule (`draft_tree.accept`),
    and the commit (`SlotCache.commit`: a mask update, no K/V copy). It returns
    the next state and `Emitted` (g0 plus the accepted tokens per row) without
    reading anything back.
@@ -29,7 +29,7 @@ import numpy as np
 
 from . import backend
 from .beam_search import BeamShape, draft_levels
-from .draft_tree import DraftTree, accept, ranked_tree
+from .draft_tree import DraftTree, accept, ranked_tree, tree_targets
 from .generate import PREFILL_CHUNK
 from .kv_cache import SlotCache, SlotView
 from .lookup import propose_on_device
@@ -85,12 +85,13 @@ class Decoder:
         self.tree = mx.compile(partial(_draft_tree, drafter, model, shape, self.budget, final_beams),
                                inputs=[drafter.state, model.state])
         """tree(hidden (B, H), g0 (B,), history (B, T), lengths (B,)) -> DraftTree, one compiled graph."""
-        verify = partial(_verify, model, sampling)
-        self._verify = mx.compile(verify, inputs=[model.state, mx.random.state], outputs=[mx.random.state]) \
+        verify = partial(_verify, model)
+        self._verify = mx.compile(verify, inputs=[model.state]) \
             if (backend.on_gpu() if compiled is None else compiled) else verify
         # compiled by default on a GPU, where building the graph on the host costs more than running it
-        """verify(tokens, positions, ancestors, valid, start, buffers) -> (hidden, targets, buffers)"""
-        self._accept = mx.compile(partial(_accept))  # MLX caches traces per function object: one per decoder
+        """verify(tokens, positions, ancestors, valid, start, buffers) -> (hidden, logits, buffers)"""
+        # MLX caches traces per function object: one per decoder
+        self._accept = mx.compile(partial(_accept, sampling), inputs=[mx.random.state], outputs=[mx.random.state])
 
     def make_cache(self) -> SlotCache:
         return SlotCache(len(self.model.layers), self.slack, self.span_step)
@@ -116,8 +117,8 @@ class Decoder:
     def step(self, state: DecodeState) -> Tuple[DecodeState, Emitted]:
         """One speculative step for every row, as a lazy graph: draft, verify, commit."""
         tree = self.draft(state)
-        hidden, targets = self.verify(state, tree)
-        return self.commit(state, tree, hidden, targets)
+        hidden, logits = self.verify(state, tree)
+        return self.commit(state, tree, hidden, logits)
 
     def draft(self, state: DecodeState) -> DraftTree:
         """Beam search, lookup proposal and the tree to verify (one compiled graph)."""
@@ -127,18 +128,18 @@ class Decoder:
         return self.tree(state.hidden, state.g0, state.history, cache.lengths)
 
     def verify(self, state: DecodeState, tree: DraftTree) -> Tuple[mx.array, mx.array]:
-        """One base-model forward over the tree: hidden states (B, N, H) and a target token per node (B, N)."""
+        """One base-model forward over the tree: hidden states (B, N, H) and logits (B, N, V)."""
         cache = state.cache
         view, valid = cache.reserve(tree.tokens.shape[1])
-        hidden, targets, buffers = self._verify(tree.tokens, cache.lengths[:, None] + tree.depth,
-                                                tree.ancestors, valid, view.start, view.state())
+        hidden, logits, buffers = self._verify(tree.tokens, cache.lengths[:, None] + tree.depth,
+                                               tree.ancestors, valid, view.start, view.state())
         cache.store(SlotView(buffers, view.start))
-        return hidden, targets
+        return hidden, logits
 
-    def commit(self, state: DecodeState, tree: DraftTree, hidden, targets) -> Tuple[DecodeState, Emitted]:
-        """The acceptance rule, then the accepted nodes become committed (a mask update) and the
-        bonus token with its hidden state the next step's start."""
-        result, keep, history = self._accept(tree, targets, state.history, state.cache.lengths)
+    def commit(self, state: DecodeState, tree: DraftTree, hidden, logits) -> Tuple[DecodeState, Emitted]:
+        """The base model's tokens on the tree and the acceptance rule, then the accepted nodes become
+        committed (a mask update) and the bonus token with its hidden state the next step's start."""
+        result, keep, history = self._accept(tree, logits, state.history, state.cache.lengths)
         state.cache.commit(keep, result.count + 1, self.shape.length)
         next_hidden = mx.take_along_axis(hidden, result.best[:, None, None], axis=1)[:, 0]
         return replace(state, g0=result.bonus, hidden=next_hidden, history=history), Emitted(result.tokens, result.count)
@@ -172,16 +173,17 @@ def _draft_tree(drafter, model, shape: BeamShape, budget: int, final_beams: bool
     return ranked_tree(levels, g0, proposal, found, budget, final_beams)
 
 
-def _verify(model, sampling: SamplingConfig, tokens, positions, ancestors, valid, start, buffers):
-    """The tree forward written at slot `start` of the buffers (see `SlotView`), a target per node."""
+def _verify(model, tokens, positions, ancestors, valid, start, buffers):
+    """The tree forward written at slot `start` of the buffers (see `SlotView`), logits per node."""
     view = SlotView(buffers, start)
     hidden = model(tokens, view, positions, view.tree_mask(ancestors, valid))
-    return hidden, choose_tokens(model.logits(hidden), sampling), view.state()
+    return hidden, model.logits(hidden), view.state()
 
 
-def _accept(tree, targets, history, lengths):
-    """The acceptance rule, the committed slots and the history after it (one compiled graph)."""
-    result = accept(tree, targets)
+def _accept(sampling, tree, logits, history, lengths):
+    """The base model's tokens, the acceptance rule, the committed slots and the history after it
+    (one compiled graph)."""
+    result = accept(tree, tree_targets(tree, logits, sampling))
     Lb = result.path.shape[1]
     depth_ok = mx.arange(Lb)[None] <= result.count[:, None]
     nodes = mx.arange(tree.tokens.shape[1])

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from .beam_search import DraftLevels
+from .sampling import SamplingConfig, choose_tokens
 
 RANK_TIE_BREAK = 1e-3  # per depth: a child always ranks strictly below its parent, even at log-prob 0
 
@@ -115,6 +116,31 @@ def _hops(parents: mx.array, length: int) -> mx.array:
     return mx.stack(chain, axis=2)
 
 
+def tree_targets(tree: DraftTree, logits: mx.array, cfg: SamplingConfig) -> mx.array:
+    """The base model's token at the nodes `accept` reads (B, N) from the tree's logits (B, N, V).
+
+    Greedy: the argmax at every node. Sampled: one draw per node *on the walk* from the root
+    down the children that match, -1 elsewhere. `accept`'s outcome depends only on the draws
+    at the nodes of that walk, and draws at different nodes are independent, so this is the
+    same distribution as a draw at every node, at Lb draws instead of N (a draw over the
+    vocabulary is most of a sampled step's cost on the CPU).
+    """
+    if cfg.greedy:
+        return choose_tokens(logits, cfg)
+    B, N, _ = logits.shape
+    nodes = mx.arange(N)
+    node, walking = mx.zeros((B,), mx.int32), mx.ones((B,), mx.bool_)
+    targets = mx.full((B, N), -1, mx.int32)
+    for _ in range(tree.hops.shape[2]):
+        draw = choose_tokens(mx.take_along_axis(logits, node[:, None, None], axis=1)[:, 0], cfg)
+        here = walking[:, None] & (nodes == node[:, None])
+        targets = mx.where(here, draw[:, None], targets)
+        child = tree.live & (nodes > 0) & (tree.parents == node[:, None]) & (tree.tokens == draw[:, None])
+        walking = walking & child.any(axis=-1)
+        node = mx.where(walking, mx.argmax(child, axis=-1).astype(mx.int32), node)
+    return targets
+
+
 class Accepted(NamedTuple):
     """Per row: `count` drafted tokens accepted (B,), the accepted `path` (B, Lb) of node
     indices root first (entries past count repeat the last), `best` node (B,), the
@@ -129,7 +155,7 @@ class Accepted(NamedTuple):
 
 def accept(tree: DraftTree, targets: mx.array) -> Accepted:
     """The one acceptance rule: a node is accepted when it and all its ancestors drafted the
-    token the base model chose at their parent (targets (B, N): argmax, or one sample per node).
+    token the base model chose at their parent (targets (B, N): `tree_targets`).
 
     Children of a node are distinct, so at most one child matches its parent's target and the
     accepted nodes form a single chain; its deepest node is `best`. Exact for sampling

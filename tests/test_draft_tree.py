@@ -82,3 +82,41 @@ def _prefix(i, tokens, parents):
         i = parents[i]
         out.append(tokens[i])
     return out[::-1]
+
+
+def test_tree_targets_draw_on_the_walk_only_and_accept_as_draws_at_every_node():
+    """Greedy: the argmax at every node. Sampled: draws only on the walk from the root, and the
+    accepted outcome has the same distribution as with a draw at every node (chi-square)."""
+    from scipy.stats import chi2_contingency
+
+    from mlx_redrafter.draft_tree import tree_targets
+    from mlx_redrafter.sampling import SamplingConfig, choose_tokens
+
+    tree = ranked_tree(example_levels(), mx.array([7]), mx.array([[3, 8]]), mx.array([True]), budget=3)
+    rows = 20000
+    tree = type(tree)(*(mx.broadcast_to(x, (rows,) + x.shape[1:]) for x in tree))
+    mx.random.seed(0)
+    # six nodes over a vocabulary of 10, concentrated on the drafted tokens so that walks go deep
+    logits = mx.random.normal((1, 6, 10)) + 2.5 * mx.eye(10)[mx.array([3, 8, 1, 1, 2, 6])][None]
+    logits = mx.broadcast_to(logits, (rows, 6, 10))
+    greedy = SamplingConfig()
+    assert mx.array_equal(tree_targets(tree, logits, greedy), logits.argmax(axis=-1))
+    sampled = SamplingConfig(temperature=0.8)
+    walked = tree_targets(tree, logits, sampled)
+    every = choose_tokens(logits, sampled)
+    outcomes = []
+    for targets in (walked, every):
+        result = accept(tree, targets)
+        emitted = np.concatenate([np.array(result.tokens), np.array(result.count)[:, None], np.array(result.bonus)[:, None]], 1)
+        outcomes.append([tuple(r[: r[-2] + 1]) + (r[-1],) for r in emitted])
+    # off the walk nothing is drawn: a drawn node is the root or the child its parent's draw chose
+    w = np.array(walked)
+    drawn = w >= 0
+    parents, tokens = np.array(tree.parents), np.array(tree.tokens)
+    assert drawn[:, 0].all()
+    chosen = np.take_along_axis(w, parents, 1) == tokens
+    assert (~drawn[:, 1:] | chosen[:, 1:]).all() and drawn.sum() < drawn.size / 2
+    kinds = sorted(set(outcomes[0]) | set(outcomes[1]))
+    table = np.array([[o.count(k) for k in kinds] for o in outcomes])
+    table = table[:, table.sum(0) >= 10]
+    assert table.shape[1] > 5 and chi2_contingency(table).pvalue > 1e-3
