@@ -3,7 +3,8 @@
     python benchmarks/distributed_scaling.py [--ranks 2] [--backend ring] [--repeats 2] [--out results/cpu]
 
 The driver starts the same worker plainly (1 process) and under `mlx.launch -n N`
-(ring backend on localhost by default; `--backend nccl` on a machine with N GPUs),
+(ring backend on localhost by default, each rank's BLAS given its share of the cores;
+`--backend nccl` on a machine with N GPUs),
 alternating 1, N, 1, N, ... so load changes hit both alike. Each worker loads the
 default model, writes greedy replies to MT-Bench prompts (prompts/s; shards of 2
 prompts so N ranks share the work), then trains a reduced-vocabulary drafter on them for a few steps
@@ -66,7 +67,10 @@ def run(ranks: int, backend: str) -> dict:
         if ranks > 1:
             launcher = "from mlx._distributed_utils.launch import main; main()"  # the `mlx.launch` command
             command = [sys.executable, "-c", launcher, "-n", str(ranks), "--backend", backend, "--", *command]
-        out = subprocess.run(command, capture_output=True, text=True, cwd=tmp)
+        # N processes on one machine share its cores: each BLAS gets its share, not all of them
+        threads = str(max(1, (os.cpu_count() or 1) // ranks))
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads} if ranks > 1 else None
+        out = subprocess.run(command, capture_output=True, text=True, cwd=tmp, env=env)
         if out.returncode != 0:
             raise SystemExit(f"error: the {ranks}-process run failed: {(out.stderr or out.stdout).strip()[-400:]}")
         return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])

@@ -91,7 +91,9 @@ class Decoder:
         # compiled by default on a GPU, where building the graph on the host costs more than running it
         """verify(tokens, positions, ancestors, valid, start, buffers) -> (hidden, logits, buffers)"""
         # MLX caches traces per function object: one per decoder
-        self._accept = mx.compile(partial(_accept, sampling), inputs=[mx.random.state], outputs=[mx.random.state])
+        # draws on the walk only on the CPU (draft_tree.tree_targets); at every node on a GPU
+        accept_fn = partial(_accept, sampling, not backend.on_gpu())
+        self._accept = mx.compile(accept_fn, inputs=[mx.random.state], outputs=[mx.random.state])
 
     def make_cache(self) -> SlotCache:
         return SlotCache(len(self.model.layers), self.slack, self.span_step)
@@ -180,10 +182,10 @@ def _verify(model, tokens, positions, ancestors, valid, start, buffers):
     return hidden, model.logits(hidden), view.state()
 
 
-def _accept(sampling, tree, logits, history, lengths):
+def _accept(sampling, walk, tree, logits, history, lengths):
     """The base model's tokens, the acceptance rule, the committed slots and the history after it
     (one compiled graph)."""
-    result = accept(tree, tree_targets(tree, logits, sampling))
+    result = accept(tree, tree_targets(tree, logits, sampling, walk))
     Lb = result.path.shape[1]
     depth_ok = mx.arange(Lb)[None] <= result.count[:, None]
     nodes = mx.arange(tree.tokens.shape[1])

@@ -116,16 +116,18 @@ def _hops(parents: mx.array, length: int) -> mx.array:
     return mx.stack(chain, axis=2)
 
 
-def tree_targets(tree: DraftTree, logits: mx.array, cfg: SamplingConfig) -> mx.array:
+def tree_targets(tree: DraftTree, logits: mx.array, cfg: SamplingConfig, walk: bool = True) -> mx.array:
     """The base model's token at the nodes `accept` reads (B, N) from the tree's logits (B, N, V).
 
-    Greedy: the argmax at every node. Sampled: one draw per node *on the walk* from the root
-    down the children that match, -1 elsewhere. `accept`'s outcome depends only on the draws
-    at the nodes of that walk, and draws at different nodes are independent, so this is the
-    same distribution as a draw at every node, at Lb draws instead of N (a draw over the
-    vocabulary is most of a sampled step's cost on the CPU).
+    Greedy, or walk False: the argmax or one draw at every node. Sampled with walk: one draw
+    per node *on the walk* from the root down the children that match, -1 elsewhere.
+    `accept`'s outcome depends only on the draws at the nodes of that walk, and draws at
+    different nodes are independent, so both give the same distribution; the walk makes Lb
+    draws instead of N (on the CPU a draw over the vocabulary is most of a sampled step's
+    cost) but in Lb dependent rounds of small kernels (on a GPU one draw over N rows costs
+    about what one row costs).
     """
-    if cfg.greedy:
+    if cfg.greedy or not walk:
         return choose_tokens(logits, cfg)
     B, N, _ = logits.shape
     nodes = mx.arange(N)

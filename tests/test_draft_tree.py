@@ -90,7 +90,7 @@ def test_tree_targets_draw_on_the_walk_only_and_accept_as_draws_at_every_node():
     from scipy.stats import chi2_contingency
 
     from mlx_redrafter.draft_tree import tree_targets
-    from mlx_redrafter.sampling import SamplingConfig, choose_tokens
+    from mlx_redrafter.sampling import SamplingConfig
 
     tree = ranked_tree(example_levels(), mx.array([7]), mx.array([[3, 8]]), mx.array([True]), budget=3)
     rows = 20000
@@ -103,7 +103,8 @@ def test_tree_targets_draw_on_the_walk_only_and_accept_as_draws_at_every_node():
     assert mx.array_equal(tree_targets(tree, logits, greedy), logits.argmax(axis=-1))
     sampled = SamplingConfig(temperature=0.8)
     walked = tree_targets(tree, logits, sampled)
-    every = choose_tokens(logits, sampled)
+    every = tree_targets(tree, logits, sampled, walk=False)
+    assert mx.array_equal(every >= 0, mx.ones_like(every, dtype=mx.bool_))
     outcomes = []
     for targets in (walked, every):
         result = accept(tree, targets)
