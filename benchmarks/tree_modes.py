@@ -24,7 +24,7 @@ from mlx_redrafter.speed import machine, run_mlx_lm, run_ours
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.generate import encode_prompt
-from mlx_redrafter.llama import Model, mlx_lm_weights
+from mlx_redrafter.llama import Model, mlx_lm_quantization, mlx_lm_weights, quantize_like
 from mlx_redrafter.reference import to_mlx_lm
 from mlx_redrafter.sampling import SamplingConfig
 
@@ -38,6 +38,7 @@ def parse_setting(text: str, lookup: bool) -> BeamShape:
 def unfused_twin(model: Model) -> Model:
     """The same weights (shared arrays) in mlx-lm's layout: seven projection matmuls a layer."""
     twin = Model(model.args)
+    quantize_like(twin, mlx_lm_quantization(model))
     twin.load_weights(list(mlx_lm_weights(model).items()), strict=True)
     return twin
 

@@ -336,3 +336,16 @@ def mlx_lm_module_names(names) -> list:
         parent, _, last = name.rpartition(".")
         out += [f"{parent}.{p}" for p in FUSED[last]] if last in FUSED else [name]
     return out
+
+
+def mlx_lm_quantization(model: Model) -> dict:
+    """{mlx-lm module path: its quantization (group_size, bits, mode)} for `nn.quantize`'s class_predicate."""
+    return {part: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode} for name, m in model.named_modules()
+            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for part in mlx_lm_module_names([name])}
+
+
+def quantize_like(target: nn.Module, quantization: dict) -> None:
+    """Quantize target's modules named in `mlx_lm_quantization`'s result, each as given there."""
+    if quantization:
+        first = next(iter(quantization.values()))
+        nn.quantize(target, first["group_size"], first["bits"], class_predicate=lambda p, m: quantization.get(p, False))

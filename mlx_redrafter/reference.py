@@ -3,7 +3,7 @@
 import mlx.nn as nn
 from mlx_lm.utils import _get_classes
 
-from .llama import mlx_lm_module_names, mlx_lm_weights
+from .llama import mlx_lm_quantization, mlx_lm_weights, quantize_like
 
 
 def to_mlx_lm(model, config: dict) -> nn.Module:
@@ -12,11 +12,6 @@ def to_mlx_lm(model, config: dict) -> nn.Module:
     config.pop("quantization", None)
     model_class, args_class = _get_classes(config)
     ref = model_class(args_class.from_dict(config))
-    quantized = {part: {"group_size": m.group_size, "bits": m.bits} for name, m in model.named_modules()
-                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-                 for part in mlx_lm_module_names([name])}
-    if quantized:
-        first = next(iter(quantized.values()))
-        nn.quantize(ref, first["group_size"], first["bits"], class_predicate=lambda p, m: quantized.get(p, False))
+    quantize_like(ref, mlx_lm_quantization(model))
     ref.load_weights(list(mlx_lm_weights(model).items()), strict=True)
     return ref

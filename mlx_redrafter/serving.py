@@ -80,12 +80,12 @@ class Worker:
         while True:
             job = self._jobs.get()
             try:
-                done = None if job.cancelled.is_set() else self._generate(job)
-                if done is None or done.finish_reason == "cancelled":
+                # a request cancelled while queued still gets its Done: a waiting handler must return
+                done = _done(job.request, "cancelled", None, 0) if job.cancelled.is_set() else self._generate(job)
+                if done.finish_reason == "cancelled":
                     with self._lock:
                         self.cancelled += 1
-                if done is not None:
-                    job.send(done)
+                job.send(done)
             except Exception as e:  # a failure in one request must not stop the server
                 log.exception("generation failed")
                 job.send(Failed(f"generation failed: {type(e).__name__}: {str(e)[:200]}"))

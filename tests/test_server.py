@@ -281,3 +281,28 @@ def test_a_port_in_use_is_one_error_line_before_the_model_loads():
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in r.stderr
+
+
+def test_a_request_cancelled_while_queued_still_gets_its_done():
+    """The worker answers a job its client left while it waited (a non-streamed handler waits for it)."""
+    from types import SimpleNamespace
+
+    from mlx_redrafter.serving import Job, Worker, _done
+
+    class Slow(Worker):
+        def _generate(self, job):
+            time.sleep(0.3)
+            return _done(job.request, "length", None, 0)
+
+    worker = Slow(None, None)
+    request = SimpleNamespace(ids=[1, 2, 3])
+    first, second = [], []
+    assert worker.submit(Job(request, first.append))
+    queued = Job(request, second.append)
+    assert worker.submit(queued)
+    queued.cancel()
+    deadline = time.time() + 10
+    while worker.status()["served"] < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert [e.finish_reason for e in first] == ["length"] and [e.finish_reason for e in second] == ["cancelled"]
+    assert worker.status()["cancelled"] == 1
