@@ -33,7 +33,7 @@ def free_port() -> int:
 
 def start_server(args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mlx_redrafter", "serve", "--port", str(port), "--log-level", "warning",
-           "--queue-size", str(max(args.concurrency, 1))]
+           "--queue-size", str(max(args.concurrency, 1)), "--max-batch", str(args.max_batch)]
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--drafter", args.drafter] if args.drafter else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -115,6 +115,7 @@ def main():
     p.add_argument("--prompts", help="questions to send (default: MT-Bench)")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--max-batch", type=int, default=4, help="the server's --max-batch (1: one request at a time)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--time-limit", type=float, default=480, help="seconds after which no new request starts")
     p.add_argument("--out", help="JSON file (default results/serve-load-<cpu|gpu>.json)")
@@ -152,7 +153,7 @@ def main():
     ttfts = [r["ttft"] for r in ok]
     summary = {
         "machine": backend.machine(), "model": args.model or "default", "requests": len(results), "ok": len(ok),
-        "concurrency": args.concurrency, "max_tokens": args.max_tokens, "wall_s": wall,
+        "concurrency": args.concurrency, "max_batch": args.max_batch, "max_tokens": args.max_tokens, "wall_s": wall,
         "requests_per_s": len(ok) / wall, "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95),
         "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
         "tokens_per_step": statistics.mean(r["tokens_per_step"] for r in ok if r["tokens_per_step"]) if ok else None,

@@ -438,7 +438,8 @@ def serve(
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Default sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Default nucleus sampling mass."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Default top-k (0 = all)."),
-    queue_size: int = typer.Option(16, "--queue-size", min=0, help="Requests waiting behind the one being decoded; more get 503."),
+    queue_size: int = typer.Option(16, "--queue-size", min=0, help="Requests waiting behind those being decoded; more get 503."),
+    max_batch: int = typer.Option(4, "--max-batch", min=1, max=64, help="Requests decoded together as rows of one speculative batch."),
     prompt_cache_size: int = typer.Option(4, "--prompt-cache-size", min=1, help="Conversations whose KV cache is kept for reuse."),
     allowed_origins: str = typer.Option("", "--allowed-origins", help="Comma-separated origins allowed by CORS, for browser front ends (default: none)."),
     dtype: str = typer.Option("auto", "--dtype", help="float32 | float16 | bfloat16 | auto."),
@@ -459,7 +460,7 @@ def serve(
     if getattr(base, "drafter", None) is None:
         typer.echo("note: no drafter for this model: decoding plainly", err=True)
     served = Served.named(model, model=base, tokenizer=tokenizer, default_max_tokens=max_tokens, defaults=defaults)
-    worker = Worker(base, tokenizer, queue_size, prompt_cache_size)
+    worker = Worker(base, tokenizer, queue_size, prompt_cache_size, max_batch=max_batch)
     origins = tuple(o.strip() for o in allowed_origins.split(",") if o.strip())
     run_server(served, worker, host, port, origins, log_level)
 

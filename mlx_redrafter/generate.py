@@ -267,44 +267,56 @@ def chosen_shape(model, drafter, sampling: SamplingConfig):
     return default_shape() if tuned is None else tuned.for_sampling(sampling)
 
 
-def _responses(tokenizer, steps, prompt_len: int, max_tokens: int, speculative: bool = False, cached: int = 0):
-    detok = tokenizer.detokenizer
-    detok.reset()
-    eos = set(tokenizer.eos_token_ids)
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    n = n_steps = 0
-    prompt_tps = 0.0
-    for tokens, accepted in steps:
-        if n_steps == 0:
-            first = time.perf_counter()
-            prompt_tps = (prompt_len - cached) / (first - start)  # the tokens run, as mlx-lm counts
-        n_steps += 1
+class Responses:
+    """One sequence's GenerationResponses from its decoding steps: text, stop at EOS or max_tokens,
+    speeds. `stream_generate` feeds it one sequence's steps; a batch feeds one per row."""
+
+    def __init__(self, tokenizer, prompt_len: int, max_tokens: int, speculative: bool = False, cached: int = 0):
+        self.detok = tokenizer.detokenizer  # a copy of its own
+        self.eos = set(tokenizer.eos_token_ids)
+        self.prompt_len, self.max_tokens, self.speculative, self.cached = prompt_len, max_tokens, speculative, cached
+        self.start = time.perf_counter()
+        self.n = self.n_steps = 0
+        self.prompt_tps = 0.0
+        self.finished = False
+
+    def step(self, tokens: List[int], accepted: int) -> List[GenerationResponse]:
+        """A response per token of one step, up to the one that finishes the sequence."""
+        if self.n_steps == 0:
+            self.first = time.perf_counter()
+            self.prompt_tps = (self.prompt_len - self.cached) / (self.first - self.start)  # tokens run, as mlx-lm counts
+        self.n_steps += 1
+        out = []
         for i, token in enumerate(tokens):
-            n += 1
-            finish = "stop" if token in eos else ("length" if n >= max_tokens else None)
-            if token not in eos:
-                detok.add_token(token)
+            if self.finished:
+                break
+            self.n += 1
+            finish = "stop" if token in self.eos else ("length" if self.n >= self.max_tokens else None)
+            if token not in self.eos:
+                self.detok.add_token(token)
             if finish:
-                detok.finalize()
-            elapsed = time.perf_counter() - first
-            yield GenerationResponse(
-                text=detok.last_segment,
-                token=token,
-                from_draft=i > 0,
-                step_accepted=accepted,
-                prompt_tokens=prompt_len,
-                prompt_tps=prompt_tps,
-                generation_tokens=n,
-                generation_tps=n / elapsed if elapsed > 0 else 0.0,
-                steps=n_steps,
-                peak_memory=mx.get_peak_memory() / 1e9,
-                finish_reason=finish,
-                speculative=speculative,
-                cached_tokens=cached,
-            )
-            if finish:
-                return
+                self.detok.finalize()
+                self.finished = True
+            out.append(self._response(token, i > 0, accepted, finish))
+        return out
+
+    def _response(self, token: int, from_draft: bool, accepted: int, finish: Optional[str]) -> GenerationResponse:
+        elapsed = time.perf_counter() - self.first
+        return GenerationResponse(
+            text=self.detok.last_segment, token=token, from_draft=from_draft, step_accepted=accepted,
+            prompt_tokens=self.prompt_len, prompt_tps=self.prompt_tps, generation_tokens=self.n,
+            generation_tps=self.n / elapsed if elapsed > 0 else 0.0, steps=self.n_steps,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, speculative=self.speculative,
+            cached_tokens=self.cached)
+
+
+def _responses(tokenizer, steps, prompt_len: int, max_tokens: int, speculative: bool = False, cached: int = 0):
+    mx.reset_peak_memory()
+    sequence = Responses(tokenizer, prompt_len, max_tokens, speculative, cached)
+    for tokens, accepted in steps:
+        yield from sequence.step(tokens, accepted)
+        if sequence.finished:
+            return
 
 
 def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:

@@ -47,6 +47,10 @@ class PromptCache:
     def __len__(self):
         return len(self._entries)
 
+    def shared(self, ids: List[int], kind: Hashable) -> int:
+        """How many of `ids`' first tokens the best cached conversation holds (nothing is taken)."""
+        return max((common_prefix(e.tokens, ids) for e in self._entries if e.kind == kind), default=0)
+
     def take(self, ids: List[int], kind: Hashable) -> Tuple[Optional[object], int]:
         """(cache, n): the cache sharing the longest prefix with `ids`, cut to its first n tokens and
         removed from the store (None, 0 when nothing is shared). n < len(ids): at least one token

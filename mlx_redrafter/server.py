@@ -57,8 +57,8 @@ def create_app(served: Served, worker: Worker, allowed_origins=()) -> Starlette:
         events: asyncio.Queue = asyncio.Queue()
         job = Job(req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         if not worker.submit(job):
-            busy = ApiError(503, f"the server is busy: {worker.capacity} requests are already queued or running "
-                                 "(one is decoded at a time); retry later", None, "server_busy", "server_error")
+            busy = ApiError(503, f"the server is busy: {worker.capacity} requests are already queued or running; "
+                                 "retry later", None, "server_busy", "server_error")
             return error_response(busy, {"Retry-After": "1"})
         reply = Reply(req, served.id)
         if req.stream:

@@ -1,22 +1,28 @@
-"""The server's generation layer: one request decoded at a time, in arrival order, on one thread.
+"""The server's generation layer: requests decoded in arrival order on one thread, several at once.
 
-The engine decodes one sequence at a time (batch 1), so requests wait in a bounded FIFO queue;
-one more than it holds is refused at once (`submit` returns False: the HTTP layer answers 503). The
-worker thread owns every MLX call and the prompt cache. A request whose client went away is
-cancelled: the worker checks between tokens (and skips it if it is still queued), so its slot frees
-within one decoding step. Events go back to the HTTP layer's event loop as they happen.
+Requests wait in a bounded FIFO queue; one more than it holds is refused at once (`submit` returns
+False: the HTTP layer answers 503). The worker takes the oldest request together with the ones
+right behind it that can share its batch (the same sampling settings, no seed, no long prefix in
+the prompt cache) up to `max_batch`, and decodes them as rows of one speculative batch
+(`Decoder.run`: each row drafts and verifies its own tree); a request alone, or one that reuses a
+cached conversation, goes through `stream_generate` with the prompt cache. The worker thread owns
+every MLX call and the prompt cache. A request whose client went away is cancelled: the worker
+checks between tokens (and skips it if it is still queued), so its row stops within one step.
+Events go back to the HTTP layer's event loop as they happen.
 """
 
+import collections
 import logging
-import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
-from .generate import stream_generate
+from .generate import Responses, chosen_shape, context_window, decoder_for, fit_context, stream_generate
 from .openai_api import Completion, usage
 from .prompt_cache import PromptCache
 from .stopping import StopText
+
+REUSE_ALONE = 64  # a request sharing this many tokens with a cached conversation is decoded alone, reusing it
 
 log = logging.getLogger("mlx_redrafter.serve")
 
@@ -51,74 +57,146 @@ class Job:
 
 
 class Worker:
-    def __init__(self, model, tokenizer, queue_size: int = 16, prompt_cache_size: int = 4, drafter="auto"):
-        self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
+    def __init__(self, model, tokenizer, queue_size: int = 16, prompt_cache_size: int = 4, drafter="auto",
+                 max_batch: int = 4):
+        self.model, self.tokenizer, self.drafter, self.max_batch = model, tokenizer, drafter, max_batch
         self.prompt_cache = PromptCache(prompt_cache_size)
-        self.capacity = queue_size + 1  # waiting plus the one decoding
-        self._jobs: "queue.Queue[Job]" = queue.Queue()
+        self.capacity = queue_size + max_batch  # waiting plus those decoding
+        self._waiting: collections.deque = collections.deque()
         self._lock = threading.Lock()
-        self.admitted = 0
+        self._ready = threading.Condition(self._lock)
+        self.admitted = self.active = 0
         self.served = 0
         self.cancelled = 0  # requests stopped because their client went away
+        self.batched = 0  # requests decoded as a row of a batch of several
         threading.Thread(target=self._serve, name="mlx-redrafter-worker", daemon=True).start()
 
     def submit(self, job: Job) -> bool:
         """Queue a request; False when the queue is full."""
-        with self._lock:
+        with self._ready:
             if self.admitted >= self.capacity:
                 return False
             self.admitted += 1
-        self._jobs.put(job)
+            self._waiting.append(job)
+            self._ready.notify()
         return True
 
     def status(self) -> dict:
         with self._lock:
-            return {"active": min(self.admitted, 1), "queued": max(self.admitted - 1, 0),
-                    "queue_size": self.capacity - 1, "served": self.served, "cancelled": self.cancelled}
+            return {"active": self.active, "queued": self.admitted - self.active,
+                    "queue_size": self.capacity - self.max_batch, "max_batch": self.max_batch,
+                    "served": self.served, "cancelled": self.cancelled, "batched": self.batched}
 
     def _serve(self):
         while True:
-            job = self._jobs.get()
+            jobs = self._take()
             try:
-                # a request cancelled while queued still gets its Done: a waiting handler must return
-                done = _done(job.request, "cancelled", None, 0) if job.cancelled.is_set() else self._generate(job)
-                if done.finish_reason == "cancelled":
-                    with self._lock:
-                        self.cancelled += 1
-                job.send(done)
-            except Exception as e:  # a failure in one request must not stop the server
+                for job, done in zip(jobs, self._decode(jobs)):
+                    if done.finish_reason == "cancelled":
+                        with self._lock:
+                            self.cancelled += 1
+                    job.send(done)
+            except Exception as e:  # a failure in one batch must not stop the server
                 log.exception("generation failed")
-                job.send(Failed(f"generation failed: {type(e).__name__}: {str(e)[:200]}"))
+                for job in jobs:
+                    job.send(Failed(f"generation failed: {type(e).__name__}: {str(e)[:200]}"))
             finally:
                 with self._lock:
-                    self.admitted -= 1
-                    self.served += 1
+                    self.admitted -= len(jobs)
+                    self.active = 0
+                    self.served += len(jobs)
 
-    def _generate(self, job: Job) -> Optional[Done]:
+    def _take(self) -> List[Job]:
+        """The oldest request and those right behind it that can share its batch."""
+        with self._ready:
+            while not self._waiting:
+                self._ready.wait()
+            jobs = [self._waiting.popleft()]
+            while (self._waiting and len(jobs) < self.max_batch and self._batchable(jobs[0])
+                   and self._batchable(self._waiting[0], jobs[0].request.sampling)):
+                jobs.append(self._waiting.popleft())
+            self.active = len(jobs)
+            return jobs
+
+    def _batchable(self, job: Job, sampling=None) -> bool:
         req = job.request
-        stops = StopText(req.stop)
-        finish, last, drafted = "length", None, 0
+        return (req.sampling.seed is None and (sampling is None or req.sampling == sampling)
+                and self.prompt_cache.shared(req.ids, self._kind()) < REUSE_ALONE)
+
+    def _kind(self):
+        return (id(self.model), "speculative")  # stream_generate's key for speculative caches
+
+    def _decode(self, jobs: List[Job]) -> List["Done"]:
+        """One Done per job, in order; a job cancelled while queued is not decoded."""
+        live = [job for job in jobs if not job.cancelled.is_set()]
+        drafter = getattr(self.model, "drafter", None) if self.drafter == "auto" else self.drafter
+        shape = None if drafter is None or len(live) < 2 else chosen_shape(self.model, drafter, live[0].request.sampling)
+        if shape is None:  # alone, no drafter, or plain decoding measured faster: one at a time
+            done = {id(job): self._generate(job) for job in live}
+        else:
+            done = dict(zip(map(id, live), self._generate_batch(live, drafter, shape)))
+            with self._lock:
+                self.batched += len(live)
+        return [done.get(id(job)) or _done(job.request, "cancelled", None, 0) for job in jobs]
+
+    def _generate(self, job: Job) -> "Done":
+        req = job.request
+        answer = Answer(job)
         responses = stream_generate(self.model, self.tokenizer, req.ids, drafter=self.drafter,
                                     max_tokens=req.max_tokens, sampling=req.sampling,
                                     prompt_cache=self.prompt_cache)
         try:
-            for last in responses:
-                drafted += last.from_draft
-                text = stops.feed(last.text)
-                if last.finish_reason:
-                    text += stops.flush()
-                if text:
-                    job.send(Delta(text))
-                if stops.stopped or last.finish_reason:
-                    finish = "stop" if stops.stopped else last.finish_reason
-                    break
-                if job.cancelled.is_set():
-                    log.info("client went away: generation stopped")
-                    finish = "cancelled"
+            for response in responses:
+                if answer.feed(response):
                     break
         finally:
             responses.close()  # the prompt cache keeps what was decoded
-        return _done(req, finish, last, drafted)
+        return answer.done()
+
+    def _generate_batch(self, jobs: List[Job], drafter, shape) -> List["Done"]:
+        """The jobs as rows of one speculative batch, until every row has finished."""
+        sampling = jobs[0].request.sampling
+        fitted = [fit_context(job.request.ids, job.request.max_tokens, context_window(self.model)) for job in jobs]
+        answers = [Answer(job) for job in jobs]
+        rows = [Responses(self.tokenizer, len(ids), limit, speculative=True) for ids, limit in fitted]
+        steps = decoder_for(self.model, drafter, shape, sampling).run([ids for ids, _ in fitted])
+        running = set(range(len(jobs)))
+        try:
+            while running:
+                tokens, counts = next(steps)
+                for row in sorted(running):
+                    if any(answers[row].feed(r) for r in rows[row].step(tokens[row], counts[row])):
+                        running.discard(row)
+        finally:
+            steps.close()
+        return [answer.done() for answer in answers]
+
+
+class Answer:
+    """One request's text as it is decoded: stop strings, events to its client, the finish reason."""
+
+    def __init__(self, job: Job):
+        self.job, self.stops = job, StopText(job.request.stop)
+        self.last, self.drafted, self.finish = None, 0, None
+
+    def feed(self, response) -> bool:
+        """Pass one token's response on; True once the answer is finished (or its client left)."""
+        self.last = response
+        self.drafted += response.from_draft
+        text = self.stops.feed(response.text)
+        if response.finish_reason:
+            text += self.stops.flush()
+        if text:
+            self.job.send(Delta(text))
+        if self.stops.stopped or response.finish_reason:
+            self.finish = "stop" if self.stops.stopped else response.finish_reason
+        elif self.job.cancelled.is_set():
+            log.info("client went away: generation stopped")
+            self.finish = "cancelled"
+        return self.finish is not None
+
+    def done(self) -> "Done":
+        return _done(self.job.request, self.finish or "length", self.last, self.drafted)
 
 
 def _done(req: Completion, finish: str, last, drafted: int) -> Done:

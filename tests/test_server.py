@@ -21,6 +21,7 @@ from mlx_redrafter import generate  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 N = 12  # max_tokens of the compared answers
 QUEUE = 8
+BATCH = 3  # --max-batch
 RIVERS = [{"role": "user", "content": "Name three rivers."}]
 
 
@@ -49,7 +50,7 @@ def server():
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "mlx_redrafter", "serve", "--port", str(port), "--max-tokens", "16",
-                             "--queue-size", str(QUEUE), "--log-level", "warning"], cwd=ROOT, env=env,
+                             "--queue-size", str(QUEUE), "--max-batch", str(BATCH), "--log-level", "warning"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -192,13 +193,16 @@ def test_bad_completions_paths_and_methods(server):
     assert get(port, "/health")[1]["status"] == "ok"  # still serving
 
 
-def test_eight_concurrent_clients_get_their_own_answers(client, served_id):
+def test_eight_concurrent_clients_get_their_own_answers(client, served_id, server):
+    """Answered one at a time or together (rows of speculative batches), each gets its own answer."""
     questions = [f"What is {a} plus {b}?" for a, b in zip(range(1, 9), range(11, 19))]
     ask = lambda q, stream: _answer(client, served_id, q, stream)  # noqa: E731
     alone = [ask(q, False) for q in questions]
+    batched = get(server[0], "/health")[1]["batched"]
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(ask, questions, [i % 2 == 0 for i in range(8)]))
     assert together == alone and len(set(alone)) > 1
+    assert get(server[0], "/health")[1]["batched"] >= batched + 2  # some of them shared a batch
 
 
 def _answer(client, served_id, question, stream):
@@ -240,14 +244,14 @@ def wait_idle(port, timeout=60):
 def test_a_full_queue_answers_503_and_disconnects_free_every_slot(server):
     port = server[0]
     wait_idle(port)
-    held = [open_stream(port) for _ in range(QUEUE + 1)]  # one decoding, QUEUE waiting
+    held = [open_stream(port) for _ in range(QUEUE + BATCH)]  # up to BATCH decoding, the rest waiting
     status, reply = post(port, "/v1/chat/completions", {"messages": RIVERS, "max_tokens": 1})
     assert status == 503 and reply["error"]["code"] == "server_busy"
     started = time.time()
     for conn, response in held:
         hang_up(conn, response)
     wait_idle(port)
-    assert time.time() - started < 30  # 9 x 4000 tokens would take far longer: they were stopped
+    assert time.time() - started < 30  # 11 x 4000 tokens would take far longer: they were stopped
     assert post(port, "/v1/chat/completions", {"messages": RIVERS, "max_tokens": 2})[0] == 200
 
 
@@ -294,8 +298,10 @@ def test_a_request_cancelled_while_queued_still_gets_its_done():
             time.sleep(0.3)
             return _done(job.request, "length", None, 0)
 
+    from mlx_redrafter.sampling import SamplingConfig
+
     worker = Slow(None, None)
-    request = SimpleNamespace(ids=[1, 2, 3])
+    request = SimpleNamespace(ids=[1, 2, 3], sampling=SamplingConfig(seed=1))
     first, second = [], []
     assert worker.submit(Job(request, first.append))
     queued = Job(request, second.append)
