@@ -51,6 +51,7 @@ class Job:
     request: Completion
     send: Callable[[object], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    answered: bool = False  # its Done or Failed was sent
 
     def cancel(self):
         self.cancelled.set()
@@ -89,17 +90,14 @@ class Worker:
 
     def _serve(self):
         while True:
-            jobs = self._take()
+            jobs = []
             try:
-                for job, done in zip(jobs, self._decode(jobs)):
-                    if done.finish_reason == "cancelled":
-                        with self._lock:
-                            self.cancelled += 1
-                    job.send(done)
-            except Exception as e:  # a failure in one batch must not stop the server
+                jobs = self._take()
+                self._decode(jobs)
+            except Exception as e:  # a failed batch must not stop the server; answered jobs keep their Done
                 log.exception("generation failed")
                 for job in jobs:
-                    job.send(Failed(f"generation failed: {type(e).__name__}: {str(e)[:200]}"))
+                    self._finish(job, Failed(f"generation failed: {type(e).__name__}: {str(e)[:200]}"))
             finally:
                 with self._lock:
                     self.admitted -= len(jobs)
@@ -112,9 +110,11 @@ class Worker:
             while not self._waiting:
                 self._ready.wait()
             jobs = [self._waiting.popleft()]
-            while (self._waiting and len(jobs) < self.max_batch and self._batchable(jobs[0])
-                   and self._batchable(self._waiting[0], jobs[0].request.sampling)):
-                jobs.append(self._waiting.popleft())
+            self.active = 1
+            if self._batchable(jobs[0]) and self._batch_shape(jobs[0].request.sampling) is not None:
+                while (self._waiting and len(jobs) < self.max_batch
+                       and self._batchable(self._waiting[0], jobs[0].request.sampling)):
+                    jobs.append(self._waiting.popleft())
             self.active = len(jobs)
             return jobs
 
@@ -126,18 +126,36 @@ class Worker:
     def _kind(self):
         return (id(self.model), "speculative")  # stream_generate's key for speculative caches
 
-    def _decode(self, jobs: List[Job]) -> List["Done"]:
-        """One Done per job, in order; a job cancelled while queued is not decoded."""
-        live = [job for job in jobs if not job.cancelled.is_set()]
-        drafter = getattr(self.model, "drafter", None) if self.drafter == "auto" else self.drafter
-        shape = None if drafter is None or len(live) < 2 else chosen_shape(self.model, drafter, live[0].request.sampling)
-        if shape is None:  # alone, no drafter, or plain decoding measured faster: one at a time
-            done = {id(job): self._generate(job) for job in live}
-        else:
-            done = dict(zip(map(id, live), self._generate_batch(live, drafter, shape)))
+    def _drafter(self):
+        return getattr(self.model, "drafter", None) if self.drafter == "auto" else self.drafter
+
+    def _batch_shape(self, sampling):
+        """The speculative settings a batch would use (None: no drafter, or plain decoding is faster)."""
+        drafter = self._drafter()
+        return None if drafter is None else chosen_shape(self.model, drafter, sampling)
+
+    def _finish(self, job: Job, event):
+        """Send a job its one final event (Done or Failed), as soon as it is known."""
+        if job.answered:
+            return
+        job.answered = True
+        if isinstance(event, Done) and event.finish_reason == "cancelled":
             with self._lock:
-                self.batched += len(live)
-        return [done.get(id(job)) or _done(job.request, "cancelled", None, 0) for job in jobs]
+                self.cancelled += 1
+        job.send(event)
+
+    def _decode(self, jobs: List[Job]):
+        """Decode the jobs (a batch, or one alone); a job cancelled while queued is not decoded."""
+        live = []
+        for job in jobs:
+            if job.cancelled.is_set():
+                self._finish(job, _done(job.request, "cancelled", None, 0))
+            else:
+                live.append(job)
+        if len(live) > 1:
+            self._generate_batch(live, self._drafter(), self._batch_shape(live[0].request.sampling))
+        elif live:
+            self._finish(live[0], self._generate(live[0]))
 
     def _generate(self, job: Job) -> "Done":
         req = job.request
@@ -153,23 +171,32 @@ class Worker:
             responses.close()  # the prompt cache keeps what was decoded
         return answer.done()
 
-    def _generate_batch(self, jobs: List[Job], drafter, shape) -> List["Done"]:
-        """The jobs as rows of one speculative batch, until every row has finished."""
+    def _generate_batch(self, jobs: List[Job], drafter, shape):
+        """The jobs as rows of one speculative batch; each row's Done goes out when that row ends.
+        A failure in one row's text is that row's alone."""
         sampling = jobs[0].request.sampling
         fitted = [fit_context(job.request.ids, job.request.max_tokens, context_window(self.model)) for job in jobs]
         answers = [Answer(job) for job in jobs]
         rows = [Responses(self.tokenizer, len(ids), limit, speculative=True) for ids, limit in fitted]
         steps = decoder_for(self.model, drafter, shape, sampling).run([ids for ids, _ in fitted])
+        with self._lock:
+            self.batched += len(jobs)
         running = set(range(len(jobs)))
         try:
             while running:
                 tokens, counts = next(steps)
                 for row in sorted(running):
-                    if any(answers[row].feed(r) for r in rows[row].step(tokens[row], counts[row])):
+                    try:
+                        finished = any(answers[row].feed(r) for r in rows[row].step(tokens[row], counts[row]))
+                        event = answers[row].done() if finished else None
+                    except Exception as e:
+                        log.exception("generation failed in one row")
+                        event = Failed(f"generation failed: {type(e).__name__}: {str(e)[:200]}")
+                    if event is not None:
                         running.discard(row)
+                        self._finish(jobs[row], event)
         finally:
             steps.close()
-        return [answer.done() for answer in answers]
 
 
 class Answer:

@@ -276,6 +276,21 @@ def test_a_client_leaving_mid_answer_frees_the_slot(server):
     assert status["served"] == before["served"] + 2 and status["cancelled"] == before["cancelled"] + 2
 
 
+def test_a_short_answer_in_a_batch_ends_without_waiting_for_the_long_one(server):
+    port = server[0]
+    wait_idle(port)
+    blocker = open_stream(port, max_tokens=40)  # decoded alone: the next two queue behind it, then share a batch
+    long = open_stream(port)
+    before = get(port, "/health")[1]
+    status, reply = post(port, "/v1/chat/completions", {"messages": RIVERS, "max_tokens": 3})
+    assert status == 200 and reply["choices"][0]["finish_reason"] == "length"
+    now = get(port, "/health")[1]
+    assert now["active"] >= 1 and now["batched"] >= before["batched"] + 2  # the long row is still decoding
+    hang_up(*long)
+    hang_up(*blocker)
+    wait_idle(port)
+
+
 def test_a_port_in_use_is_one_error_line_before_the_model_loads():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
