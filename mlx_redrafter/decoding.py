@@ -90,8 +90,8 @@ class Decoder:
             if (backend.on_gpu() if compiled is None else compiled) else verify
         # compiled by default on a GPU, where building the graph on the host costs more than running it
         """verify(tokens, positions, ancestors, valid, start, buffers) -> (hidden, logits, buffers)"""
-        # MLX caches traces per function object: one per decoder
-        # draws on the walk only on the CPU (draft_tree.tree_targets); at every node on a GPU
+        # MLX caches traces per function object: one per decoder. Draws on the walk only on the CPU
+        # (draft_tree.tree_targets), at every node on a GPU.
         accept_fn = partial(_accept, sampling, not backend.on_gpu())
         self._accept = mx.compile(accept_fn, inputs=[mx.random.state], outputs=[mx.random.state])
 

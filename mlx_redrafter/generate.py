@@ -227,7 +227,7 @@ def stream_generate(
         mx.random.seed(sampling.seed)
     beam = None if drafter is None else beam or chosen_shape(model, drafter, sampling)
     decoder = None if beam is None else decoder_for(model, drafter, beam, sampling)
-    kind = (id(model), "plain" if decoder is None else "speculative")
+    kind = cache_kind(model, decoder is not None)
     cache, cached = prompt_cache.take(ids, kind) if prompt_cache is not None else (None, 0)
     if cache is None:
         cache = model.make_cache() if decoder is None else decoder.make_cache()
@@ -238,6 +238,11 @@ def stream_generate(
     if prompt_cache is not None:
         steps = prompt_cache.record(ids, cache, kind, steps)
     yield from _responses(tokenizer, steps, len(ids), max_tokens, speculative=decoder is not None, cached=cached)
+
+
+def cache_kind(model, speculative: bool):
+    """The prompt cache's key for a model's caches: plain and speculative caches are laid out apart."""
+    return (id(model), "speculative" if speculative else "plain")
 
 
 def decoder_for(model, drafter, beam, sampling: SamplingConfig):

@@ -15,9 +15,11 @@ import collections
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
-from .generate import Responses, chosen_shape, context_window, decoder_for, fit_context, stream_generate
+from .beam_search import BeamShape
+from .generate import (Responses, cache_kind, chosen_shape, context_window, decoder_for, fit_context,
+                       stream_generate)
 from .openai_api import Completion, usage
 from .prompt_cache import PromptCache
 from .stopping import StopText
@@ -92,39 +94,36 @@ class Worker:
         while True:
             jobs = []
             try:
-                jobs = self._take()
-                self._decode(jobs)
+                jobs, shape = self._take()
+                self._decode(jobs, shape)
             except Exception as e:  # a failed batch must not stop the server; answered jobs keep their Done
                 log.exception("generation failed")
                 for job in jobs:
-                    self._finish(job, Failed(f"generation failed: {type(e).__name__}: {str(e)[:200]}"))
+                    self._finish(job, _failed(e))
             finally:
                 with self._lock:
                     self.admitted -= len(jobs)
                     self.active = 0
                     self.served += len(jobs)
 
-    def _take(self) -> List[Job]:
-        """The oldest request and those right behind it that can share its batch."""
+    def _take(self) -> Tuple[List[Job], Optional[BeamShape]]:
+        """The oldest request and those right behind it that can share its batch, and the batch's
+        speculative settings (None: the request is decoded alone)."""
         with self._ready:
             while not self._waiting:
                 self._ready.wait()
             jobs = [self._waiting.popleft()]
-            self.active = 1
-            if self._batchable(jobs[0]) and self._batch_shape(jobs[0].request.sampling) is not None:
-                while (self._waiting and len(jobs) < self.max_batch
-                       and self._batchable(self._waiting[0], jobs[0].request.sampling)):
-                    jobs.append(self._waiting.popleft())
+            shape = self._batch_shape(jobs[0].request.sampling) if self._batchable(jobs[0]) else None
+            while (shape is not None and self._waiting and len(jobs) < self.max_batch
+                   and self._batchable(self._waiting[0], jobs[0].request.sampling)):
+                jobs.append(self._waiting.popleft())
             self.active = len(jobs)
-            return jobs
+            return jobs, shape
 
     def _batchable(self, job: Job, sampling=None) -> bool:
         req = job.request
         return (req.sampling.seed is None and (sampling is None or req.sampling == sampling)
-                and self.prompt_cache.shared(req.ids, self._kind()) < REUSE_ALONE)
-
-    def _kind(self):
-        return (id(self.model), "speculative")  # stream_generate's key for speculative caches
+                and self.prompt_cache.shared(req.ids, cache_kind(self.model, True)) < REUSE_ALONE)
 
     def _drafter(self):
         return getattr(self.model, "drafter", None) if self.drafter == "auto" else self.drafter
@@ -144,7 +143,7 @@ class Worker:
                 self.cancelled += 1
         job.send(event)
 
-    def _decode(self, jobs: List[Job]):
+    def _decode(self, jobs: List[Job], shape: Optional[BeamShape]):
         """Decode the jobs (a batch, or one alone); a job cancelled while queued is not decoded."""
         live = []
         for job in jobs:
@@ -153,7 +152,7 @@ class Worker:
             else:
                 live.append(job)
         if len(live) > 1:
-            self._generate_batch(live, self._drafter(), self._batch_shape(live[0].request.sampling))
+            self._generate_batch(live, self._drafter(), shape)
         elif live:
             self._finish(live[0], self._generate(live[0]))
 
@@ -191,7 +190,7 @@ class Worker:
                         event = answers[row].done() if finished else None
                     except Exception as e:
                         log.exception("generation failed in one row")
-                        event = Failed(f"generation failed: {type(e).__name__}: {str(e)[:200]}")
+                        event = _failed(e)
                     if event is not None:
                         running.discard(row)
                         self._finish(jobs[row], event)
@@ -224,6 +223,10 @@ class Answer:
 
     def done(self) -> "Done":
         return _done(self.job.request, self.finish or "length", self.last, self.drafted)
+
+
+def _failed(e: Exception) -> Failed:
+    return Failed(f"generation failed: {type(e).__name__}: {str(e)[:200]}")
 
 
 def _done(req: Completion, finish: str, last, drafted: int) -> Done:
