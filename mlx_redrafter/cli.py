@@ -278,17 +278,19 @@ def eval_drafter(
     lookup: str = typer.Option("both", "--lookup", help="Context-lookup beam: off | on | both."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1),
     decode: bool = typer.Option(False, "--decode", help="Count by running speculative decoding (slow) instead of replaying greedy references."),
+    temperature: float = typer.Option(0.0, "--temp", min=0.0, help="Count while sampling at this temperature (decodes; each prompt seeded with --seed)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Sampling seed for --temp."),
     out: Path = typer.Option(Path("results"), "--out", help="Where the JSON, Markdown table and plot go."),
     force: bool = typer.Option(False, "--force", help="Replace earlier acceptance.json/.md/.png in --out."),
     dtype: str = typer.Option("auto", "--dtype"),
 ):
-    """Mean accepted tokens per step (greedy) on held-out prompts, over a grid of W x Lb."""
+    """Mean accepted tokens per step on held-out prompts (greedy, or sampled with --temp), over a grid of W x Lb."""
     from .evaluate import eval_drafter as run_eval
 
     ws, ls = grid_widths(widths, "--widths"), grid_lengths(lengths, "--lengths")
     result = run_eval(model, drafter=drafter or "auto", prompts=prompts, limit=limit, every=every, widths=ws,
                       lengths=ls, lookup=lookup, nodes=nodes, tree=tree, max_tokens=max_tokens, decode=decode,
-                      out=out, force=force, dtype=dtype)
+                      temperature=temperature, seed=seed, out=out, force=force, dtype=dtype)
     typer.echo(result.table())
     typer.echo(f"saved {out}/acceptance.json, .md and .png")
 

@@ -113,7 +113,7 @@ class Decoder:
         hidden = _prefill_rows(self.model, mx.array(padded[:, done:]), [n - done for n in lengths], cache)
         cache.start(lengths)
         g0 = choose_tokens(self.model.logits(hidden), self.sampling)
-        history = mx.array(np.pad(padded, [(0, 0), (0, _history_size(max(lengths) + self.shape.length) - padded.shape[1])]))
+        history = mx.array(np.pad(padded, [(0, 0), (0, history_size(max(lengths) + self.shape.length) - padded.shape[1])]))
         return DecodeState(cache, g0, hidden, history)
 
     def step(self, state: DecodeState) -> Tuple[DecodeState, Emitted]:
@@ -210,12 +210,12 @@ def _prefill_rows(model, tokens: mx.array, lengths: List[int], cache) -> mx.arra
     return hidden
 
 
-def _history_size(needed: int) -> int:
+def history_size(needed: int) -> int:
     return -(-needed // HISTORY_STEP) * HISTORY_STEP
 
 
 def _fit_history(history: mx.array, needed: int) -> mx.array:
-    size = _history_size(needed)
+    size = history_size(needed)
     if history.shape[1] >= size:
         return history
     return mx.pad(history, [(0, 0), (0, size - history.shape[1])])

@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from .beam_search import BeamShape
-from .decoding import Decoder
+from .decoding import Decoder, history_size
 from .draft_tree import accept
 from .distill import batch_generate
 from .generate import encode_prompt, stream_generate
@@ -33,17 +33,17 @@ from .sampling import SamplingConfig
 
 
 def acceptance(model, tokenizer, drafter, prompts: Sequence[str], shape: BeamShape, max_tokens: int = 128,
-               progress: bool = True) -> Dict:
-    """Greedy speculative decoding over prompts; counts accepted drafted tokens per step."""
+               progress: bool = True, sampling: SamplingConfig = SamplingConfig()) -> Dict:
+    """Speculative decoding over prompts (greedy, or `sampling`); counts accepted drafted tokens per step."""
     accepted: List[int] = []
     tokens = 0
     for prompt in progress_bar(prompts, progress, desc=f"W={shape.width} Lb={shape.length}", leave=False):
         for r in stream_generate(model, tokenizer, encode_prompt(tokenizer, prompt), drafter=drafter,
-                                 max_tokens=max_tokens, beam=shape):
+                                 max_tokens=max_tokens, beam=shape, sampling=sampling):
             tokens += 1
             if not r.from_draft:
                 accepted.append(r.step_accepted)
-    return summary(shape, len(prompts), tokens, accepted)
+    return summary(shape, len(prompts), tokens, accepted, 0.0 if sampling.greedy else sampling.temperature)
 
 
 def greedy_references(model, tokenizer, prompts: Sequence[str], max_tokens: int, batch_size: int = 16,
@@ -68,7 +68,8 @@ def replay_acceptance(model, drafter, references: Sequence[tuple], shape: BeamSh
     for prompt, reference in progress_bar(references, progress, desc=f"W={shape.width} Lb={shape.length}", leave=False):
         context = list(prompt) + list(reference)
         hidden = model(mx.array([context]))[0]
-        history = mx.array([context + [-1] * shape.length])
+        # padded to the live decoder's history buckets: a compiled tree graph is built per shape
+        history = mx.array([context + [-1] * (history_size(len(context) + shape.length) - len(context))])
         j = 0
         while j < len(reference):
             at = len(prompt) + j  # reference[j] is this step's g0
@@ -81,12 +82,12 @@ def replay_acceptance(model, drafter, references: Sequence[tuple], shape: BeamSh
     return summary(shape, len(references), tokens, accepted)
 
 
-def summary(shape: BeamShape, prompts: int, tokens: int, accepted: List[int]) -> Dict:
+def summary(shape: BeamShape, prompts: int, tokens: int, accepted: List[int], temperature: float = 0.0) -> Dict:
     counts = np.bincount(accepted, minlength=shape.length)
     steps = max(len(accepted), 1)
     return {
         "width": shape.width, "length": shape.length, "lookup": shape.lookup, "nodes": shape.nodes, "tree": shape.tree,
-        "prompts": prompts,
+        "prompts": prompts, "temperature": temperature,
         "steps": len(accepted), "tokens": tokens,
         "tokens_per_step": tokens / steps,
         # share of steps that accepted at least k drafted tokens, k = 1 .. Lb-1
@@ -96,21 +97,24 @@ def summary(shape: BeamShape, prompts: int, tokens: int, accepted: List[int]) ->
 
 
 def acceptance_grid(model, tokenizer, drafter, prompts, widths, lengths, max_tokens=128, progress=True,
-                    lookups=(False,), replay=True, nodes: int = 0, tree: str = "ranked") -> List[Dict]:
-    """`replay_acceptance` (or, with replay=False, `acceptance`) for every W x Lb x lookup setting."""
+                    lookups=(False,), replay=True, nodes: int = 0, tree: str = "ranked",
+                    sampling: SamplingConfig = SamplingConfig()) -> List[Dict]:
+    """`replay_acceptance` (or, with replay=False or a sampling temperature, `acceptance`) for every
+    W x Lb x lookup setting."""
     shapes = [BeamShape(w, l, k, nodes, tree) for k in lookups for w in widths for l in lengths]
-    if not replay:
-        return [acceptance(model, tokenizer, drafter, prompts, s, max_tokens, progress) for s in shapes]
+    if not replay or not sampling.greedy:  # sampled output has no single reference to replay
+        return [acceptance(model, tokenizer, drafter, prompts, s, max_tokens, progress, sampling) for s in shapes]
     references = greedy_references(model, tokenizer, prompts, max_tokens, progress=progress)
     return [replay_acceptance(model, drafter, references, s, progress) for s in shapes]
 
 
 def markdown_table(results: List[Dict]) -> str:
-    lines = ["| W | Lb | lookup | tokens/step | accepted >= k (k = 1..Lb-1) |", "|---|---|---|---|---|"]
+    lines = ["| W | Lb | lookup | T | tokens/step | accepted >= k (k = 1..Lb-1) |", "|---|---|---|---|---|---|"]
     for r in results:
         ks = " ".join(f"{a:.2f}" for a in r["accept_at_least"])
         lookup = "yes" if r.get("lookup") else "no"
-        lines.append(f"| {r['width']} | {r['length']} | {lookup} | {r['tokens_per_step']:.2f} | {ks} |")
+        t = f"{r.get('temperature') or 0:g}"
+        lines.append(f"| {r['width']} | {r['length']} | {lookup} | {t} | {r['tokens_per_step']:.2f} | {ks} |")
     return "\n".join(lines)
 
 
@@ -145,7 +149,8 @@ def setting_label(row: Dict) -> str:
         label += f" {row['nodes']} nodes"
     if row.get("tree") == "beams":
         label += " beams"
-    return label + (" +lookup" if row.get("lookup") else "")
+    label += " +lookup" if row.get("lookup") else ""
+    return label + (f" T={row['temperature']:g}" if row.get("temperature") else "")
 
 
 @dataclass
@@ -204,8 +209,8 @@ class EvalResult:
 
 def eval_drafter(model=None, tokenizer=None, drafter="auto", prompts=None, *, limit: Optional[int] = None,
                  every: int = 1, widths=(4, 32), lengths=(4, 8), lookup="both", nodes: int = 0, tree: str = "ranked",
-                 max_tokens: int = 256, decode: bool = False, out=None, force: bool = False, dtype="auto",
-                 progress: bool = True) -> EvalResult:
+                 max_tokens: int = 256, decode: bool = False, temperature: float = 0.0, seed: int = 0, out=None,
+                 force: bool = False, dtype="auto", progress: bool = True) -> EvalResult:
     """Mean accepted tokens per step (greedy) over a grid of beam shapes: what `mlx-redrafter
     eval-drafter` runs.
 
@@ -216,7 +221,8 @@ def eval_drafter(model=None, tokenizer=None, drafter="auto", prompts=None, *, li
     widths, lengths: beam widths W and lengths Lb to try; lookup: "off", "on" or "both" (or a
         bool) for the context-lookup beam; nodes, tree: as in `BeamShape`.
     decode: count by running speculative decoding instead of replaying greedy references
-        (slower, the same counts). out: also write acceptance.json/.md/.png there.
+        (slower, the same counts). temperature > 0: count while sampling at that temperature
+        (by decoding, each prompt seeded with `seed`). out: also write acceptance.json/.md/.png there.
 
     >>> model, tokenizer = mr.load()
     >>> ev = mr.eval_drafter(model, tokenizer, prompts=["Name three rivers.", "Write a haiku."],
@@ -235,6 +241,7 @@ def eval_drafter(model=None, tokenizer=None, drafter="auto", prompts=None, *, li
     for w in widths:  # bad shapes are refused before any work
         for length in lengths:
             BeamShape(w, length, nodes=nodes, tree=tree)
+    sampling = SamplingConfig(temperature=temperature, seed=seed)
     if out is not None:
         check_new_files(result_files(out, "acceptance"), force)  # before the (long) run
     base, tokenizer, draft = model_for(model, tokenizer, drafter, dtype)
@@ -242,9 +249,9 @@ def eval_drafter(model=None, tokenizer=None, drafter="auto", prompts=None, *, li
         raise ValueError("no drafter given and none packaged for this model: pass --drafter (drafter=PATH)")
     texts = prompt_texts(prompts, limit, every)
     rows = acceptance_grid(base, tokenizer, draft, texts, widths, lengths, max_tokens, progress, lookups,
-                           replay=not decode, nodes=nodes, tree=tree)
+                           replay=not decode, nodes=nodes, tree=tree, sampling=sampling)
     name = Path(getattr(draft, "source", "drafter")).name
-    result = EvalResult(rows, f"{name}: tokens per step ({len(texts)} prompts)", replay=not decode)
+    result = EvalResult(rows, f"{name}: tokens per step ({len(texts)} prompts)", replay=not decode and sampling.greedy)
     if out is not None:
         result.save(out, force)
     return result

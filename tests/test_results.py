@@ -89,6 +89,11 @@ def test_eval_drafter_returns_the_grid_the_cli_prints(loaded, tmp_path):
     decoded = mr.eval_drafter(model, tok, prompts=PROMPTS[:3], widths=[2], lengths=[3], lookup=False, max_tokens=10,
                               decode=True, progress=False)
     assert [(r["steps"], r["tokens"]) for r in decoded.rows] == [(rows[1]["steps"], rows[1]["tokens"])]
+    sampled = [mr.eval_drafter(model, tok, prompts=PROMPTS[:3], widths=[2], lengths=[3], lookup=False, max_tokens=10,
+                               temperature=0.7, seed=s, progress=False) for s in (1, 1, 2)]
+    assert sampled[0].rows == sampled[1].rows and not sampled[0].replay  # counted by decoding, seeded
+    assert sampled[0].rows[0]["temperature"] == 0.7 and "T=0.7" in repr(sampled[0]) and "| 0.7 |" in str(sampled[0])
+    assert sampled[0].rows[0]["tokens"] == sampled[2].rows[0]["tokens"] == 30
     with pytest.raises(FileExistsError):
         mr.eval_drafter(model, tok, prompts=PROMPTS[:3], out=tmp_path)
     with pytest.raises(ValueError) as e:

@@ -1,0 +1,89 @@
+"""Drafters side by side: tokens per step of several drafters on the same prompts, greedy
+(replayed along one set of greedy references shared by all) and sampled (decoded, seeded).
+
+    python benchmarks/drafter_levers.py --drafter shipped=auto --drafter sampled=runs/x/drafter \\
+        [--prompts mt_bench.jsonl] [--every 2] [--max-tokens 256] [--shapes 4x4,32x6:32] \\
+        [--temp 0.7] [--sampled-every 4] [--out results/drafter-levers.json]
+
+A shape is WxL[:NODES]; each is counted with and without the context-lookup beam (greedy) and
+with it (sampled). Prints a Markdown table (drafters by settings) and saves every row as JSON.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
+
+from mlx_redrafter import load, load_drafter
+from mlx_redrafter.beam_search import BeamShape
+from mlx_redrafter.data import prompt_texts
+from mlx_redrafter.evaluate import acceptance, greedy_references, replay_acceptance, setting_label
+from mlx_redrafter.sampling import SamplingConfig
+from mlx_redrafter.speed import machine
+
+
+def parse_shape(text: str, lookup: bool) -> BeamShape:
+    shape, *nodes = text.split(":")
+    w, length = (int(v) for v in shape.split("x"))
+    return BeamShape(w, length, lookup, int(nodes[0]) if nodes else 0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--drafter", action="append", required=True, help="NAME=DIR (DIR 'auto': the packaged one)")
+    ap.add_argument("--prompts", type=Path)
+    ap.add_argument("--every", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--shapes", default="4x4,32x6:32")
+    ap.add_argument("--temp", type=float, default=0.7, help="also count sampled (0: greedy only)")
+    ap.add_argument("--sampled-every", type=int, default=4, help="sampled runs use every K-th prompt (they decode)")
+    ap.add_argument("--sampled-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--out", type=Path, default=Path("results/drafter-levers.json"))
+    args = ap.parse_args()
+    if args.out.exists():
+        raise SystemExit(f"error: {args.out} exists; pass another --out")
+
+    model, tokenizer = load(args.model, drafter=None, dtype=args.dtype)
+    drafters = {}
+    for spec in args.drafter:
+        name, _, path = spec.partition("=")
+        drafters[name] = load(args.model, drafter="auto", dtype=args.dtype)[0].drafter if path == "auto" \
+            else load_drafter(path, model)
+    texts = prompt_texts(args.prompts, None, args.every)
+    started = time.perf_counter()
+    references = greedy_references(model, tokenizer, texts, args.max_tokens)
+    rows = []
+    for name, drafter in drafters.items():
+        for lookup in (False, True):
+            for text in args.shapes.split(","):
+                r = replay_acceptance(model, drafter, references, parse_shape(text, lookup))
+                rows.append({"drafter": name, **r})
+                print(f"{name:>12} {setting_label(r):>22} greedy  {r['tokens_per_step']:.2f}", flush=True)
+        if args.temp > 0:
+            sampled = prompt_texts(args.prompts, None, args.sampled_every)
+            for text in args.shapes.split(","):
+                r = acceptance(model, tokenizer, drafter, sampled, parse_shape(text, True), args.sampled_tokens,
+                               sampling=SamplingConfig(temperature=args.temp, seed=0))
+                rows.append({"drafter": name, **r})
+                print(f"{name:>12} {setting_label(r):>22} sampled {r['tokens_per_step']:.2f}", flush=True)
+    labels = list(dict.fromkeys(setting_label(r) for r in rows))
+    table = ["| drafter | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for name in drafters:
+        cells = {setting_label(r): f"{r['tokens_per_step']:.2f}" for r in rows if r["drafter"] == name}
+        table.append(f"| {name} | " + " | ".join(cells.get(label, "") for label in labels) + " |")
+    print("\n".join(table))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": machine(), "prompts": len(texts), "every": args.every, "max_tokens": args.max_tokens,
+        "sampled_every": args.sampled_every, "sampled_tokens": args.sampled_tokens,
+        "drafters": {n: getattr(d, "source", "auto") for n, d in drafters.items()},
+        "seconds": round(time.perf_counter() - started, 1), "rows": rows, "table": table}, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
