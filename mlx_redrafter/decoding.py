@@ -31,7 +31,7 @@ from . import backend
 from .beam_search import BeamShape, draft_levels
 from .draft_tree import DraftTree, accept, ranked_tree, tree_targets
 from .generate import PREFILL_CHUNK
-from .kv_cache import SlotCache, SlotView
+from .kv_cache import SlotCache, SlotView, device_span_step
 from .lookup import propose_on_device
 from .sampling import SamplingConfig, choose_tokens
 
@@ -79,7 +79,7 @@ class Decoder:
         final_beams = shape.tree == "beams"
         self.budget = shape.width * depth if final_beams or not shape.nodes else min(shape.nodes, shape.width * depth)
         self.nodes = 1 + self.budget + depth
-        self.span_step = 256 if backend.on_gpu() else 32
+        self.span_step = device_span_step()
         self.slack = self.span_step if slack is None else slack
         # the weights are inputs, not constants of the trace: a model or drafter updated in place is seen
         self.tree = mx.compile(partial(_draft_tree, drafter, model, shape, self.budget, final_beams),

@@ -83,6 +83,15 @@ class KVCache:
         return [a for layer in self.layers for a in layer.state()]
 
 
+def device_span_step() -> int:
+    """Attended key spans round up to this many slots: 256 on a GPU (every new attention shape
+    builds kernels or a cuDNN graph, ~25 ms on MLX CUDA), 32 on the CPU (where attention cost
+    grows with the span and no kernels are built)."""
+    from .backend import on_gpu
+
+    return 256 if on_gpu() else 32
+
+
 class SlotCache(KVCache):
     """K/V slots for speculative decoding, where commit is a mask update, not a copy.
 

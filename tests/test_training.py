@@ -49,12 +49,17 @@ def test_prompt_formats(tmp_path):
         read_conversations(tmp_path / "bad.jsonl")
 
 
-def test_batched_generation_equals_one_at_a_time(base):
+@pytest.mark.parametrize("span_step", [32, 8])
+def test_batched_generation_equals_one_at_a_time(base, span_step, monkeypatch):
+    """Also across key spans (rounded up to span_step slots, masked past the last token)."""
+    from mlx_redrafter import distill
+
+    monkeypatch.setattr(distill, "device_span_step", lambda: span_step)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
-    outs = batch_generate(base, prompts, 12, SamplingConfig(), eos=set())
+    outs = batch_generate(base, prompts, 30, SamplingConfig(), eos=set())
     for p, o in zip(prompts, outs):
         steps = plain_steps(base, p, SamplingConfig())
-        assert o == [next(steps)[0][0] for _ in range(12)]
+        assert o == [next(steps)[0][0] for _ in range(30)]
 
 
 def tiny_data(base, tmp_path, n=48, interrupt_after=None, monkeypatch=None):
