@@ -4,7 +4,7 @@ import pickle
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -216,6 +216,8 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: SmolLM2-135M-Instruct)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSON/JSONL prompts or conversations (default: ShareGPT)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Distillation data directory (default: OUT/data)."),
+    extra_data: Optional[List[Path]] = typer.Option(None, "--extra-data", help="Another finished data directory whose examples join training (repeatable)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this drafter's weights (its shape and draft vocabulary are kept)."),
     num_prompts: int = typer.Option(4000, "--num-prompts", min=1, help="Prompts to use."),
     all_turns: bool = typer.Option(False, "--all-turns", help="Every user turn of a chat is a prompt (earlier turns as context), not only the first."),
     responses: str = typer.Option("model", "--responses", help="model: distill the base model's responses; dataset: the data's own replies."),
@@ -250,9 +252,10 @@ def train(
     cfg = TrainConfig(num_draft_layers=layers, exit_dim=exit_dim, head=head, draft_vocab_size=draft_vocab,
                       unroll=unroll, seq_len=seq_len, batch_size=batch_size, epochs=epochs, lr=lr,
                       kl_weight=kl_weight, kl_top_k=kl_top_k, seed=seed, holdout=holdout, checkpoint_every=checkpoint_every,
-                      max_steps=max_steps)
+                      max_steps=max_steps, init=str(init) if init else None)
     try:
-        result = run_training(out, model, prompts=prompts, data=data, num_prompts=num_prompts, all_turns=all_turns,
+        result = run_training(out, model, prompts=prompts, data=data, extra_data=extra_data or (),
+                              num_prompts=num_prompts, all_turns=all_turns,
                               responses=responses, max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size,
                               gen_temp=gen_temp, config=cfg, resume=resume, data_only=data_only, save_bits=save_bits,
                               dtype=dtype, command=command_line("train", ctx.params))

@@ -182,8 +182,8 @@ def missing_shards(data_dir: Path) -> List[str]:
     return [f"shard-{k:05d}.npz" for k in range(n) if not (data_dir / f"shard-{k:05d}.npz").exists()]
 
 
-def read_sequences(data_dir) -> List[tuple]:
-    """(tokens, prompt_len) for every example of a data directory."""
+def complete_shards(data_dir) -> List[Path]:
+    """The shards of a finished data directory; else one line saying what is missing."""
     data_dir = Path(data_dir)
     shards = sorted(data_dir.glob("shard-*.npz"))
     if not shards:
@@ -193,6 +193,12 @@ def read_sequences(data_dir) -> List[tuple]:
         raise FileNotFoundError(f"{data_dir} lacks {missing[0]} ({len(missing)} of the manifest's shards missing): "
                                 "if other machines wrote them, copy their shards here or put --data on a shared disk; "
                                 "else rerun the data generation to finish it")
+    return shards
+
+
+def read_sequences(data_dir) -> List[tuple]:
+    """(tokens, prompt_len) for every example of a data directory."""
+    shards = complete_shards(data_dir)
     examples = []
     for shard in shards:
         with np.load(shard, allow_pickle=False) as z:

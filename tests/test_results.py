@@ -2,6 +2,7 @@
 `mr.benchmark` return result objects holding what the command line prints, with a `.plot()`."""
 
 import json
+import shutil
 
 import matplotlib
 
@@ -16,6 +17,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 import mlx_redrafter as mr  # noqa: E402
 from conftest import one_line  # noqa: E402
 from mlx_redrafter import speed  # noqa: E402
+from mlx_redrafter.outputs import UnsafeOutputError  # noqa: E402
 from mlx_redrafter.evaluate import acceptance_grid, markdown_table  # noqa: E402
 from mlx_redrafter.progress import MININTERVAL, progress  # noqa: E402
 from test_api import loaded, model_dir  # noqa: E402,F401  (a tiny model whose drafter/ is always accepted)
@@ -68,6 +70,28 @@ def test_train_refuses_bad_settings_in_one_line(run, loaded, tmp_path):
     with pytest.raises(TypeError, match="needs its tokenizer"):
         mr.train(tmp_path / "x", model, prompts=PROMPTS)
     assert not (tmp_path / "x" / "checkpoint").exists()
+
+
+def test_train_on_more_data_from_a_drafter(run, loaded, tmp_path):
+    """extra_data joins another run's finished data; init continues a drafter; both are checked before any work."""
+    model, tok = loaded
+    sampled = mr.train(tmp_path / "s", model, tok, prompts=PROMPTS[:8], max_new_tokens=12, gen_temp=0.7,
+                       data_only=True, progress=False)
+    more = mr.train(tmp_path / "m", model, tok, prompts=PROMPTS, max_new_tokens=12, gen_batch_size=24,
+                    data=run.data_dir, extra_data=[sampled.data_dir], init=str(run.drafter_path), batch_size=8,
+                    max_steps=2, progress=False)
+    assert more.metrics["examples"] == 32 and more.metrics["extra_data"] == [str(sampled.data_dir)]
+    assert more.drafter.config == run.drafter.config and more.metrics["train_config"]["init"] == str(run.drafter_path)
+    for bad, message in [(dict(extra_data=[tmp_path / "none"]), "no distillation data in"),
+                         (dict(init=str(tmp_path / "none")), "no drafter at")]:
+        with pytest.raises(FileNotFoundError) as e:
+            mr.train(tmp_path / "x", model, tok, prompts=PROMPTS, data=run.data_dir, progress=False, **bad)
+        one_line(e, message)
+    copy = tmp_path / "copy"
+    shutil.copytree(run.drafter_path, copy)
+    with pytest.raises(UnsafeOutputError, match="source"):
+        mr.train(copy, model, tok, prompts=PROMPTS, init=str(copy), progress=False)
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in run.drafter_path.iterdir())
 
 
 def test_train_data_only(loaded, tmp_path):

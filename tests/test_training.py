@@ -155,3 +155,20 @@ def test_replayed_acceptance_equals_decoding(base, trained, shape):
     replayed = replay_acceptance(base, drafter, greedy_references(base, tok, prompts, 40, 3, False), shape, False)
     assert decoded["steps"] > len(prompts) and decoded["tokens"] > decoded["steps"]  # drafts were accepted
     assert (replayed["steps"], replayed["tokens"]) == (decoded["steps"], decoded["tokens"])
+
+
+def test_training_continues_from_a_drafter(base, tmp_path):
+    """init=: the drafter's weights, shape and draft vocabulary are the start; the config's shape fields give way."""
+    examples = read_sequences(tiny_data(base, tmp_path / "data", n=48))
+    first, _ = fit(base, examples, tmp_path / "a", TrainConfig(head="reduced", draft_vocab_size=12, exit_dim=16,
+                                                               batch_size=8, epochs=1), progress=False,
+                   save_dtype=mx.float32)
+    cfg = TrainConfig(head="full", exit_dim=32, batch_size=8, epochs=1, lr=1e-12, warmup=0.0, max_steps=1,
+                      init=str(tmp_path / "a" / "drafter"))
+    again, metrics = fit(base, examples[::-1], tmp_path / "b", cfg, progress=False, save_dtype=mx.float32)
+    assert again.config == first.config and metrics["train_config"]["init"] == cfg.init
+    a, b = weights(first), weights(again)
+    assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert np.array_equal(np.array(first.draft_to_token), np.array(again.draft_to_token))
+    with pytest.raises(FileNotFoundError, match="no drafter at"):
+        fit(base, examples, tmp_path / "c", TrainConfig(init=str(tmp_path / "nothing")), progress=False)
