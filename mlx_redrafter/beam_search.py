@@ -79,7 +79,9 @@ class DraftLevels(NamedTuple):
 
 
 def draft_levels(drafter, base, hidden: mx.array, g0: mx.array, shape: BeamShape) -> DraftLevels:
-    """Beam search from hidden (B, H) and the base model's next tokens g0 (B,); see `DraftLevels`."""
+    """Beam search from hidden (B, F) (`Drafter.base_features`) and the base model's next tokens g0 (B,);
+    see `DraftLevels`."""
+    hidden = drafter.context(hidden)  # (B, H)
     B, W = g0.shape[0], shape.width
     scores = mx.broadcast_to(mx.where(mx.arange(W) == 0, 0.0, -mx.inf), (B, W))  # one live beam at first
     state = mx.zeros((B, W, hidden.shape[-1]), dtype=hidden.dtype)

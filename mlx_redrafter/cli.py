@@ -228,6 +228,7 @@ def train(
     draft_vocab: int = typer.Option(4096, "--draft-vocab", min=2, help="Draft vocabulary size for --head reduced."),
     layers: int = typer.Option(2, "--layers", min=0, help="ResBlocks in the drafter."),
     exit_dim: Optional[int] = typer.Option(None, "--exit-dim", min=1, help="Drafter width E (default: H shared, 2H otherwise)."),
+    feature_layers: Optional[str] = typer.Option(None, "--feature-layers", help="Base layers (0-based, comma-separated, e.g. 4,15) the drafter reads beside the last hidden state (default: the last alone, Apple's layout)."),
     unroll: int = typer.Option(5, "--unroll", min=1, help="Positions drafted ahead in training (at least the beam length - 1)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     seq_len: int = typer.Option(640, "--seq-len", min=8),
@@ -252,7 +253,8 @@ def train(
     cfg = TrainConfig(num_draft_layers=layers, exit_dim=exit_dim, head=head, draft_vocab_size=draft_vocab,
                       unroll=unroll, seq_len=seq_len, batch_size=batch_size, epochs=epochs, lr=lr,
                       kl_weight=kl_weight, kl_top_k=kl_top_k, seed=seed, holdout=holdout, checkpoint_every=checkpoint_every,
-                      max_steps=max_steps, init=str(init) if init else None)
+                      max_steps=max_steps, init=str(init) if init else None,
+                      feature_layers=parse_grid(feature_layers, "--feature-layers", 0) if feature_layers else None)
     try:
         result = run_training(out, model, prompts=prompts, data=data, extra_data=extra_data or (),
                               num_prompts=num_prompts, all_turns=all_turns,

@@ -43,8 +43,9 @@ class DecodeState:
     """Where decoding stands, per row b of B.
 
     cache: K/V and which slots are committed (`SlotCache`, owns lengths (B,));
-    g0 (B,): the base model's next token, not yet emitted; hidden (B, H): its
-    hidden state before it (what the drafter reads); history (B, T): committed
+    g0 (B,): the base model's next token, not yet emitted; hidden (B, F): what the
+    drafter reads of the base model's forward before it (its hidden state, F = H, for
+    Apple's layout; `Drafter.base_features`); history (B, T): committed
     tokens (for context lookup), T a multiple of 256 beyond lengths + Lb.
     """
 
@@ -84,12 +85,12 @@ class Decoder:
         # the weights are inputs, not constants of the trace: a model or drafter updated in place is seen
         self.tree = mx.compile(partial(_draft_tree, drafter, model, shape, self.budget, final_beams),
                                inputs=[drafter.state, model.state])
-        """tree(hidden (B, H), g0 (B,), history (B, T), lengths (B,)) -> DraftTree, one compiled graph."""
-        verify = partial(_verify, model)
+        """tree(hidden (B, F), g0 (B,), history (B, T), lengths (B,)) -> DraftTree, one compiled graph."""
+        verify = partial(_verify, drafter, model)  # the drafter only names the layers it reads
         self._verify = mx.compile(verify, inputs=[model.state]) \
             if (backend.on_gpu() if compiled is None else compiled) else verify
         # compiled by default on a GPU, where building the graph on the host costs more than running it
-        """verify(tokens, positions, ancestors, valid, start, buffers) -> (hidden, logits, buffers)"""
+        """verify(tokens, positions, ancestors, valid, start, buffers) -> (features, logits, buffers)"""
         # MLX caches traces per function object: one per decoder. Draws on the walk only on the CPU
         # (draft_tree.tree_targets), at every node on a GPU.
         accept_fn = partial(_accept, sampling, not backend.on_gpu())
@@ -110,11 +111,12 @@ class Decoder:
         padded = np.zeros((len(prompts), max(lengths)), dtype=np.int32)
         for row, p in enumerate(prompts):
             padded[row, : len(p)] = p
-        hidden = _prefill_rows(self.model, mx.array(padded[:, done:]), [n - done for n in lengths], cache)
+        hidden, features = _prefill_rows(self.drafter, self.model, mx.array(padded[:, done:]),
+                                         [n - done for n in lengths], cache)
         cache.start(lengths)
         g0 = choose_tokens(self.model.logits(hidden), self.sampling)
         history = mx.array(np.pad(padded, [(0, 0), (0, history_size(max(lengths) + self.shape.length) - padded.shape[1])]))
-        return DecodeState(cache, g0, hidden, history)
+        return DecodeState(cache, g0, features, history)
 
     def step(self, state: DecodeState) -> Tuple[DecodeState, Emitted]:
         """One speculative step for every row, as a lazy graph: draft, verify, commit."""
@@ -130,7 +132,7 @@ class Decoder:
         return self.tree(state.hidden, state.g0, state.history, cache.lengths)
 
     def verify(self, state: DecodeState, tree: DraftTree) -> Tuple[mx.array, mx.array]:
-        """One base-model forward over the tree: hidden states (B, N, H) and logits (B, N, V)."""
+        """One base-model forward over the tree: what the drafter reads (B, N, F) and logits (B, N, V)."""
         cache = state.cache
         view, valid = cache.reserve(tree.tokens.shape[1])
         hidden, logits, buffers = self._verify(tree.tokens, cache.lengths[:, None] + tree.depth,
@@ -175,11 +177,11 @@ def _draft_tree(drafter, model, shape: BeamShape, budget: int, final_beams: bool
     return ranked_tree(levels, g0, proposal, found, budget, final_beams)
 
 
-def _verify(model, tokens, positions, ancestors, valid, start, buffers):
+def _verify(drafter, model, tokens, positions, ancestors, valid, start, buffers):
     """The tree forward written at slot `start` of the buffers (see `SlotView`), logits per node."""
     view = SlotView(buffers, start)
-    hidden = model(tokens, view, positions, view.tree_mask(ancestors, valid))
-    return hidden, model.logits(hidden), view.state()
+    hidden, features = drafter.base_features(model, tokens, view, positions, view.tree_mask(ancestors, valid))
+    return features, model.logits(hidden), view.state()
 
 
 def _accept(sampling, walk, tree, logits, history, lengths):
@@ -195,19 +197,21 @@ def _accept(sampling, walk, tree, logits, history, lengths):
     return result, keep, history
 
 
-def _prefill_rows(model, tokens: mx.array, lengths: List[int], cache) -> mx.array:
-    """Run right-padded prompts (B, P) in chunks; each row's hidden state at its last token (B, H)."""
+def _prefill_rows(drafter, model, tokens: mx.array, lengths: List[int], cache) -> Tuple[mx.array, mx.array]:
+    """Run right-padded prompts (B, P) in chunks; each row's hidden state (B, H) and drafter
+    features (B, F) at its last token."""
     B, P = tokens.shape
     last = mx.array([n - 1 for n in lengths])
-    hidden = None
+    rows = None
     for start in range(0, P, PREFILL_CHUNK):
-        h = model(tokens[:, start : start + PREFILL_CHUNK], cache)
-        inside = (last >= start) & (last < start + h.shape[1])
-        at = mx.clip(last - start, 0, h.shape[1] - 1)
-        row_last = mx.take_along_axis(h, at[:, None, None], axis=1)[:, 0]
-        hidden = row_last if hidden is None else mx.where(inside[:, None], row_last, hidden)
-        mx.eval(hidden, cache.state())
-    return hidden
+        chunk = drafter.base_features(model, tokens[:, start : start + PREFILL_CHUNK], cache)
+        n = chunk[0].shape[1]
+        inside = (last >= start) & (last < start + n)
+        at = mx.clip(last - start, 0, n - 1)[:, None, None]
+        row_last = [mx.take_along_axis(x, at, axis=1)[:, 0] for x in chunk]
+        rows = row_last if rows is None else [mx.where(inside[:, None], new, old) for new, old in zip(row_last, rows)]
+        mx.eval(rows, cache.state())
+    return tuple(rows)
 
 
 def history_size(needed: int) -> int:

@@ -9,9 +9,13 @@ Checkpoint-compatible with Apple's ReDrafter (same key names and shapes):
     logits = lm_head.L(x)                         (V x E)
 
 e_t is the base model's embedding of the last drafted token and h the base
-model's last hidden state (after its final norm). Two variants for small base
-models, set in config.json:
+model's last hidden state (after its final norm). Three variants, set in config.json:
 
+- feature_layers [i, j, ...] (this project's, EAGLE-3's idea): h is instead
+  feature_proj(concat([rms(out_i), rms(out_j), ..., h])), the outputs of base layers
+  i, j, ... (RMS-normalized) beside the last hidden state, (k + 1) H -> H. Lower
+  layers still hold what the context's tokens were; the last one holds the next
+  token's prediction. Not expressible in Apple's (or TensorRT-LLM's) layout.
 - shared_lm_head: no lm_head.L; logits = base model's LM head applied to x
   (needs exit_dim == hidden_size). Saves the V x E matrix.
 - draft_vocab_size: lm_head.L is (Vd, E) over a reduced vocabulary and
@@ -27,7 +31,7 @@ decoding runs in the usual float dtype.
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -48,6 +52,7 @@ class DrafterConfig:
     rnn: bool = True
     shared_lm_head: bool = False
     draft_vocab_size: Optional[int] = None
+    feature_layers: Optional[List[int]] = None
     model_type: str = MODEL_TYPE
 
     @classmethod
@@ -76,6 +81,14 @@ class DrafterConfig:
         V.boolean(where, "rnn", self.rnn)
         V.boolean(where, "shared_lm_head", self.shared_lm_head)
         V.optional_integer(where, "draft_vocab_size", self.draft_vocab_size, 1, vocab)
+        if self.feature_layers is not None:
+            layers = self.feature_layers
+            if not isinstance(layers, list) or not 1 <= len(layers) <= 8:
+                raise ValueError(f"{where}: feature_layers must be a list of 1 to 8 layer indices, got {V._show(layers)}")
+            for i in layers:
+                V.integer(where, "feature_layers[]", i, 0, V.MAX_LAYERS - 1)
+            if layers != sorted(set(layers)):
+                raise ValueError(f"{where}: feature_layers must be distinct and ascending, got {layers}")
         if self.shared_lm_head and self.exit_dim != self.hidden_size:
             raise ValueError("a drafter with shared_lm_head needs exit_dim == hidden_size")
         if self.shared_lm_head and self.draft_vocab_size:
@@ -115,9 +128,28 @@ class Drafter(nn.Module):
         if config.rnn:
             self.rnn_u = nn.Linear(H, H)
             self.rnn_w = nn.Linear(H, H, bias=False)
+        if config.feature_layers:
+            self.feature_proj = nn.Linear((len(config.feature_layers) + 1) * H, H)
         if config.draft_vocab_size:
             self.draft_to_token = mx.arange(config.draft_vocab_size, dtype=mx.int32)
             self.freeze(keys=["draft_to_token"], recurse=False)
+
+    @property
+    def capture(self) -> Tuple[int, ...]:
+        """The base layers whose outputs this drafter reads beside the last hidden state."""
+        return tuple(self.config.feature_layers or ())
+
+    def base_features(self, base, tokens: mx.array, cache=None, positions=None, mask=None):
+        """One base-model forward: (hidden (B, n, H), features (B, n, F)), features what this
+        drafter reads (`context`); F = H and features is hidden for Apple's layout."""
+        if not self.capture:
+            hidden = base(tokens, cache, positions, mask)
+            return hidden, hidden
+        return base(tokens, cache, positions, mask, capture=self.capture)
+
+    def context(self, features: mx.array) -> mx.array:
+        """The drafter's view of the base model (..., H) from `base_features`' features (..., F)."""
+        return self.feature_proj(features) if "feature_proj" in self else features
 
     def next_state(self, state: mx.array, embedding: mx.array) -> mx.array:
         """s_t from s_{t-1} (..., H) and the embedding of the token drafted last (..., H)."""
@@ -152,6 +184,10 @@ class Drafter(nn.Module):
 def check_config_against_base(config: DrafterConfig, base, source: str = "") -> None:
     """The drafter's hidden and vocabulary sizes must be the base model's."""
     args = base.args
+    if config.feature_layers and max(config.feature_layers) >= args.num_hidden_layers:
+        name = f"drafter {source}" if source else "the drafter"
+        raise ValueError(f"{name} reads base layer {max(config.feature_layers)}, but the base model has "
+                         f"{args.num_hidden_layers} layers: train or convert a drafter for this model")
     if (config.hidden_size, config.vocab_size) != (args.hidden_size, args.vocab_size):
         name = f"drafter {source}" if source else "the drafter"
         raise ValueError(
@@ -190,6 +226,11 @@ def init_drafter(config: DrafterConfig, base=None, draft_to_token: Optional[mx.a
     if base is not None:
         check_config_against_base(config, base)
     drafter = Drafter(config)
+    if config.feature_layers:  # start as Apple's layout: the last hidden state passes through, other layers at 0
+        H = config.hidden_size
+        proj = drafter.feature_proj
+        proj.weight = mx.concatenate([mx.zeros((H, proj.weight.shape[1] - H)), mx.eye(H)], axis=1)
+        proj.bias = mx.zeros((H,))
     if draft_to_token is not None:
         check_token_table(config, draft_to_token)
         drafter.draft_to_token = draft_to_token.astype(mx.int32)

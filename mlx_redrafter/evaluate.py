@@ -67,7 +67,7 @@ def replay_acceptance(model, drafter, references: Sequence[tuple], shape: BeamSh
     tokens = 0
     for prompt, reference in progress_bar(references, progress, desc=f"W={shape.width} Lb={shape.length}", leave=False):
         context = list(prompt) + list(reference)
-        hidden = model(mx.array([context]))[0]
+        hidden = drafter.base_features(model, mx.array([context]))[1][0]
         # padded to the live decoder's history buckets: a compiled tree graph is built per shape
         history = mx.array([context + [-1] * (history_size(len(context) + shape.length) - len(context))])
         j = 0

@@ -118,6 +118,10 @@ def export_drafter(src, out, fmt: str = "trtllm", base=None, dtype: str = "float
     target = output_dtype(dtype)
     prepare_output(out, force, [src])  # refuse before any work
     drafter = load_drafter(src, base, dtype=mx.float32)
+    if drafter.config.feature_layers:
+        raise ValueError(f"drafter {src} reads base layers {drafter.config.feature_layers} beside the last hidden "
+                         "state (feature_layers), which TensorRT-LLM's ReDrafter cannot feed it: export a drafter "
+                         "trained without --feature-layers")
     config, weights = full_head(drafter, base)
     build_drafter(config, weights, str(src))  # the written keys and shapes are exactly an Apple drafter's
     weights = {k: v.astype(target) for k, v in weights.items()}

@@ -13,7 +13,7 @@ final-norm hidden states; `logits` maps only the rows the caller asks for.
 
 import itertools
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -224,7 +224,8 @@ class Model(nn.Module):
         cache: Optional[KVCache] = None,
         positions: Optional[mx.array] = None,
         mask: Optional[Union[mx.array, str]] = None,
-    ) -> mx.array:
+        capture: Sequence[int] = (),
+    ):
         """Hidden states after the final norm for tokens (B, n): shape (B, n, H).
 
         The new K/V are written at the n slots the cache hands out (`allocate`);
@@ -233,6 +234,10 @@ class Model(nn.Module):
         mask (additive or boolean, broadcastable to (B, heads, n, S)) defaults to
         causal; an array mask's width S >= first slot + n sets how many cache
         slots are attended (slots past the new tokens must be masked out).
+
+        capture: layer indices whose outputs a multi-layer drafter reads; then the return value
+        is (hidden, features), features (B, n, (len(capture) + 1) * H) = each captured layer's
+        output RMS-normalized (no weight), then the final hidden state (`drafter.base_features`).
         """
         start = cache.allocate(tokens.shape[1]) if cache is not None else 0
         pos = start if positions is None else positions
@@ -242,9 +247,13 @@ class Model(nn.Module):
         if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
             mask = mx.where(mask, 0.0, -mx.inf).astype(h.dtype)  # once, not in every layer
         layer_caches = cache.layers if cache is not None else [None] * len(self.model.layers)
-        for layer, layer_cache in zip(self.model.layers, layer_caches):
+        captured = []
+        for i, (layer, layer_cache) in enumerate(zip(self.model.layers, layer_caches)):
             h = layer(h, pos, mask, layer_cache, start)
-        return self.model.norm(h)
+            if i in capture:
+                captured.append(mx.fast.rms_norm(h, None, self.args.rms_norm_eps))
+        h = self.model.norm(h)
+        return (h, mx.concatenate(captured + [h], axis=-1)) if capture else h
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:

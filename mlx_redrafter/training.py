@@ -39,7 +39,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .distributed import World, world as current_world
-from .drafter import DrafterConfig, init_drafter, load_drafter, save_drafter, write_drafter_files
+from .drafter import DrafterConfig, check_config_against_base, init_drafter, load_drafter, save_drafter, write_drafter_files
 from .loading import cast
 from .outputs import atomic_output, claim_dir, write_file
 from .progress import progress as progress_bar
@@ -71,6 +71,7 @@ class TrainConfig:
     holdout: int = 0  # examples kept out of training and scored at the end
     checkpoint_every: int = 200
     max_steps: Optional[int] = None  # stop early (for smoke runs)
+    feature_layers: Optional[List[int]] = None  # base layers read beside the last hidden state (drafter.py)
     init: Optional[str] = None  # start from this drafter's weights (its shape and draft vocabulary replace the fields above)
 
     def __post_init__(self):
@@ -88,6 +89,7 @@ def drafter_config(base, cfg: TrainConfig) -> DrafterConfig:
         num_draft_layers=cfg.num_draft_layers, rnn=cfg.rnn,
         shared_lm_head=cfg.head == "shared",
         draft_vocab_size=cfg.draft_vocab_size if cfg.head == "reduced" else None,
+        feature_layers=list(cfg.feature_layers) if cfg.feature_layers else None,
     )
 
 
@@ -177,12 +179,13 @@ def teacher_top_k(base, hidden: mx.array, k: int):
     return idx, mx.softmax(top, axis=-1)
 
 
-def base_inputs(base, batch: Batch, cfg: TrainConfig, with_teacher: bool = True):
-    """What the frozen base model gives a batch: (hidden, embeds, targets, valid, teacher), see drafter_loss."""
-    all_hidden = mx.stop_gradient(base(batch.x))
+def base_inputs(base, drafter, batch: Batch, cfg: TrainConfig, with_teacher: bool = True):
+    """What the frozen base model gives a batch: (hidden, embeds, targets, valid, teacher), see
+    drafter_loss; hidden is what the drafter reads (`Drafter.base_features`)."""
+    all_hidden, all_features = (mx.stop_gradient(x) for x in drafter.base_features(base, batch.x))
     flat_hidden = all_hidden.reshape(-1, all_hidden.shape[-1])
     flat_x = batch.x.reshape(-1)
-    hidden = flat_hidden[batch.starts].astype(mx.float32)
+    hidden = all_features.reshape(-1, all_features.shape[-1])[batch.starts].astype(mx.float32)
     embeds = mx.stop_gradient(base.embed(flat_x[batch.inputs])).astype(mx.float32)
     targets = flat_x[mx.minimum(batch.inputs + 1, flat_x.size - 1)]
     wanted = with_teacher and cfg.kl_weight > 0
@@ -195,7 +198,7 @@ def heldout_top1(drafter, base, examples, cfg: TrainConfig, token_to_draft) -> L
     hits, counts = np.zeros(cfg.unroll), np.zeros(cfg.unroll)
     for i in range(0, len(examples), cfg.batch_size):
         batch = make_batch(examples[i: i + cfg.batch_size], cfg.seq_len, cfg.unroll)
-        hidden, embeds, targets, valid, _ = base_inputs(base, batch, cfg, with_teacher=False)
+        hidden, embeds, targets, valid, _ = base_inputs(base, drafter, batch, cfg, with_teacher=False)
         _, accs = drafter_loss(drafter, base, hidden, embeds, targets, valid, cfg, token_to_draft, None)
         n = np.array(batch.valid.sum(axis=1))
         hits += np.array(accs) * n
@@ -212,10 +215,11 @@ def drafter_loss(drafter, base, hidden, embeds, targets, valid, cfg: TrainConfig
 def drafter_sums(drafter, base, hidden, embeds, targets, valid, cfg: TrainConfig, token_to_draft, teacher):
     """Summed loss over valid (start, step) pairs, top-1 hits per step (K,) and valid pairs per step (K,).
 
-    hidden (N, H) at the start positions; embeds (K, N, H) of the tokens step k
+    hidden (N, F) at the start positions (`Drafter.base_features`); embeds (K, N, H) of the tokens step k
     consumes; targets, valid (K, N); teacher: (indices, probs) (K, N, k) or None.
     Sums, not means, so that ranks holding parts of one batch can add them.
     """
+    hidden = drafter.context(hidden)
     state = mx.zeros(hidden.shape, dtype=hidden.dtype)
     total, hits, counts = 0.0, [], []
     for k in range(cfg.unroll):
@@ -329,7 +333,7 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
 
     def train_step(rows):
         """One optimizer step on a global batch, of which this rank computes its part of the rows."""
-        (total, hits, counts), grads = sums_and_grad(drafter, *base_inputs(base, make_batch(world.part(rows), cfg.seq_len, cfg.unroll), cfg))
+        (total, hits, counts), grads = sums_and_grad(drafter, *base_inputs(base, drafter, make_batch(world.part(rows), cfg.seq_len, cfg.unroll), cfg))
         total, hits, counts = world.sum_tree((total, hits, counts))
         count = mx.maximum(counts.sum(), 1)
         optimizer.update(drafter, tree_map(lambda g: g / count, world.sum_tree(grads)))
@@ -497,6 +501,8 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_dat
         complete_shards(extra)
     if cfg.init:
         load_drafter(cfg.init, base)
+    else:
+        check_config_against_base(drafter_config(base, cfg), base)
     data_dir = Path(data) if data else out / "data"
     started = time.perf_counter()
     dcfg = DataConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=gen_temp, responses=responses)

@@ -64,6 +64,7 @@ DRAFTER_VARIANTS = {
     "shared-head": dict(exit_dim=48, num_draft_layers=1, shared_lm_head=True),
     "reduced-vocab": dict(exit_dim=96, num_draft_layers=1, draft_vocab_size=12),
     "no-rnn": dict(exit_dim=96, num_draft_layers=1, rnn=False),
+    "features": dict(exit_dim=64, num_draft_layers=1, feature_layers=[0]),  # reads a base layer's output too
 }
 
 
@@ -77,6 +78,8 @@ def tiny_drafter(base, variant="apple", seed=1, scale=1.0):
     if config.draft_vocab_size:
         draft_to_token = mx.random.permutation(args.vocab_size)[: config.draft_vocab_size]
     drafter = init_drafter(config, base, draft_to_token)
+    if config.feature_layers:  # not the pass-through init: the captured layers must matter
+        drafter.feature_proj.weight = mx.random.normal(drafter.feature_proj.weight.shape) * 0.2
     if scale != 1.0 and not config.shared_lm_head:
         drafter.lm_head[-1].weight = drafter.lm_head[-1].weight * scale
     mx.eval(drafter.parameters())

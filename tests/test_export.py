@@ -188,3 +188,11 @@ def test_export_command_line(base, tmp_path):
     result = run(app, ["export", str(src), str(tmp_path / "mine"), "--force"])
     assert result.exit_code == 2 and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     assert run(app, ["export", str(src), str(tmp_path / "trt"), "--force"]).exit_code == 0
+
+
+def test_a_multi_layer_drafter_is_refused(base, tmp_path):
+    src = saved(tiny_drafter(base, "features"), tmp_path / "d")
+    with pytest.raises(ValueError) as e:
+        export_drafter(src, tmp_path / "trt", base=base)
+    one_line(e, "feature_layers", "without --feature-layers")
+    assert not (tmp_path / "trt").exists()

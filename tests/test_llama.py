@@ -106,3 +106,17 @@ def test_transformers5_nested_rope_parameters():
     theta = config.pop("rope_theta")
     args = ModelArgs.from_dict({**config, "rope_parameters": {"rope_type": "default", "rope_theta": theta}})
     assert args.rope_theta == theta and args.rope_scaling is None
+
+
+def test_captured_layers_match_mlx_lm(pair):
+    """capture=: each captured layer's output (RMS-normalized, no weight) as mlx-lm's layers give it, then
+    the final hidden state; what a multi-layer drafter reads."""
+    model, ref = pair
+    tokens = mx.random.randint(0, 64, (2, 9))
+    hidden, features = model(tokens, capture=(0,))
+    assert mx.array_equal(hidden, model(tokens)) and features.shape == (2, 9, 2 * hidden.shape[-1])
+    h = ref.model.embed_tokens(tokens)
+    h = ref.model.layers[0](h, mask="causal", cache=None)
+    want = mx.fast.rms_norm(h, None, model.args.rms_norm_eps)
+    assert mx.allclose(features[..., : hidden.shape[-1]], want, atol=ATOL)
+    assert mx.array_equal(features[..., hidden.shape[-1]:], hidden)

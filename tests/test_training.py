@@ -172,3 +172,26 @@ def test_training_continues_from_a_drafter(base, tmp_path):
     assert np.array_equal(np.array(first.draft_to_token), np.array(again.draft_to_token))
     with pytest.raises(FileNotFoundError, match="no drafter at"):
         fit(base, examples, tmp_path / "c", TrainConfig(init=str(tmp_path / "nothing")), progress=False)
+
+
+def test_a_multi_layer_drafter_trains_and_replays_as_it_decodes(base, tmp_path):
+    """feature_layers: the drafter reads a lower base layer too; trained, saved, reloaded, and counted the same
+    by replay and by decoding."""
+    from mlx_redrafter.drafter import load_drafter
+
+    examples = read_sequences(tiny_data(base, tmp_path / "data", n=96))
+    cfg = TrainConfig(head="full", exit_dim=32, feature_layers=[0], batch_size=8, epochs=8, lr=3e-3,
+                      checkpoint_every=1000)
+    fit(base, examples, tmp_path / "f", cfg, progress=False, save_dtype=mx.float32)
+    drafter = load_drafter(tmp_path / "f" / "drafter", base)
+    H = base.args.hidden_size
+    assert drafter.config.feature_layers == [0] and np.abs(np.array(drafter.feature_proj.weight)[:, :H]).max() > 0
+    tok = word_tokenizer(VOCAB, eos=1)
+    prompts = ["t3 t4 t5", "t9 t2", "t7 t7 t8 t20", "t11"]
+    shape = BeamShape(3, 3, lookup=True)
+    decoded = acceptance(base, tok, drafter, prompts, shape, max_tokens=40, progress=False)
+    replayed = replay_acceptance(base, drafter, greedy_references(base, tok, prompts, 40, 3, False), shape, False)
+    assert decoded["tokens"] > decoded["steps"] > len(prompts)
+    assert (replayed["steps"], replayed["tokens"]) == (decoded["steps"], decoded["tokens"])
+    with pytest.raises(ValueError, match="reads base layer 5, but the base model has 2 layers"):
+        fit(base, examples, tmp_path / "g", TrainConfig(feature_layers=[5]), progress=False)
