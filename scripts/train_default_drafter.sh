@@ -2,7 +2,8 @@
 # The recipe behind the packaged default drafter and the recipe comparison (issue 4), as run on the
 # lent GPU (see README). Usage: scripts/train_default_drafter.sh PHASE DATA_DIR WORK_DIR
 #   PHASE data   : every ShareGPT user turn (earlier turns as context) -> the base model's greedy
-#                  response (work/data-model), and the dataset's own replies (work/data-dataset)
+#                  response (work/data-model), its sampled one at T = 0.7 (SAMPLED=1: work/data-sampled),
+#                  and the dataset's own replies (GT=1: work/data-dataset)
 #   PHASE train  : the drafter variants named in VARIANTS, side by side (one alone leaves the GPU idle)
 #   PHASE eval   : tokens per step of each variant on MT-Bench's 80 first turns (WIDTHS x LENGTHS,
 #                  drafter alone and with the context-lookup beam; replayed along greedy references)
@@ -16,6 +17,7 @@ fit=(--epochs "${EPOCHS:-2}" --unroll "${UNROLL:-6}" --holdout "${HOLDOUT:-200}"
 case $phase in
   data)
     run train --out "$work/data-run" --data "$work/data-model" "${prompts[@]}" --data-only
+    [ -z "${SAMPLED:-}" ] || run train --out "$work/data-run" --data "$work/data-sampled" "${prompts[@]}" --gen-temp 0.7 --data-only
     [ -z "${GT:-}" ] || run train --out "$work/data-run" --data "$work/data-dataset" "${prompts[@]}" --responses dataset --data-only ;;
   train)
     for v in ${VARIANTS:-r576 r1152 shared full}; do
@@ -29,9 +31,17 @@ case $phase in
         gt)     args=(--head reduced --draft-vocab 4096 --exit-dim 576 --responses dataset) ;;
         final-r1152) args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8) ;;
         final-v8k)   args=(--head reduced --draft-vocab 8192 --exit-dim 576 --epochs 3 --save-bits 8) ;;
+        # issue 15's levers, each beside the shipped recipe (r1152, 3 epochs) on the same data:
+        sampled)     args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8) ;;
+        sampled-feat) args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15) ;;
+        both-feat)   args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 2 --save-bits 8 --feature-layers 4,15
+                           --extra-data "$work/data-sampled") ;;
+        both-init)   args=(--init "${INIT:?INIT=the drafter to continue}" --epochs 1 --lr 3e-4 --save-bits 8
+                           --extra-data "$work/data-sampled") ;;
         *) echo "unknown variant $v"; exit 2 ;;
       esac
       data_dir=$work/data-model; [ "$v" = gt ] && data_dir=$work/data-dataset
+      case $v in sampled*) data_dir=$work/data-sampled ;; esac
       rm -rf "${work:?}/$v"
       run train --out "$work/$v" --data "$data_dir" "${prompts[@]}" "${fit[@]}" "${args[@]}" ${EXTRA:-} > "$work/$v.log" 2>&1 &
     done
@@ -40,9 +50,12 @@ case $phase in
   eval)
     for v in ${VARIANTS:-r576 r1152 shared full}; do
       run eval-drafter ${MODEL:+--model "$MODEL"} --drafter "$work/$v" --prompts "$data/mt_bench.jsonl" --widths "${WIDTHS:-4,16}" \
-        --lengths "${LENGTHS:-6}" --lookup both --max-tokens "${EVAL_TOKENS:-256}" ${LIMIT:+--limit $LIMIT} --out "$work/eval-$v" \
+        --lengths "${LENGTHS:-6}" ${NODES:+--nodes $NODES} --lookup both --max-tokens "${EVAL_TOKENS:-256}" ${LIMIT:+--limit $LIMIT} --out "$work/eval-$v" \
         > "$work/eval-$v.log" 2>&1 &
+      [ -z "${TEMP:-}" ] || run eval-drafter ${MODEL:+--model "$MODEL"} --drafter "$work/$v" --prompts "$data/mt_bench.jsonl" \
+        --widths "${WIDTHS:-4,16}" --lengths "${LENGTHS:-6}" ${NODES:+--nodes $NODES} --lookup on --temp "$TEMP" --max-tokens 128 --every 4 \
+        --out "$work/eval-$v-t$TEMP" > "$work/eval-$v-t$TEMP.log" 2>&1 &
     done
     wait
-    for v in ${VARIANTS:-r576 r1152 shared full}; do echo "== $v"; cat "$work/eval-$v/acceptance.md"; done ;;
+    for v in ${VARIANTS:-r576 r1152 shared full}; do echo "== $v"; cat "$work/eval-$v/acceptance.md" "$work/eval-$v-t${TEMP:-x}/acceptance.md" 2>/dev/null; done ;;
 esac
