@@ -28,7 +28,6 @@ import numpy as np
 from .data import Conversation
 from .distributed import World, world as current_world
 from .generate import encode_messages
-from .kv_cache import device_span_step
 from .outputs import write_file
 from .progress import progress as progress_bar
 from .sampling import SamplingConfig, choose_tokens
@@ -63,11 +62,10 @@ def batch_generate(model, prompts: List[List[int]], max_new_tokens: int, samplin
     y = choose_tokens(model.logits(h[:, -1]), sampling)
     out = [[] for _ in range(B)]
     done = np.zeros(B, dtype=bool)
-    span_step = device_span_step()
     for step in range(max_new_tokens):
         length = cache.length
-        keys = mx.arange(-(-(length + 1) // span_step) * span_step)[None]  # a key span that changes every span_step tokens
-        valid = ((keys >= pad_mx) & (keys <= length))[:, None, None]  # (B, 1, 1, span)
+        # exact key spans: spans rounded up to 256 slots (fewer shapes) measured slower on the H200
+        valid = (mx.arange(length + 1)[None] >= pad_mx)[:, None, None]  # (B, 1, 1, L+1)
         h = model(y[:, None], cache, mx.array(P + step - pad)[:, None], valid)
         next_y = choose_tokens(model.logits(h[:, -1]), sampling)
         mx.async_eval(next_y)
