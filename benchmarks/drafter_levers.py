@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
 
-from mlx_redrafter import load, load_drafter
+from mlx_redrafter import find_drafter, load, load_drafter
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.evaluate import acceptance, greedy_references, replay_acceptance, setting_label
@@ -51,8 +51,12 @@ def main():
     drafters = {}
     for spec in args.drafter:
         name, _, path = spec.partition("=")
-        drafters[name] = load(args.model, drafter="auto", dtype=args.dtype)[0].drafter if path == "auto" \
-            else load_drafter(path, model)
+        if not name or not path or name in drafters:
+            raise SystemExit(f"error: --drafter takes NAME=DIR with a new NAME each time, got {spec!r}")
+        path = find_drafter(args.model) if path == "auto" else path
+        if path is None:
+            raise SystemExit("error: no drafter is packaged for this model: pass NAME=DIR")
+        drafters[name] = load_drafter(path, model)
     texts = prompt_texts(args.prompts, None, args.every)
     started = time.perf_counter()
     references = greedy_references(model, tokenizer, texts, args.max_tokens)

@@ -184,10 +184,6 @@ class Drafter(nn.Module):
 def check_config_against_base(config: DrafterConfig, base, source: str = "") -> None:
     """The drafter's hidden and vocabulary sizes must be the base model's."""
     args = base.args
-    if config.feature_layers and max(config.feature_layers) >= args.num_hidden_layers:
-        name = f"drafter {source}" if source else "the drafter"
-        raise ValueError(f"{name} reads base layer {max(config.feature_layers)}, but the base model has "
-                         f"{args.num_hidden_layers} layers: train or convert a drafter for this model")
     if (config.hidden_size, config.vocab_size) != (args.hidden_size, args.vocab_size):
         name = f"drafter {source}" if source else "the drafter"
         raise ValueError(
@@ -195,6 +191,10 @@ def check_config_against_base(config: DrafterConfig, base, source: str = "") -> 
             f"hidden_size={config.hidden_size}, vocab_size={config.vocab_size}; base model "
             f"hidden_size={args.hidden_size}, vocab_size={args.vocab_size}): train or convert a drafter for this model"
         )
+    if config.feature_layers and max(config.feature_layers) >= args.num_hidden_layers:
+        name = f"drafter {source}" if source else "the drafter"
+        raise ValueError(f"{name} reads base layer {max(config.feature_layers)}, but the base model has "
+                         f"{args.num_hidden_layers} layers: train or convert a drafter for this model")
 
 
 def check_token_table(config: DrafterConfig, table, source: str = "", vocab_size: Optional[int] = None) -> None:

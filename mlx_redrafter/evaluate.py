@@ -211,7 +211,7 @@ def eval_drafter(model=None, tokenizer=None, drafter="auto", prompts=None, *, li
                  every: int = 1, widths=(4, 32), lengths=(4, 8), lookup="both", nodes: int = 0, tree: str = "ranked",
                  max_tokens: int = 256, decode: bool = False, temperature: float = 0.0, seed: int = 0, out=None,
                  force: bool = False, dtype="auto", progress: bool = True) -> EvalResult:
-    """Mean accepted tokens per step (greedy) over a grid of beam shapes: what `mlx-redrafter
+    """Mean accepted tokens per step (greedy, or sampled at `temperature`) over a grid of beam shapes: what `mlx-redrafter
     eval-drafter` runs.
 
     model, tokenizer: from `mr.load` (its `model.drafter` is evaluated), or a model path / id

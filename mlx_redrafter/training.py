@@ -30,7 +30,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,7 +41,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .distributed import World, world as current_world
 from .drafter import DrafterConfig, check_config_against_base, init_drafter, load_drafter, save_drafter, write_drafter_files
 from .loading import cast
-from .outputs import atomic_output, claim_dir, write_file
+from .outputs import atomic_output, check_location, claim_dir, write_file
 from .progress import progress as progress_bar
 
 
@@ -79,6 +79,15 @@ class TrainConfig:
             raise ValueError(f"--head must be shared, full or reduced, got {self.head!r}")
         if self.unroll < 1 or self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
             raise ValueError("unroll, batch size and epochs must be >= 1 and lr > 0")
+        self.init = None if self.init is None else str(self.init)
+        if self.feature_layers is not None:
+            layers = sorted(set(int(i) for i in self.feature_layers))
+            if not 1 <= len(layers) <= 8 or layers[0] < 0:
+                raise ValueError(f"--feature-layers needs 1 to 8 layer indices >= 0, got {self.feature_layers}")
+            self.feature_layers = layers
+        if self.init and self.feature_layers:
+            raise ValueError("--feature-layers cannot change a drafter continued with --init: its shape is kept; "
+                             "train a new drafter for other layers")
 
 
 def drafter_config(base, cfg: TrainConfig) -> DrafterConfig:
@@ -287,8 +296,11 @@ def load_checkpoint(path: Path, base, optimizer):
 
 def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False, progress: bool = True,
         save_dtype=mx.float16, record: Optional[dict] = None, save_bits: Optional[int] = None,
-        world: Optional[World] = None):
+        world: Optional[World] = None, extra_examples: Sequence[tuple] = ()):
     """The training loop: a drafter on (tokens, prompt_len) examples, written to `out/drafter`.
+
+    extra_examples: more examples to train on (other replies to the same prompts, say); the
+    held-out examples come from `examples` alone, and extras with a held-out prompt are dropped.
 
     Returns (drafter, metrics); metrics are what the drafter's config.json records,
     plus "loss_history", the loss of each step this call ran.
@@ -301,6 +313,9 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     checkpoint = out / "checkpoint"
     progress = progress and world.is_main
     examples, heldout = split_holdout(examples, cfg)
+    if extra_examples:
+        held_prompts = {tuple(t[:p].tolist()) for t, p in heldout}
+        examples = examples + [e for e in extra_examples if tuple(e[0][: e[1]].tolist()) not in held_prompts]
     per_epoch = steps_per_epoch(examples, cfg)
     if per_epoch == 0:
         raise ValueError(f"{len(examples)} examples are fewer than one batch of {cfg.batch_size}")
@@ -373,10 +388,12 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
         "draft_vocab_coverage": round(coverage, 4),
         "heldout_examples": len(heldout),
         "heldout_top1_per_position": heldout_top1(drafter, base, heldout, cfg, token_to_draft) if heldout else None,
+        **({"heldout_note": "the --init drafter may have trained on these"} if cfg.init and heldout else {}),
         "train_config": asdict(cfg), **(record or {}),
     }
     if world.is_main:
         save_drafter(drafter, out / "drafter", dtype=save_dtype, extra_config={"training": metrics}, bits=save_bits)
+    drafter.source = str(out / "drafter")  # not the --init drafter's
     return drafter, {**metrics, "loss_history": [round(h[0], 4) for h in history]}
 
 
@@ -449,6 +466,36 @@ class TrainResult:
         return fig
 
 
+def unique_dirs(extra_data, data_dir: Path) -> List[Path]:
+    """--extra-data as a list of folders, each once and none the --data folder itself."""
+    if extra_data is None:
+        return []
+    if isinstance(extra_data, (str, Path)):
+        extra_data = [extra_data]
+    seen, dirs = {data_dir.resolve()}, []
+    for d in map(Path, extra_data):
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            dirs.append(d)
+    return dirs
+
+
+def check_inputs(base, cfg: TrainConfig, extra_data: List[Path]):
+    """What `train` is given, checked against the base model before any work: one line each."""
+    from .distill import complete_shards
+
+    for extra in extra_data:
+        complete_shards(extra)
+    if cfg.init:
+        load_drafter(cfg.init, base)
+        return
+    layers = base.args.num_hidden_layers
+    if cfg.feature_layers and cfg.feature_layers[-1] >= layers:
+        raise ValueError(f"--feature-layers must be below {layers} (the base model's layers, counted from 0), "
+                         f"got {','.join(map(str, cfg.feature_layers))}")
+    check_config_against_base(drafter_config(base, cfg), base)
+
+
 def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_data=(), num_prompts: int = 4000,
           all_turns: bool = False, responses: str = "model", max_new_tokens: int = 256, gen_batch_size: int = 32,
           gen_temp: float = 0.0, config: Optional[TrainConfig] = None, resume: bool = False, data_only: bool = False,
@@ -478,7 +525,7 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_dat
     >>> mr.generate(model, tokenizer, "Hi!", drafter=run.drafter)
     """
     from .data import conversations
-    from .distill import DataConfig, complete_shards, make_distillation_data, read_sequences
+    from .distill import DataConfig, make_distillation_data, read_sequences
     from .loading import is_default_model, model_for
 
     if responses not in ("model", "dataset"):
@@ -489,34 +536,33 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_dat
         raise TypeError(f"pass either config=TrainConfig(...) or its fields ({', '.join(options)}), not both")
     cfg = config or TrainConfig(**options)
     out = Path(out)
+    data_dir = Path(data) if data else out / "data"
+    extra_data = unique_dirs(extra_data, data_dir)
     if out.exists() and not resume and (out / "checkpoint").exists():
         raise ValueError(f"{out} already holds a training run: continue it with --resume (resume=True), "
                          "or choose another output folder")
     model_dir = model if isinstance(model, (str, Path)) and not is_default_model(str(model)) and Path(model).exists() else None
     prompt_file = prompts if isinstance(prompts, (str, Path)) else None
-    if current_world().is_main:  # under mlx.launch rank 0 claims and writes the run's folder
-        claim_dir(out, [model_dir, prompt_file, cfg.init, *extra_data], what="train")  # before any work: never the cwd, home, a source, a user's folder
+    sources = [model_dir, prompt_file, cfg.init, *extra_data]
+    check_location(out, sources)  # before any work: never the cwd, home, a source
     base, tokenizer, _ = model_for(model, tokenizer, drafter=None, dtype=dtype)
-    for extra in extra_data:  # refused before the (long) data generation
-        complete_shards(extra)
-    if cfg.init:
-        load_drafter(cfg.init, base)
-    else:
-        check_config_against_base(drafter_config(base, cfg), base)
-    data_dir = Path(data) if data else out / "data"
+    check_inputs(base, cfg, extra_data)  # before the (long) data generation, and before OUT is made
+    if current_world().is_main:  # under mlx.launch rank 0 claims and writes the run's folder
+        claim_dir(out, sources, what="train")  # new, empty, or one this package wrote
     started = time.perf_counter()
     dcfg = DataConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=gen_temp, responses=responses)
     make_distillation_data(base, tokenizer, conversations(prompts, num_prompts, all_turns), data_dir, dcfg, progress)
     data_seconds = round(time.perf_counter() - started, 1)
     if data_only:
         return TrainResult(out, data_dir, data_seconds)
-    examples = [e for d in [data_dir, *extra_data] for e in read_sequences(d) if len(e[0]) > e[1] + 1]
+    examples, extra = ([e for d in dirs for e in read_sequences(d) if len(e[0]) > e[1] + 1]
+                       for dirs in ([data_dir], extra_data))
     record = {**({"command": command} if command else {}), "data_seconds": data_seconds,
-              "data_tokens": int(sum(len(t) - p for t, p in examples)), "responses": responses,
+              "data_tokens": int(sum(len(t) - p for t, p in examples + extra)), "responses": responses,
               "data_config": asdict(dcfg), **({"extra_data": [str(d) for d in extra_data]} if extra_data else {})}
     try:
         drafter, metrics = fit(base, examples, out, cfg, resume=resume, progress=progress, record=record,
-                               save_bits=save_bits)
+                               save_bits=save_bits, extra_examples=extra)
     except KeyboardInterrupt:
         raise TrainingInterrupted(f"interrupted: checkpoint saved in {out / 'checkpoint'}; "
                                   "rerun with --resume (resume=True)") from None

@@ -78,10 +78,15 @@ def test_train_on_more_data_from_a_drafter(run, loaded, tmp_path):
     sampled = mr.train(tmp_path / "s", model, tok, prompts=PROMPTS[:8], max_new_tokens=12, gen_temp=0.7,
                        data_only=True, progress=False)
     more = mr.train(tmp_path / "m", model, tok, prompts=PROMPTS, max_new_tokens=12, gen_batch_size=24,
-                    data=run.data_dir, extra_data=[sampled.data_dir], init=str(run.drafter_path), batch_size=8,
-                    max_steps=2, progress=False)
-    assert more.metrics["examples"] == 32 and more.metrics["extra_data"] == [str(sampled.data_dir)]
+                    data=run.data_dir, extra_data=[str(sampled.data_dir), run.data_dir, sampled.data_dir],
+                    init=run.drafter_path, batch_size=8, max_steps=2, progress=False)
+    assert more.metrics["examples"] == 32 and more.metrics["extra_data"] == [str(sampled.data_dir)]  # each folder once
     assert more.drafter.config == run.drafter.config and more.metrics["train_config"]["init"] == str(run.drafter_path)
+    assert more.drafter.source == str(tmp_path / "m" / "drafter")
+    with pytest.raises(ValueError) as e:
+        mr.train(tmp_path / "f", model, tok, prompts=PROMPTS, data=run.data_dir, feature_layers=[1, 7], progress=False)
+    one_line(e, "--feature-layers must be below 2", "got 1,7")
+    assert not (tmp_path / "f").exists()  # refused before the output folder is made
     for bad, message in [(dict(extra_data=[tmp_path / "none"]), "no distillation data in"),
                          (dict(init=str(tmp_path / "none")), "no drafter at")]:
         with pytest.raises(FileNotFoundError) as e:

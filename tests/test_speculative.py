@@ -176,14 +176,19 @@ def test_two_rows_equal_plain_greedy(drafter_seed, variant, W, Lb, prompts, look
     assert_rows_equal_plain(decoder, prompts, 16)
 
 
-@pytest.mark.parametrize("variant, W, Lb, lookup, nodes", [("apple", 2, 4, True, 0), ("reduced-vocab", 3, 5, False, 6)])
+@pytest.mark.parametrize("variant, W, Lb, lookup, nodes", [("apple", 2, 4, True, 0), ("reduced-vocab", 3, 5, False, 6),
+                                                         ("features", 2, 4, True, 0)])
 def test_compiled_verify_equals_plain_greedy(variant, W, Lb, lookup, nodes):
     """The tree forward as one mx.compile'd graph (writing at a device-side slot) through span growth
     and compaction (slack 8), for two rows of different lengths."""
     model = BASES[1]
     drafter = tiny_drafter(model, variant, seed=3, scale=3.0)
-    decoder = Decoder(model, drafter, BeamShape(W, Lb, lookup, nodes), SamplingConfig(), slack=8, compiled=True)
-    assert_rows_equal_plain(decoder, [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]], 60)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    counts = {}
+    for compiled in (True, False):  # and the same drafts accepted as eager: what the drafter reads is routed alike
+        decoder = Decoder(model, drafter, BeamShape(W, Lb, lookup, nodes), SamplingConfig(), slack=8, compiled=compiled)
+        counts[compiled] = assert_rows_equal_plain(decoder, prompts, 60)
+    assert counts[True] == counts[False]
 
 
 def assert_rows_equal_plain(decoder, prompts, n):
@@ -191,10 +196,12 @@ def assert_rows_equal_plain(decoder, prompts, n):
     tok = word_tokenizer(VOCAB)
     tok._eos_token_ids = set()
     plain = [tokens_of(decoder.model, tok, p, n)[0] for p in prompts]
-    rows = [[] for _ in prompts]
-    for step, _ in decoder.run(prompts):
+    rows, counts = [[] for _ in prompts], []
+    for step, accepted in decoder.run(prompts):
+        counts.append(accepted)
         for row, new in zip(rows, step):
             row += new
         if min(len(r) for r in rows) >= n:
             break
     assert [r[:n] for r in rows] == plain
+    return counts

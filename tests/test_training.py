@@ -190,3 +190,14 @@ def test_a_multi_layer_drafter_trains_and_replays_as_it_decodes(base, tmp_path):
     assert (replayed["steps"], replayed["tokens"]) == (decoded["steps"], decoded["tokens"])
     with pytest.raises(ValueError, match="reads base layer 5, but the base model has 2 layers"):
         fit(base, examples, tmp_path / "g", TrainConfig(feature_layers=[5]), progress=False)
+
+
+def test_extra_examples_never_hold_a_held_out_prompt(base, tmp_path):
+    """Other replies to a held-out prompt (extra_examples) are dropped: held-out stays unseen."""
+    examples = read_sequences(tiny_data(base, tmp_path / "data", n=24))
+    other = [(np.concatenate([t[:p], t[p:][::-1]]), p) for t, p in examples]  # other replies, same prompts
+    cfg = TrainConfig(head="full", exit_dim=16, batch_size=8, epochs=1, holdout=4, max_steps=1)
+    _, metrics = fit(base, examples, tmp_path / "a", cfg, progress=False, extra_examples=other)
+    held_prompts = {tuple(t[:p].tolist()) for t, p in training.split_holdout(examples, cfg)[1]}
+    kept = [e for e in other if tuple(e[0][: e[1]].tolist()) not in held_prompts]
+    assert metrics["examples"] == 20 + len(kept) and len(kept) <= 20
