@@ -458,6 +458,7 @@ def test_ctrl_c_in_train_exits_130_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(distill, "make_distillation_data", lambda *a, **k: None)
     monkeypatch.setattr(distill, "read_sequences", lambda *a, **k: [])
     monkeypatch.setattr(training, "fit", interrupted)
+    monkeypatch.setattr(training, "check_inputs", lambda *a, **k: None)  # no base model here to check against
     (tmp_path / "p.jsonl").write_text('{"prompt": "t3 t4"}\n')
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--prompts", str(tmp_path / "p.jsonl")])
     assert r.exit_code == 130, r.output
