@@ -22,12 +22,11 @@ from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.evaluate import acceptance, greedy_references, replay_acceptance, setting_label
 from mlx_redrafter.sampling import SamplingConfig
 from mlx_redrafter.speed import machine
+from tree_modes import parse_setting  # benchmarks/: WxL[:NODES] settings
 
 
 def parse_shape(text: str, lookup: bool) -> BeamShape:
-    shape, *nodes = text.split(":")
-    w, length = (int(v) for v in shape.split("x"))
-    return BeamShape(w, length, lookup, int(nodes[0]) if nodes else 0)
+    return parse_setting(f"ranked:{text}", lookup)
 
 
 def main():

@@ -202,16 +202,15 @@ def _prefill_rows(drafter, model, tokens: mx.array, lengths: List[int], cache) -
     features (B, F) at its last token."""
     B, P = tokens.shape
     last = mx.array([n - 1 for n in lengths])
-    rows = None
+    features = None
     for start in range(0, P, PREFILL_CHUNK):
-        chunk = drafter.base_features(model, tokens[:, start : start + PREFILL_CHUNK], cache)
-        n = chunk[0].shape[1]
-        inside = (last >= start) & (last < start + n)
-        at = mx.clip(last - start, 0, n - 1)[:, None, None]
-        row_last = [mx.take_along_axis(x, at, axis=1)[:, 0] for x in chunk]
-        rows = row_last if rows is None else [mx.where(inside[:, None], new, old) for new, old in zip(row_last, rows)]
-        mx.eval(rows, cache.state())
-    return tuple(rows)
+        f = drafter.base_features(model, tokens[:, start : start + PREFILL_CHUNK], cache)[1]
+        inside = (last >= start) & (last < start + f.shape[1])
+        at = mx.clip(last - start, 0, f.shape[1] - 1)
+        row_last = mx.take_along_axis(f, at[:, None, None], axis=1)[:, 0]
+        features = row_last if features is None else mx.where(inside[:, None], row_last, features)
+        mx.eval(features, cache.state())
+    return features[:, -model.args.hidden_size:], features  # features end with the hidden state
 
 
 def history_size(needed: int) -> int:

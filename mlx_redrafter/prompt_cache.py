@@ -49,17 +49,18 @@ class PromptCache:
 
     def shared(self, ids: List[int], kind: Hashable) -> int:
         """How many of `ids`' first tokens the best cached conversation holds (nothing is taken)."""
-        return max((common_prefix(e.tokens, ids) for e in self._entries if e.kind == kind), default=0)
+        return self._best(ids, kind)[1]
+
+    def _best(self, ids: List[int], kind: Hashable) -> Tuple[Optional[_Entry], int]:
+        """The entry of this kind sharing the longest prefix with `ids` (the oldest on a tie), and its length."""
+        return max(((e, common_prefix(e.tokens, ids)) for e in self._entries if e.kind == kind),
+                   key=lambda pair: pair[1], default=(None, 0))
 
     def take(self, ids: List[int], kind: Hashable) -> Tuple[Optional[object], int]:
         """(cache, n): the cache sharing the longest prefix with `ids`, cut to its first n tokens and
         removed from the store (None, 0 when nothing is shared). n < len(ids): at least one token
         is left to run, whose hidden state the decoder starts from."""
-        best, n = None, 0
-        for entry in self._entries:
-            shared = common_prefix(entry.tokens, ids) if entry.kind == kind else 0
-            if shared > n:
-                best, n = entry, shared
+        best, n = self._best(ids, kind)
         n = min(n, len(ids) - 1)
         if best is None or n < 1:
             return None, 0

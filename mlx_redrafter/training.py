@@ -109,17 +109,14 @@ def response_token_counts(examples, vocab_size: int) -> np.ndarray:
     return counts
 
 
-def frequent_tokens(examples, vocab_size: int, keep: int):
-    """The `keep` most frequent response tokens (the reduced draft vocabulary) and their share of all response tokens."""
-    counts = response_token_counts(examples, vocab_size)
-    kept = np.sort(np.argsort(-counts, kind="stable")[:keep])
-    return mx.array(kept.astype(np.int32)), float(counts[kept].sum() / max(counts.sum(), 1))
+def frequent_tokens(counts: np.ndarray, keep: int) -> mx.array:
+    """The `keep` most frequent response tokens (the reduced draft vocabulary), from `response_token_counts`."""
+    return mx.array(np.sort(np.argsort(-counts, kind="stable")[:keep]).astype(np.int32))
 
 
-def vocabulary_coverage(examples, vocab_size: int, kept: np.ndarray) -> float:
+def vocabulary_coverage(counts: np.ndarray, kept: mx.array) -> float:
     """The share of response tokens a draft vocabulary (token ids) holds."""
-    counts = response_token_counts(examples, vocab_size)
-    return float(counts[kept].sum() / max(counts.sum(), 1))
+    return float(counts[np.array(kept)].sum() / max(counts.sum(), 1))
 
 
 @dataclass
@@ -324,13 +321,11 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     mx.random.seed(cfg.seed)
     start_from = load_drafter(cfg.init, base, dtype=mx.float32) if cfg.init else None
     dcfg = start_from.config if start_from else drafter_config(base, cfg)
-    if start_from and dcfg.draft_vocab_size:
-        vocab_map = start_from.draft_to_token
-        coverage = vocabulary_coverage(examples, dcfg.vocab_size, np.array(vocab_map))
-    elif dcfg.draft_vocab_size:
-        vocab_map, coverage = frequent_tokens(examples, dcfg.vocab_size, dcfg.draft_vocab_size)
-    else:
-        vocab_map, coverage = None, 1.0
+    vocab_map, coverage = None, 1.0
+    if dcfg.draft_vocab_size:
+        counts = response_token_counts(examples, dcfg.vocab_size)
+        vocab_map = start_from.draft_to_token if start_from else frequent_tokens(counts, dcfg.draft_vocab_size)
+        coverage = vocabulary_coverage(counts, vocab_map)
     step = 0
     if resume and world.is_main and checkpoint.exists():
         drafter, step = load_checkpoint(checkpoint, base, optimizer)
