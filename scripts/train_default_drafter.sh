@@ -38,12 +38,22 @@ case $phase in
                            --extra-data "$work/data-sampled") ;;
         both-init)   args=(--init "${INIT:?INIT=the drafter to continue}" --epochs 1 --lr 3e-4 --save-bits 8
                            --extra-data "$work/data-sampled") ;;
+        # sampled replies to all 61k turns: the first 30,720 in data-sampled, the rest (sharegpt-rest) in data-sampled-rest
+        sampled-all)  args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8
+                            --extra-data "$work/data-sampled-rest") ;;
+        init-sampled) args=(--init "${INIT:?INIT=the drafter to continue}" --epochs 1 --lr 3e-4 --save-bits 8
+                            --extra-data "$work/data-sampled-rest") ;;
+        # the data-size curve: the first K shards of data-sampled (scripts/data_subset.py makes data-size-K)
+        size-*)       args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8) ;;
         *) echo "unknown variant $v"; exit 2 ;;
       esac
       data_dir=$work/data-model; [ "$v" = gt ] && data_dir=$work/data-dataset
-      case $v in sampled*) data_dir=$work/data-sampled ;; esac
-      rm -rf "${work:?}/$v"
-      run train --out "$work/$v" --data "$data_dir" "${prompts[@]}" "${fit[@]}" "${args[@]}" ${EXTRA:-} > "$work/$v.log" 2>&1 &
+      n=()
+      case $v in sampled*|init-sampled) data_dir=$work/data-sampled ;;
+                 size-*) data_dir=$work/data-$v; n=(--num-prompts "$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['prompts'])" "$data_dir/manifest.json")") ;; esac
+      if [ -n "${RESUME:-}" ] && [ -f "$work/$v/drafter/config.json" ]; then continue; fi   # finished in an earlier call
+      if [ -n "${RESUME:-}" ] && [ -d "$work/$v/checkpoint" ]; then n+=(--resume); else rm -rf "${work:?}/$v"; fi
+      run train --out "$work/$v" --data "$data_dir" "${prompts[@]}" "${fit[@]}" "${args[@]}" "${n[@]}" ${EXTRA:-} > "$work/$v.log" 2>&1 &
     done
     wait
     for v in ${VARIANTS:-r576 r1152 shared full}; do tr '\r' '\n' < "$work/$v.log" | grep -v "it/s\]$" | tail -2; done ;;
