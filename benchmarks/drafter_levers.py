@@ -3,7 +3,8 @@
 
     python benchmarks/drafter_levers.py --drafter shipped=auto --drafter sampled=runs/x/drafter \\
         [--prompts mt_bench.jsonl] [--every 2] [--max-tokens 256] [--shapes 4x4,32x6:32] \\
-        [--temp 0.7] [--sampled-every 4] [--out results/drafter-levers.json]
+        [--temp 0.7] [--sampled-every 4] [--sampled-shapes 4x4] [--sampled-drafters shipped,sampled] \\
+        [--out results/drafter-levers.json]
 
 A shape is WxL[:NODES]; each is counted with and without the context-lookup beam (greedy) and
 with it (sampled). Prints a Markdown table (drafters by settings) and saves every row as JSON.
@@ -40,6 +41,8 @@ def main():
     ap.add_argument("--temp", type=float, default=0.7, help="also count sampled (0: greedy only)")
     ap.add_argument("--sampled-every", type=int, default=4, help="sampled runs use every K-th prompt (they decode)")
     ap.add_argument("--sampled-tokens", type=int, default=128)
+    ap.add_argument("--sampled-shapes", help="shapes counted sampled (default: --shapes)")
+    ap.add_argument("--sampled-drafters", help="NAME,... counted sampled (default: all)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", type=Path, default=Path("results/drafter-levers.json"))
     args = ap.parse_args()
@@ -57,6 +60,10 @@ def main():
             raise SystemExit("error: no drafter is packaged for this model: pass NAME=DIR")
         drafters[name] = load_drafter(path, model)
     texts = prompt_texts(args.prompts, None, args.every)
+    sampled = prompt_texts(args.prompts, None, args.sampled_every)
+    sampled_drafters = args.sampled_drafters.split(",") if args.sampled_drafters else list(drafters)
+    if set(sampled_drafters) - set(drafters):
+        raise SystemExit(f"error: --sampled-drafters names {sorted(set(sampled_drafters) - set(drafters))}, not a --drafter")
     started = time.perf_counter()
     references = greedy_references(model, tokenizer, texts, args.max_tokens)
     rows = []
@@ -66,9 +73,8 @@ def main():
                 r = replay_acceptance(model, drafter, references, parse_shape(text, lookup))
                 rows.append({"drafter": name, **r})
                 print(f"{name:>12} {setting_label(r):>22} greedy  {r['tokens_per_step']:.2f}", flush=True)
-        if args.temp > 0:
-            sampled = prompt_texts(args.prompts, None, args.sampled_every)
-            for text in args.shapes.split(","):
+        if args.temp > 0 and name in sampled_drafters:
+            for text in (args.sampled_shapes or args.shapes).split(","):
                 r = acceptance(model, tokenizer, drafter, sampled, parse_shape(text, True), args.sampled_tokens,
                                sampling=SamplingConfig(temperature=args.temp, seed=0))
                 rows.append({"drafter": name, **r})

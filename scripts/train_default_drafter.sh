@@ -10,7 +10,7 @@
 # DATA_DIR holds sharegpt.jsonl.gz and mt_bench.jsonl (scripts/export_prompts.py writes them).
 set -euo pipefail
 phase=$1 data=$2 work=$3
-run() { python3 -m mlx_redrafter "$@"; }
+run() { ${MR:-python3 -m mlx_redrafter} "$@"; }   # MR="python3 scripts/mlx_capped.py": several processes on one GPU
 prompts=(${MODEL:+--model "$MODEL"} --prompts "$data/sharegpt.jsonl.gz" --all-turns --num-prompts "${N:-100000}" --max-new-tokens "${TOKENS:-256}"
          --gen-batch-size "${GEN_BATCH:-512}")
 fit=(--epochs "${EPOCHS:-2}" --unroll "${UNROLL:-6}" --holdout "${HOLDOUT:-200}" --batch-size "${BATCH:-32}")
