@@ -55,7 +55,7 @@ def main():
         name, _, path = spec.partition("=")
         if not name or not path or name in drafters:
             raise SystemExit(f"error: --drafter takes NAME=DIR with a new NAME each time, got {spec!r}")
-        path = find_drafter(args.model) if path == "auto" else path
+        path = find_drafter(args.model) if path == "auto" else str(Path(path).resolve())
         if path is None:
             raise SystemExit("error: no drafter is packaged for this model: pass NAME=DIR")
         drafters[name] = load_drafter(path, model)
