@@ -3,7 +3,7 @@
 # lent GPU (see README). Usage: scripts/train_default_drafter.sh PHASE DATA_DIR WORK_DIR
 #   PHASE data   : every ShareGPT user turn (earlier turns as context) -> the base model's greedy
 #                  response (work/data-model), its sampled one at T = 0.7 (SAMPLED=1: work/data-sampled),
-#                  and the dataset's own replies (GT=1: work/data-dataset)
+#                  and the dataset's own replies (GT=1: work/data-dataset); REST=1: work/data-sampled-rest
 #   PHASE train  : the drafter variants named in VARIANTS, side by side (one alone leaves the GPU idle)
 #   PHASE eval   : tokens per step of each variant on MT-Bench's 80 first turns (WIDTHS x LENGTHS,
 #                  drafter alone and with the context-lookup beam; replayed along greedy references)
@@ -18,6 +18,10 @@ case $phase in
   data)
     run train --out "$work/data-run" --data "$work/data-model" "${prompts[@]}" --data-only
     [ -z "${SAMPLED:-}" ] || run train --out "$work/data-run" --data "$work/data-sampled" "${prompts[@]}" --gen-temp 0.7 --data-only
+    # REST=1: sampled replies to the turns a data run of N turns did not reach (export_prompts.py --skip-turns N)
+    [ -z "${REST:-}" ] || run train --out "$work/data-run" --data "$work/data-sampled-rest" ${MODEL:+--model "$MODEL"} \
+      --prompts "$data/sharegpt-rest.jsonl.gz" --all-turns --num-prompts 100000 --max-new-tokens "${TOKENS:-256}" \
+      --gen-batch-size 512 --gen-temp 0.7 --data-only
     [ -z "${GT:-}" ] || run train --out "$work/data-run" --data "$work/data-dataset" "${prompts[@]}" --responses dataset --data-only ;;
   train)
     for v in ${VARIANTS:-r576 r1152 shared full}; do
@@ -40,6 +44,8 @@ case $phase in
                            --extra-data "$work/data-sampled") ;;
         # sampled replies to all 61k turns: the first 30,720 in data-sampled, the rest (sharegpt-rest) in data-sampled-rest
         sampled-all)  args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8
+                            --extra-data "$work/data-sampled-rest") ;;
+        sampled-all-feat) args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15
                             --extra-data "$work/data-sampled-rest") ;;
         init-sampled) args=(--init "${INIT:?INIT=the drafter to continue}" --epochs 1 --lr 3e-4 --save-bits 8
                             --extra-data "$work/data-sampled-rest") ;;
