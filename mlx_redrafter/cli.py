@@ -176,16 +176,23 @@ def print_acceptance(accepted: Counter, last, beam_length: int):
         typer.echo(f"  {k}: {accepted[k]:5d} {'#' * round(40 * share)} {100 * share:.0f}%")
 
 
-def command_line(name: str, params: dict) -> str:
-    """The command as it could be retyped, from the parsed options."""
+def command_line(name: str, params: dict, unused=()) -> str:
+    """The command as it could be retyped, from the parsed options (a list option repeats its flag;
+    `unused`: options the command ignored, left out so the record does not claim them)."""
     words = ["mlx-redrafter", name]
     for key, value in params.items():
         flag = "--" + key.replace("_", "-")
+        if key in unused or value in (None, False):
+            continue
         if value is True:
             words.append(flag)
-        elif value not in (None, False):
-            words += [flag, str(value)]
+        else:
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                words += [flag, str(item)]
     return " ".join(words)
+
+
+INIT_KEEPS = ("head", "draft_vocab", "layers", "exit_dim")  # train --init keeps the drafter's own
 
 
 def parse_grid(text: str, name: str, low: int = 1, high: Optional[int] = None):
@@ -260,7 +267,7 @@ def train(
                               num_prompts=num_prompts, all_turns=all_turns,
                               responses=responses, max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size,
                               gen_temp=gen_temp, config=cfg, resume=resume, data_only=data_only, save_bits=save_bits,
-                              dtype=dtype, command=command_line("train", ctx.params))
+                              dtype=dtype, command=command_line("train", ctx.params, INIT_KEEPS if init else ()))
     except TrainingInterrupted as e:
         typer.echo(f"\n{e}", err=True)
         raise typer.Exit(130)

@@ -1,6 +1,7 @@
 """The command line: generate (plain and speculative), train, eval-drafter, and one-line errors."""
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -79,3 +80,11 @@ def test_benchmark_reports_prefill_beside_mlx_lm(tmp_path):
     prefill = json.loads((tmp_path / "out" / "speed-cpu.json").read_text())["prefill"]
     assert prefill["tokens"] == 100 and all(t > 0 for v in prefill["tps"].values() for t in v)
     assert "Prefill of a 100-token prompt" in (tmp_path / "out" / "speed-cpu.md").read_text()
+
+
+def test_command_line_repeats_list_options_and_leaves_out_unused_ones():
+    from mlx_redrafter.cli import INIT_KEEPS, command_line
+
+    params = {"out": Path("o"), "extra_data": [Path("a"), Path("b")], "head": "shared", "resume": False, "all_turns": True}
+    assert command_line("train", params, INIT_KEEPS) == "mlx-redrafter train --out o --extra-data a --extra-data b --all-turns"
+    assert "--head shared" in command_line("train", params)
