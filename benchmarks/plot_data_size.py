@@ -49,7 +49,7 @@ def main():
             ax.plot(size[other], value[other], marker="*", markersize=11, color=line.get_color())
             ax.annotate(other, (size[other], value[other]), fontsize=7, xytext=(4, -3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xticks(sorted(size.values()), [f"{v:.1f}" for v in sorted(size.values())])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("distillation tokens (millions, base model's replies)")
     ax.set_ylabel("mean tokens per step (greedy)")
