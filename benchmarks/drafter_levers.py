@@ -48,6 +48,11 @@ def main():
     args = ap.parse_args()
     if args.out.exists():
         raise SystemExit(f"error: {args.out} exists; pass another --out")
+    for text in [*args.shapes.split(","), *(args.sampled_shapes or "").split(",")]:
+        try:
+            text and parse_shape(text, True)  # a bad shape fails here, not after an hour of counting
+        except ValueError:
+            raise SystemExit(f"error: a shape is WxL or WxL:NODES (e.g. 4x4, 32x6:32), got {text!r}") from None
 
     model, tokenizer = load(args.model, drafter=None, dtype=args.dtype)
     drafters = {}

@@ -1,8 +1,8 @@
 """Tokens per step against distillation tokens (issue 15's data-size curve), from a
-`benchmarks/drafter_levers.py` run: each named drafter is one point at the data size its
-config.json records; other drafters of the run are drawn as labelled single points.
+`benchmarks/drafter_levers.py` run: each drafter named in --series is one point at the data size
+its config.json records; those named in --others are drawn as labelled single points.
 
-    python benchmarks/plot_data_size.py results/cpu/drafters/levers-round2.json \
+    python benchmarks/plot_data_size.py results/cpu/drafters/levers-data-size.json \
         --series size-1m,size-3m,size-6m --out results/cpu/drafters/data-size.png
 """
 
@@ -33,6 +33,8 @@ def main():
     p.add_argument("--others", default="", help="NAME,... more drafters drawn as single labelled points")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    if args.out.exists():
+        raise SystemExit(f"error: {args.out} exists; pass another --out")
     run = json.loads(args.levers.read_text())
     names = args.series.split(",")
     greedy = [r for r in run["rows"] if not r.get("temperature")]

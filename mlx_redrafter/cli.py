@@ -182,7 +182,7 @@ def command_line(name: str, params: dict, unused=()) -> str:
     words = ["mlx-redrafter", name]
     for key, value in params.items():
         flag = "--" + key.replace("_", "-")
-        if key in unused or value in (None, False):
+        if key in unused or value is None or value is False:
             continue
         if value is True:
             words.append(flag)

@@ -23,23 +23,32 @@ def main():
     args = p.parse_args()
     if args.out.exists():
         raise SystemExit(f"error: {args.out} exists: name a new directory")
-    shards = complete_shards(args.data)[: args.shards]
+    shards = complete_shards(args.data)
+    if not 1 <= args.shards <= len(shards):
+        raise SystemExit(f"error: --shards must be 1..{len(shards)} ({args.data} holds {len(shards)}), got {args.shards}")
+    shards = shards[: args.shards]
     manifest = json.loads((args.data / "manifest.json").read_text())
-    size = shard_size(DataConfig(**manifest["config"]))
-    n = min(len(shards) * size, int(manifest["prompts"]))
-    convs = conversations(args.prompts, n, all_turns=True)[:n]
-    args.out.mkdir(parents=True)
+    convs = conversations(args.prompts, int(manifest["prompts"]), all_turns=True)
+    if _fingerprint(convs) != manifest["fingerprint"]:
+        raise SystemExit(f"error: {args.data} was not made from {args.prompts} with --all-turns: pass the prompt file it was made from")
+    n = min(len(shards) * shard_size(DataConfig(**manifest["config"])), len(convs))
+    recorded = {}  # every rank's manifest: under mlx.launch each rank writes its own shards
+    for rank_file in sorted(args.data.glob("manifest-rank-*.json")):
+        recorded.update(json.loads(rank_file.read_text())["shards"])
+    tmp = args.out.with_name(args.out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     for s in shards:
         try:
-            os.link(s, args.out / s.name)
+            os.link(s, tmp / s.name)
         except OSError:
-            shutil.copy2(s, args.out / s.name)
-    rank = json.loads((args.data / "manifest-rank-00000.json").read_text())
-    rank["shards"] = {s.name: rank["shards"][s.name] for s in shards}
-    (args.out / "manifest-rank-00000.json").write_text(json.dumps(rank, indent=2))
-    manifest.update(prompts=n, fingerprint=_fingerprint(convs))
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    tokens = sum(v["tokens"] for v in rank["shards"].values())
+            shutil.copy2(s, tmp / s.name)
+    kept = {s.name: recorded[s.name] for s in shards}
+    (tmp / "manifest-rank-00000.json").write_text(json.dumps({"rank": 0, "ranks": 1, "shards": kept}, indent=2))
+    manifest.update(prompts=n, fingerprint=_fingerprint(convs[:n]))
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    tmp.rename(args.out)  # whole or not at all
+    tokens = sum(v["tokens"] for v in kept.values())
     print(f"{args.out}: {len(shards)} shards, {n} prompts, {tokens} tokens (prompt + response)")
 
 

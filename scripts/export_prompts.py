@@ -31,6 +31,8 @@ def main():
         if args.skip_turns not in ends:
             raise SystemExit(f"error: turn {args.skip_turns} does not end a conversation: pick the turn count a data run covered")
         last = last[ends.index(args.skip_turns) + 1:]
+        if not last:
+            raise SystemExit(f"error: the first {args.skip_turns} turns are all of them: nothing is left to export")
     name = "sharegpt-rest.jsonl.gz" if args.skip_turns else "sharegpt.jsonl.gz"
     with gzip.open(args.out / name, "wt", encoding="utf-8") as f:
         for c in last:

@@ -7,6 +7,7 @@ import os
 import runpy
 import sys
 
+import mlx_redrafter  # noqa: F401  (before mlx: the fast BLAS on a CPU)
 import mlx.core as mx
 
 mx.set_cache_limit(int(float(os.environ.get("MLX_CACHE_GB", "2")) * 2**30))

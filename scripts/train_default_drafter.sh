@@ -4,7 +4,9 @@
 #   PHASE data   : every ShareGPT user turn (earlier turns as context) -> the base model's greedy
 #                  response (work/data-model), its sampled one at T = 0.7 (SAMPLED=1: work/data-sampled),
 #                  and the dataset's own replies (GT=1: work/data-dataset); REST=1: work/data-sampled-rest
-#   PHASE train  : the drafter variants named in VARIANTS, side by side (one alone leaves the GPU idle)
+#   PHASE train  : the drafter variants named in VARIANTS, side by side (one alone leaves the GPU idle), each with
+#                  the settings its data folder was made with; a finished one is kept (FORCE=1 retrains it),
+#                  RESUME=1 continues interrupted ones from their checkpoints
 #   PHASE eval   : tokens per step of each variant on MT-Bench's 80 first turns (WIDTHS x LENGTHS,
 #                  drafter alone and with the context-lookup beam; replayed along greedy references)
 # DATA_DIR holds sharegpt.jsonl.gz and mt_bench.jsonl (scripts/export_prompts.py writes them).
@@ -13,6 +15,12 @@ phase=$1 data=$2 work=$3
 run() { ${MR:-python3 -m mlx_redrafter} "$@"; }   # MR="python3 scripts/mlx_capped.py": several processes on one GPU
 prompts=(${MODEL:+--model "$MODEL"} --prompts "$data/sharegpt.jsonl.gz" --all-turns --num-prompts "${N:-100000}" --max-new-tokens "${TOKENS:-256}"
          --gen-batch-size "${GEN_BATCH:-512}")
+data_flags() {  # the settings a finished data folder was made with, so that train takes it as it is
+  [ -f "$1/manifest.json" ] || return 0
+  python3 -c 'import json, sys; m = json.load(open(sys.argv[1])); c = m["config"]
+print("--num-prompts", m["prompts"], "--gen-temp", c["temperature"], "--gen-batch-size", c["batch_size"],
+      "--max-new-tokens", c["max_new_tokens"])' "$1/manifest.json"
+}
 fit=(--epochs "${EPOCHS:-2}" --unroll "${UNROLL:-6}" --holdout "${HOLDOUT:-200}" --batch-size "${BATCH:-32}")
 case $phase in
   data)
@@ -39,7 +47,7 @@ case $phase in
         sampled)     args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8) ;;
         sampled-feat) args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15) ;;
         both-feat)   args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 2 --save-bits 8 --feature-layers 4,15
-                           --extra-data "$work/data-sampled") ;;
+                           --extra-data "$work/data-sampled" --extra-data "$work/data-sampled-rest") ;;
         both-init)   args=(--init "${INIT:?INIT=the drafter to continue}" --epochs 1 --lr 3e-4 --save-bits 8
                            --extra-data "$work/data-sampled") ;;
         # sampled replies to all 61k turns: the first 30,720 in data-sampled, the rest (sharegpt-rest) in data-sampled-rest
@@ -54,12 +62,14 @@ case $phase in
         *) echo "unknown variant $v"; exit 2 ;;
       esac
       data_dir=$work/data-model; [ "$v" = gt ] && data_dir=$work/data-dataset
-      n=()
-      case $v in sampled*|init-sampled) data_dir=$work/data-sampled ;;
-                 size-*) data_dir=$work/data-$v; n=(--num-prompts "$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['prompts'])" "$data_dir/manifest.json")") ;; esac
-      if [ -n "${RESUME:-}" ] && [ -f "$work/$v/drafter/config.json" ]; then continue; fi   # finished in an earlier call
-      if [ -n "${RESUME:-}" ] && [ -d "$work/$v/checkpoint" ]; then n+=(--resume); else rm -rf "${work:?}/$v"; fi
-      run train --out "$work/$v" --data "$data_dir" "${prompts[@]}" "${fit[@]}" "${args[@]}" "${n[@]}" ${EXTRA:-} > "$work/$v.log" 2>&1 &
+      case $v in sampled*|init-sampled) data_dir=$work/data-sampled ;; size-*) data_dir=$work/data-$v ;; esac
+      if [ -f "$work/$v/drafter/config.json" ] && [ -z "${FORCE:-}" ]; then   # finished: kept unless FORCE=1
+        [ -n "${RESUME:-}" ] || echo "$v: finished in $work/$v, kept (FORCE=1 trains it again)"; continue
+      fi
+      n=($(data_flags "$data_dir"))
+      if [ -n "${RESUME:-}" ] && [ -d "$work/$v/checkpoint" ]; then n+=(--resume); else rm -rf "${work:?}/$v"; : > "$work/$v.log"; fi
+      run train --out "$work/$v" --data "$data_dir" "${prompts[@]}" "${fit[@]}" "${args[@]}" ${n[@]+"${n[@]}"} ${EXTRA:-} \
+        >> "$work/$v.log" 2>&1 &
     done
     wait
     for v in ${VARIANTS:-r576 r1152 shared full}; do tr '\r' '\n' < "$work/$v.log" | grep -v "it/s\]$" | tail -2; done ;;
