@@ -22,6 +22,7 @@ from mlx_redrafter.beam_search import BeamShape, draft_levels
 from mlx_redrafter.drafter import DrafterConfig, init_drafter
 from mlx_redrafter.llama import Model, ModelArgs, fuse_projections
 from mlx_redrafter.loading import cast
+from mlx_redrafter.outputs import write_file
 from mlx_redrafter.speed import machine
 
 SHAPES = {
@@ -114,8 +115,7 @@ def main():
     for nodes, r in rows.items():
         print(f"ESTIMATE {nodes} nodes: {r['tokens_per_step']} tokens/step, step {r['step_ms']:.2f} ms against "
               f"{verify[1]:.2f} ms a plain token: ~{r['speedup_estimate']:.2f}x" + (" (best)" if nodes == best else ""))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_file(args.out, json.dumps({
         "shape": args.shape, "bits": args.bits, "machine": machine(), "dtype": str(backend.default_dtype()),
         "verify_ms": verify, "draft_ms": {f"{args.width}x{args.length}": draft},
         "estimate": {"note": "acceptance measured on the default model, costs on this shape", "rows": rows,

@@ -22,6 +22,7 @@ from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.evaluate import acceptance, greedy_references, replay_acceptance, setting_label
 from mlx_redrafter.sampling import SamplingConfig
+from mlx_redrafter.outputs import write_file
 from mlx_redrafter.speed import machine
 from tree_modes import parse_setting  # benchmarks/: WxL[:NODES] settings
 
@@ -90,8 +91,7 @@ def main():
         cells = {setting_label(r): f"{r['tokens_per_step']:.2f}" for r in rows if r["drafter"] == name}
         table.append(f"| {name} | " + " | ".join(cells.get(label, "") for label in labels) + " |")
     print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_file(args.out, json.dumps({
         "machine": machine(), "prompts": len(texts), "every": args.every, "max_tokens": args.max_tokens,
         "sampled_every": args.sampled_every, "sampled_tokens": args.sampled_tokens,
         "drafters": {n: getattr(d, "source", "auto") for n, d in drafters.items()},

@@ -23,6 +23,7 @@ from mlx_redrafter import load
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.evaluate import greedy_references, replay_acceptance
+from mlx_redrafter.outputs import write_file
 from mlx_redrafter.speed import machine
 
 
@@ -67,8 +68,7 @@ def main():
             print(f"{name:>22} lookup={lookup!s:5} {r['tokens_per_step']:.2f} tokens/step "
                   f"({same}/{len(texts)} references equal to the dequantized base's)", flush=True)
         rows[-1]["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "shape": args.shape, "every": args.every,
+    write_file(args.out, json.dumps({"machine": machine(), "shape": args.shape, "every": args.every,
                                     "max_tokens": args.max_tokens, "rows": rows}, indent=2))
     print(f"saved {args.out}")
 

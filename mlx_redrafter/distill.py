@@ -102,6 +102,11 @@ def _fingerprint(conversations: List[Conversation]) -> str:
     return digest.hexdigest()[:16]
 
 
+def data_manifest(cfg: DataConfig, conversations: List[Conversation]) -> dict:
+    """What manifest.json records: a data folder made with other settings or prompts is not reused."""
+    return {"config": asdict(cfg), "prompts": len(conversations), "fingerprint": _fingerprint(conversations)}
+
+
 def shard_seed(seed: int, shard: int) -> int:
     """The sampling seed of one shard: the same whichever rank writes it, and after a resume."""
     return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
@@ -128,7 +133,7 @@ def make_distillation_data(model, tokenizer, conversations: List[Conversation], 
     world = world or current_world()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"config": asdict(cfg), "prompts": len(conversations), "fingerprint": _fingerprint(conversations)}
+    manifest = data_manifest(cfg, conversations)
     existing = out / "manifest.json"
     if existing.exists():
         old = read_json_object(existing, "a data manifest", "use another --data directory")

@@ -8,10 +8,12 @@ import argparse
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from mlx_redrafter.data import conversations
-from mlx_redrafter.distill import DataConfig, _fingerprint, complete_shards, shard_size
+from mlx_redrafter.distill import DataConfig, complete_shards, data_manifest, shard_size
+from mlx_redrafter.validate import read_json_object
 
 
 def main():
@@ -27,27 +29,30 @@ def main():
     if not 1 <= args.shards <= len(shards):
         raise SystemExit(f"error: --shards must be 1..{len(shards)} ({args.data} holds {len(shards)}), got {args.shards}")
     shards = shards[: args.shards]
-    manifest = json.loads((args.data / "manifest.json").read_text())
-    convs = conversations(args.prompts, int(manifest["prompts"]), all_turns=True)
-    if _fingerprint(convs) != manifest["fingerprint"]:
+    old = read_json_object(args.data / "manifest.json", "a data manifest", "use another --data directory")
+    cfg = DataConfig(**old["config"])
+    convs = conversations(args.prompts, int(old["prompts"]), all_turns=True)
+    made = data_manifest(cfg, convs)
+    if {k: old.get(k) for k in made} != made:
         raise SystemExit(f"error: {args.data} was not made from {args.prompts} with --all-turns: pass the prompt file it was made from")
-    n = min(len(shards) * shard_size(DataConfig(**manifest["config"])), len(convs))
+    n = min(len(shards) * shard_size(cfg), len(convs))
     recorded = {}  # every rank's manifest: under mlx.launch each rank writes its own shards
     for rank_file in sorted(args.data.glob("manifest-rank-*.json")):
-        recorded.update(json.loads(rank_file.read_text())["shards"])
-    tmp = args.out.with_name(args.out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for s in shards:
-        try:
-            os.link(s, tmp / s.name)
-        except OSError:
-            shutil.copy2(s, tmp / s.name)
-    kept = {s.name: recorded[s.name] for s in shards}
-    (tmp / "manifest-rank-00000.json").write_text(json.dumps({"rank": 0, "ranks": 1, "shards": kept}, indent=2))
-    manifest.update(prompts=n, fingerprint=_fingerprint(convs[:n]))
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    tmp.rename(args.out)  # whole or not at all
+        recorded.update(read_json_object(rank_file, "a rank manifest", "use another --data directory")["shards"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.partial.", dir=args.out.parent))  # ours alone
+    try:
+        for s in shards:
+            try:
+                os.link(s, tmp / s.name)
+            except OSError:
+                shutil.copy2(s, tmp / s.name)
+        kept = {s.name: recorded[s.name] for s in shards}
+        (tmp / "manifest-rank-00000.json").write_text(json.dumps({"rank": 0, "ranks": 1, "shards": kept}, indent=2))
+        (tmp / "manifest.json").write_text(json.dumps(data_manifest(cfg, convs[:n]), indent=2))
+        tmp.rename(args.out)  # whole or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     tokens = sum(v["tokens"] for v in kept.values())
     print(f"{args.out}: {len(shards)} shards, {n} prompts, {tokens} tokens (prompt + response)")
 
