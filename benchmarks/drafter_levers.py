@@ -11,6 +11,7 @@ with it (sampled). Prints a Markdown table (drafters by settings) and saves ever
 """
 
 import argparse
+from dataclasses import replace
 import json
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ def main():
         try:
             text and parse_shape(text, True)  # a bad shape fails here, not after an hour of counting
         except ValueError:
-            raise SystemExit(f"error: a shape is WxL or WxL:NODES (e.g. 4x4, 32x6:32), got {text!r}") from None
+            raise SystemExit(f"error: a shape is WxL[:NODES][+LOOKUP_LENGTH] (e.g. 4x4, 32x6:32+12), got {text!r}") from None
 
     model, tokenizer = load(args.model, drafter=None, dtype=args.dtype)
     drafters = {}
@@ -74,9 +75,11 @@ def main():
     references = greedy_references(model, tokenizer, texts, args.max_tokens)
     rows = []
     for name, drafter in drafters.items():
-        for lookup in (False, True):
-            for text in args.shapes.split(","):
-                r = replay_acceptance(model, drafter, references, parse_shape(text, lookup))
+        for lookup in (False, True):  # without lookup its length changes nothing: each shape once
+            shapes = dict.fromkeys(replace(parse_shape(t, lookup), lookup_length=0) if not lookup else parse_shape(t, lookup)
+                                   for t in args.shapes.split(","))
+            for shape in shapes:
+                r = replay_acceptance(model, drafter, references, shape)
                 rows.append({"drafter": name, **r})
                 print(f"{name:>12} {setting_label(r):>22} greedy  {r['tokens_per_step']:.2f}", flush=True)
         if args.temp > 0 and name in sampled_drafters:

@@ -30,9 +30,11 @@ from mlx_redrafter.sampling import SamplingConfig
 
 
 def parse_setting(text: str, lookup: bool) -> BeamShape:
+    """TREE:WxLb[:NODES][+LOOKUP_LENGTH], e.g. ranked:32x6:32+12."""
+    text, _, lookup_length = text.partition("+")
     tree, shape, *nodes = text.split(":")
     w, length = (int(v) for v in shape.split("x"))
-    return BeamShape(w, length, lookup, int(nodes[0]) if nodes else 0, tree)
+    return BeamShape(w, length, lookup, int(nodes[0]) if nodes else 0, tree, int(lookup_length or 0))
 
 
 def unfused_twin(model: Model) -> Model:

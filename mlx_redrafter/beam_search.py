@@ -34,6 +34,9 @@ class BeamShape:
     lookup: bool = True  # also verify a beam copied from earlier in the context (lookup.py)
     nodes: int = 0  # drafted nodes verified per step, the most probable first (0: all W x (Lb - 1))
     tree: str = "ranked"  # "ranked": best `nodes` prefixes of every depth; "beams": Apple's final W beams
+    # tokens the lookup beam proposes after g0 (0: Lb - 1, as many as a beam). A copy that matches
+    # often goes on matching, and its nodes cost no drafter work, so it may reach past Lb.
+    lookup_length: int = 0
 
     def __post_init__(self):
         if self.tree not in ("ranked", "beams"):
@@ -43,24 +46,38 @@ class BeamShape:
         if not (1 <= self.width <= MAX_WIDTH and 2 <= self.length <= MAX_LENGTH):
             raise ValueError(f"beam width must be in 1..{MAX_WIDTH} and beam length in 2..{MAX_LENGTH}, "
                              f"got {self.width} x {self.length}")
+        if not 0 <= self.lookup_length <= MAX_LENGTH:
+            raise ValueError(f"lookup length must be in 0..{MAX_LENGTH} (0: beam length - 1), got {self.lookup_length}")
+
+    @property
+    def lookup_depth(self) -> int:
+        """Nodes of the lookup beam (dead ones when lookup is off)."""
+        return (self.lookup_length or self.length - 1) if self.lookup else self.length - 1
+
+    @property
+    def emit_length(self) -> int:
+        """The most tokens one step can emit: g0 and the deepest accepted chain."""
+        return 1 + max(self.length - 1, self.lookup_depth)
 
 
 # Fastest settings measured with the default model and drafter (README, "Speed"): W x Lb
 # is the beam search, nodes the drafted prefixes verified per step (the most probable of
 # every depth; 0 = all W x (Lb - 1)). On a GPU a verify pass costs nearly the same for 8 or
 # 64 tree tokens; on the CPU every verified token costs, so the tree stays small.
-DEFAULT_SHAPE = {"gpu": (32, 6, 32), "cpu": (4, 4, 0)}
+# The last number is the lookup beam's length (0: Lb - 1).
+DEFAULT_SHAPE = {"gpu": (32, 6, 32, 0), "cpu": (4, 4, 0, 0)}
 
 
 def default_shape(width: Optional[int] = None, length: Optional[int] = None, lookup: bool = True,
-                  nodes: Optional[int] = None, tree: str = "ranked") -> BeamShape:
+                  nodes: Optional[int] = None, tree: str = "ranked", lookup_length: Optional[int] = None) -> BeamShape:
     """The default settings for the current device, with any of W, Lb and nodes given overriding them.
 
     >>> mr.default_shape()                 # BeamShape(32, 6, nodes=32) on a GPU, (4, 4) on the CPU
     >>> mr.default_shape(length=5)         # the device's default with Lb = 5
     """
-    w, lb, n = DEFAULT_SHAPE["gpu" if backend.on_gpu() else "cpu"]
-    return BeamShape(width or w, length or lb, lookup, n if nodes is None else nodes, tree)
+    w, lb, n, ll = DEFAULT_SHAPE["gpu" if backend.on_gpu() else "cpu"]
+    return BeamShape(width or w, length or lb, lookup, n if nodes is None else nodes, tree,
+                     ll if lookup_length is None else lookup_length)
 
 
 class DraftLevels(NamedTuple):

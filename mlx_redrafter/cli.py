@@ -12,12 +12,14 @@ import click
 
 from .beam_search import DEFAULT_SHAPE, MAX_LENGTH, MAX_WIDTH, BeamShape, default_shape
 
-_GPU_W, _GPU_L, _GPU_N = DEFAULT_SHAPE["gpu"]
-_CPU_W, _CPU_L, _CPU_N = DEFAULT_SHAPE["cpu"]
+_GPU_W, _GPU_L, _GPU_N, _GPU_LL = DEFAULT_SHAPE["gpu"]
+_CPU_W, _CPU_L, _CPU_N, _CPU_LL = DEFAULT_SHAPE["cpu"]
 WIDTH_DEFAULT = f"default: {_GPU_W} on a GPU, {_CPU_W} on the CPU"
 LENGTH_DEFAULT = f"default: {_GPU_L} on a GPU, {_CPU_L} on the CPU"
 NODES_HELP = (f"Drafted prefixes verified per step, the most probable first; 0 = all W x (L - 1) "
               f"(default: {_GPU_N or 'all'} on a GPU, {_CPU_N or 'all'} on the CPU).")
+LOOKUP_LENGTH_HELP = (f"Tokens the context-lookup beam proposes; 0 = beam length - 1 "
+                      f"(default: {_GPU_LL or 'L - 1'} on a GPU, {_CPU_LL or 'L - 1'} on the CPU).")
 TREE_HELP = "ranked: the most probable prefixes of every depth; beams: Apple's final W beams only."
 
 
@@ -27,6 +29,10 @@ def tree_option():
 
 def nodes_option():
     return typer.Option(None, "--nodes", min=0, max=MAX_WIDTH * (MAX_LENGTH - 1), help=NODES_HELP)
+
+
+def lookup_length_option(default=None):
+    return typer.Option(default, "--lookup-length", min=0, max=MAX_LENGTH, help=LOOKUP_LENGTH_HELP)
 
 
 
@@ -102,6 +108,7 @@ def generate(
     nodes: Optional[int] = nodes_option(),
     tree: str = tree_option(),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
+    lookup_length: Optional[int] = lookup_length_option(),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate (and at most up to the model's context window)."),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", min=1, help="Use only the prompt's last N tokens (a prompt longer than the context window is refused without it)."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (0, or below 1e-5, = greedy)."),
@@ -131,8 +138,8 @@ def generate(
         )
     last, accepted = None, Counter()
     shape = None
-    if any(v is not None for v in (beam_width, beam_length, nodes)) or tree != "ranked" or not lookup:
-        shape = default_shape(beam_width, beam_length, lookup, nodes, tree)
+    if any(v is not None for v in (beam_width, beam_length, nodes, lookup_length)) or tree != "ranked" or not lookup:
+        shape = default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length)
     elif draft is not None:
         from .generate import chosen_shape
         from .tune import first_use_notice
@@ -288,6 +295,7 @@ def eval_drafter(
     nodes: int = typer.Option(0, "--nodes", min=0, max=MAX_WIDTH * (MAX_LENGTH - 1), help="Drafted prefixes verified per step, the most probable first (0 = all W x (L - 1))."),
     tree: str = tree_option(),
     lookup: str = typer.Option("both", "--lookup", help="Context-lookup beam: off | on | both."),
+    lookup_length: int = lookup_length_option(0),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1),
     decode: bool = typer.Option(False, "--decode", help="Count by running speculative decoding (slow) instead of replaying greedy references."),
     temperature: float = typer.Option(0.0, "--temp", min=0.0, help="Count while sampling at this temperature (decodes; each prompt seeded with --seed)."),
@@ -301,7 +309,7 @@ def eval_drafter(
 
     ws, ls = grid_widths(widths, "--widths"), grid_lengths(lengths, "--lengths")
     result = run_eval(model, drafter=drafter or "auto", prompts=prompts, limit=limit, every=every, widths=ws,
-                      lengths=ls, lookup=lookup, nodes=nodes, tree=tree, max_tokens=max_tokens, decode=decode,
+                      lengths=ls, lookup=lookup, nodes=nodes, tree=tree, lookup_length=lookup_length, max_tokens=max_tokens, decode=decode,
                       temperature=temperature, seed=seed, out=out, force=force, dtype=dtype)
     typer.echo(result.table())
     typer.echo(f"saved {out}/acceptance.json, .md and .png")
@@ -321,6 +329,7 @@ def benchmark(
     nodes: Optional[int] = nodes_option(),
     tree: str = tree_option(),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
+    lookup_length: Optional[int] = lookup_length_option(),
     temp: float = typer.Option(0.7, "--temp", min=0.0, help="Temperature of the sampled ReDrafter run."),
     sweep_widths: str = typer.Option("", "--sweep-widths", help="Also sweep these beam widths (e.g. 1,2,4)."),
     sweep_lengths: str = typer.Option("3,4,5,6", "--sweep-lengths"),
@@ -339,7 +348,7 @@ def benchmark(
     lengths = grid_lengths(sweep_lengths, "--sweep-lengths") if sweep_widths else ()
     tag = tag or default_tag()
     result = run_benchmark(model, drafter=drafter or "auto", prompts=prompts, limit=limit, every=every,
-                           max_tokens=max_tokens, beam=default_shape(beam_width, beam_length, lookup, nodes, tree),
+                           max_tokens=max_tokens, beam=default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length),
                            temp=temp, mlx_lm_speculative=not no_mlx_lm_spec, sweep_widths=sweep, sweep_lengths=lengths,
                            sweep_limit=sweep_limit, out=out, tag=tag, force=force, dtype=dtype,
                            prefill_tokens=prefill_tokens)

@@ -56,7 +56,7 @@ class DecodeState:
 
 
 class Emitted(NamedTuple):
-    """tokens (B, Lb): g0 then the accepted drafted tokens; count (B,): drafted tokens accepted
+    """tokens (B, L) (L = `BeamShape.emit_length`): g0 then the accepted drafted tokens; count (B,): drafted tokens accepted
     (row b emits tokens[b, :count[b] + 1])."""
 
     tokens: mx.array
@@ -79,7 +79,7 @@ class Decoder:
         depth = shape.length - 1
         final_beams = shape.tree == "beams"
         self.budget = shape.width * depth if final_beams or not shape.nodes else min(shape.nodes, shape.width * depth)
-        self.nodes = 1 + self.budget + depth
+        self.nodes = 1 + self.budget + shape.lookup_depth
         self.span_step = device_span_step()
         self.slack = self.span_step if slack is None else slack
         # the weights are inputs, not constants of the trace: a model or drafter updated in place is seen
@@ -115,7 +115,7 @@ class Decoder:
                                          [n - done for n in lengths], cache)
         cache.start(lengths)
         g0 = choose_tokens(self.model.logits(hidden), self.sampling)
-        history = mx.array(np.pad(padded, [(0, 0), (0, history_size(max(lengths) + self.shape.length) - padded.shape[1])]))
+        history = mx.array(np.pad(padded, [(0, 0), (0, history_size(max(lengths) + self.shape.emit_length) - padded.shape[1])]))
         return DecodeState(cache, g0, features, history)
 
     def step(self, state: DecodeState) -> Tuple[DecodeState, Emitted]:
@@ -128,7 +128,7 @@ class Decoder:
         """Beam search, lookup proposal and the tree to verify (one compiled graph)."""
         cache = state.cache
         cache.maybe_compact(self.nodes)
-        state.history = _fit_history(state.history, cache.bound + 2 * self.shape.length)
+        state.history = _fit_history(state.history, cache.bound + 2 * self.shape.emit_length)
         return self.tree(state.hidden, state.g0, state.history, cache.lengths)
 
     def verify(self, state: DecodeState, tree: DraftTree) -> Tuple[mx.array, mx.array]:
@@ -144,7 +144,7 @@ class Decoder:
         """The base model's tokens on the tree and the acceptance rule, then the accepted nodes become
         committed (a mask update) and the bonus token with its hidden state the next step's start."""
         result, keep, history = self._accept(tree, logits, state.history, state.cache.lengths)
-        state.cache.commit(keep, result.count + 1, self.shape.length)
+        state.cache.commit(keep, result.count + 1, self.shape.emit_length)
         next_hidden = mx.take_along_axis(hidden, result.best[:, None, None], axis=1)[:, 0]
         return replace(state, g0=result.bonus, hidden=next_hidden, history=history), Emitted(result.tokens, result.count)
 
@@ -163,7 +163,7 @@ class Decoder:
             mx.async_eval(queued)
             tokens, counts = np.array(emitted.tokens), np.array(emitted.count)
             lengths += counts + 1
-            state.cache.bound = int(lengths.max()) + self.shape.length  # exact, plus the step in flight
+            state.cache.bound = int(lengths.max()) + self.shape.emit_length  # exact, plus the step in flight
             yield [row[: c + 1].tolist() for row, c in zip(tokens, counts)], counts.tolist()
             emitted = queued
 
@@ -171,7 +171,7 @@ class Decoder:
 def _draft_tree(drafter, model, shape: BeamShape, budget: int, final_beams: bool, hidden, g0, history, lengths):
     levels = draft_levels(drafter, model, hidden, g0, shape)
     if shape.lookup:
-        proposal, found = propose_on_device(history, lengths, g0, shape.length - 1)
+        proposal, found = propose_on_device(history, lengths, g0, shape.lookup_depth)
     else:
         proposal, found = levels.tokens[:, :, 0], mx.zeros(g0.shape, mx.bool_)
     return ranked_tree(levels, g0, proposal, found, budget, final_beams)

@@ -30,12 +30,13 @@ RANK_TIE_BREAK = 1e-3  # per depth: a child always ranks strictly below its pare
 
 
 class DraftTree(NamedTuple):
-    """N = 1 + budget + D nodes per row; node 0 is g0, nodes past the budget the lookup beam.
+    """N = 1 + budget + Dl nodes per row; node 0 is g0, nodes past the budget the lookup beam
+    (Dl = `BeamShape.lookup_depth`, D unless the lookup beam reaches further; L = max(D, Dl) + 1).
 
     tokens (B, N) int32, parents (B, N) int32 (the root is its own parent),
     depth (B, N) int32, live (B, N) bool (False: padding or alias, never accepted),
     ancestors (B, N, N) bool: ancestors[b, i, j] when j is i or an ancestor of i,
-    hops (B, N, Lb) int32: node i, its parent, its grandparent, ... (the root repeats).
+    hops (B, N, L) int32: node i, its parent, its grandparent, ... (the root repeats).
     """
 
     tokens: mx.array
@@ -48,7 +49,7 @@ class DraftTree(NamedTuple):
 
 def ranked_tree(levels: DraftLevels, g0: mx.array, lookup: mx.array, found: mx.array, budget: int,
                 final_beams: bool = False) -> DraftTree:
-    """The verified tree (module docstring). g0 (B,); lookup (B, D) proposal, used where found (B,).
+    """The verified tree (module docstring). g0 (B,); lookup (B, Dl) proposal, used where found (B,).
 
     final_beams: only the prefixes of the final W beams (Apple's tree), budget W * D.
     """
@@ -72,7 +73,7 @@ def ranked_tree(levels: DraftLevels, g0: mx.array, lookup: mx.array, found: mx.a
     depth = mx.concatenate([mx.zeros((B, 1), mx.int32), depth], axis=1)
     live = mx.concatenate([mx.ones((B, 1), mx.bool_), live], axis=1)
     tokens, parents, depth, live = _add_lookup(tokens, parents, depth, live, lookup, found)
-    hops = _hops(parents, D + 1)
+    hops = _hops(parents, max(D, lookup.shape[1]) + 1)
     nodes = mx.arange(tokens.shape[1])
     ancestors = (hops[:, :, :, None] == nodes).any(axis=2)
     return DraftTree(tokens, parents, depth, live, ancestors, hops)
@@ -122,9 +123,9 @@ def tree_targets(tree: DraftTree, logits: mx.array, cfg: SamplingConfig, walk: b
     Greedy, or walk False: the argmax or one draw at every node. Sampled with walk: one draw
     per node *on the walk* from the root down the children that match, -1 elsewhere.
     `accept`'s outcome depends only on the draws at the nodes of that walk, and draws at
-    different nodes are independent, so both give the same distribution; the walk makes Lb
+    different nodes are independent, so both give the same distribution; the walk makes L
     draws instead of N (on the CPU a draw over the vocabulary is most of a sampled step's
-    cost) but in Lb dependent rounds of small kernels (on a GPU one draw over N rows costs
+    cost) but in L dependent rounds of small kernels (on a GPU one draw over N rows costs
     about what one row costs).
     """
     if cfg.greedy or not walk:
@@ -144,9 +145,9 @@ def tree_targets(tree: DraftTree, logits: mx.array, cfg: SamplingConfig, walk: b
 
 
 class Accepted(NamedTuple):
-    """Per row: `count` drafted tokens accepted (B,), the accepted `path` (B, Lb) of node
+    """Per row: `count` drafted tokens accepted (B,), the accepted `path` (B, L) of node
     indices root first (entries past count repeat the last), `best` node (B,), the
-    base model's `bonus` token after it (B,), and `tokens` (B, Lb) emitted (g0 + accepted)."""
+    base model's `bonus` token after it (B,), and `tokens` (B, L) emitted (g0 + accepted)."""
 
     count: mx.array
     path: mx.array
@@ -168,7 +169,7 @@ def accept(tree: DraftTree, targets: mx.array) -> Accepted:
     accepted = ~(tree.ancestors & ~ok[:, None, :]).any(axis=-1)
     best = mx.argmax(mx.where(accepted, tree.depth, -1), axis=-1).astype(mx.int32)
     count = mx.take_along_axis(tree.depth, best[:, None], axis=1)[:, 0]
-    chain = mx.take_along_axis(tree.hops, best[:, None, None], axis=1)[:, 0]  # (B, Lb) best, parent, ...
+    chain = mx.take_along_axis(tree.hops, best[:, None, None], axis=1)[:, 0]  # (B, L) best, parent, ...
     hop = mx.maximum(count[:, None] - mx.arange(chain.shape[1]), 0)
     path = mx.take_along_axis(chain, hop, axis=1)
     bonus = mx.take_along_axis(targets, best[:, None], axis=1)[:, 0]

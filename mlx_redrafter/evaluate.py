@@ -69,12 +69,13 @@ def replay_acceptance(model, drafter, references: Sequence[tuple], shape: BeamSh
         context = list(prompt) + list(reference)
         hidden = drafter.base_features(model, mx.array([context]))[1][0]
         # padded to the live decoder's history buckets: a compiled tree graph is built per shape
-        history = mx.array([context + [-1] * (history_size(len(context) + shape.length) - len(context))])
+        history = mx.array([context + [-1] * (history_size(len(context) + shape.emit_length) - len(context))])
         j = 0
         while j < len(reference):
             at = len(prompt) + j  # reference[j] is this step's g0
             tree = decoder.tree(hidden[at - 1][None], mx.array([reference[j]]), history, mx.array([at]))
-            truth = mx.array([(context[at + 1: at + shape.length] + [-1] * shape.length)[: shape.length]])
+            L = shape.emit_length
+            truth = mx.array([(context[at + 1: at + L] + [-1] * L)[:L]])
             a = int(accept(tree, mx.take_along_axis(truth, tree.depth, axis=1)).count[0])
             accepted.append(a)
             j += a + 1
@@ -83,25 +84,26 @@ def replay_acceptance(model, drafter, references: Sequence[tuple], shape: BeamSh
 
 
 def summary(shape: BeamShape, prompts: int, tokens: int, accepted: List[int], temperature: float = 0.0) -> Dict:
-    counts = np.bincount(accepted, minlength=shape.length)
+    counts = np.bincount(accepted, minlength=shape.emit_length)
     steps = max(len(accepted), 1)
     return {
         "width": shape.width, "length": shape.length, "lookup": shape.lookup, "nodes": shape.nodes, "tree": shape.tree,
+        "lookup_length": shape.lookup_length if shape.lookup else 0,
         "prompts": prompts, "temperature": temperature,
         "steps": len(accepted), "tokens": tokens,
         "tokens_per_step": tokens / steps,
         # share of steps that accepted at least k drafted tokens, k = 1 .. Lb-1
-        "accept_at_least": [float(counts[k:].sum() / steps) for k in range(1, shape.length)],
+        "accept_at_least": [float(counts[k:].sum() / steps) for k in range(1, shape.emit_length)],
         "histogram": counts.tolist(),
     }
 
 
 def acceptance_grid(model, tokenizer, drafter, prompts, widths, lengths, max_tokens=128, progress=True,
                     lookups=(False,), replay=True, nodes: int = 0, tree: str = "ranked",
-                    sampling: SamplingConfig = SamplingConfig()) -> List[Dict]:
+                    sampling: SamplingConfig = SamplingConfig(), lookup_length: int = 0) -> List[Dict]:
     """`replay_acceptance` (or, with replay=False or a sampling temperature, `acceptance`) for every
     W x Lb x lookup setting."""
-    shapes = [BeamShape(w, l, k, nodes, tree) for k in lookups for w in widths for l in lengths]
+    shapes = [BeamShape(w, l, k, nodes, tree, lookup_length if k else 0) for k in lookups for w in widths for l in lengths]
     if not replay or not sampling.greedy:  # sampled output has no single reference to replay
         return [acceptance(model, tokenizer, drafter, prompts, s, max_tokens, progress, sampling) for s in shapes]
     references = greedy_references(model, tokenizer, prompts, max_tokens, progress=progress)
@@ -143,13 +145,14 @@ def as_list(values) -> List[int]:
 
 
 def setting_label(row: Dict) -> str:
-    """A result row's setting in a few characters: "4x4 +lookup", "32x6 32 nodes"."""
+    """A result row's setting in a few characters: "4x4 +lookup", "32x6 32 nodes +lookup 12"."""
     label = f"{row['width']}x{row['length']}"
     if row.get("nodes"):
         label += f" {row['nodes']} nodes"
     if row.get("tree") == "beams":
         label += " beams"
     label += " +lookup" if row.get("lookup") else ""
+    label += f" {row['lookup_length']}" if row.get("lookup_length") else ""
     return label + (f" T={row['temperature']:g}" if row.get("temperature") else "")
 
 
@@ -209,7 +212,7 @@ class EvalResult:
 
 def eval_drafter(model=None, tokenizer=None, drafter="auto", prompts=None, *, limit: Optional[int] = None,
                  every: int = 1, widths=(4, 32), lengths=(4, 8), lookup="both", nodes: int = 0, tree: str = "ranked",
-                 max_tokens: int = 256, decode: bool = False, temperature: float = 0.0, seed: int = 0, out=None,
+                 lookup_length: int = 0, max_tokens: int = 256, decode: bool = False, temperature: float = 0.0, seed: int = 0, out=None,
                  force: bool = False, dtype="auto", progress: bool = True) -> EvalResult:
     """Mean accepted tokens per step (greedy, or sampled at `temperature`) over a grid of beam shapes: what `mlx-redrafter
     eval-drafter` runs.
@@ -219,7 +222,7 @@ def eval_drafter(model=None, tokenizer=None, drafter="auto", prompts=None, *, li
     prompts: a list of prompts, a prompt file, or None for MT-Bench's 80 first turns; every
         `every`-th, then the first `limit`.
     widths, lengths: beam widths W and lengths Lb to try; lookup: "off", "on" or "both" (or a
-        bool) for the context-lookup beam; nodes, tree: as in `BeamShape`.
+        bool) for the context-lookup beam; nodes, tree, lookup_length: as in `BeamShape`.
     decode: count by running speculative decoding instead of replaying greedy references
         (slower, the same counts). temperature > 0: count while sampling at that temperature
         (by decoding, each prompt seeded with `seed`). out: also write acceptance.json/.md/.png there.
@@ -240,7 +243,7 @@ def eval_drafter(model=None, tokenizer=None, drafter="auto", prompts=None, *, li
         raise ValueError(f"widths and lengths need one value each at least, got {widths} and {lengths}")
     for w in widths:  # bad shapes are refused before any work
         for length in lengths:
-            BeamShape(w, length, nodes=nodes, tree=tree)
+            BeamShape(w, length, nodes=nodes, tree=tree, lookup_length=lookup_length)
     sampling = SamplingConfig(temperature=temperature, seed=seed)
     if out is not None:
         check_new_files(result_files(out, "acceptance"), force)  # before the (long) run
@@ -249,7 +252,7 @@ def eval_drafter(model=None, tokenizer=None, drafter="auto", prompts=None, *, li
         raise ValueError("no drafter given and none packaged for this model: pass --drafter (drafter=PATH)")
     texts = prompt_texts(prompts, limit, every)
     rows = acceptance_grid(base, tokenizer, draft, texts, widths, lengths, max_tokens, progress, lookups,
-                           replay=not decode, nodes=nodes, tree=tree, sampling=sampling)
+                           replay=not decode, nodes=nodes, tree=tree, sampling=sampling, lookup_length=lookup_length)
     name = Path(getattr(draft, "source", "drafter")).name
     result = EvalResult(rows, f"{name}: tokens per step ({len(texts)} prompts)", replay=not decode and sampling.greedy)
     if out is not None:

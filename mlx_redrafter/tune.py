@@ -117,16 +117,16 @@ def first_use_notice(model, drafter) -> Optional[str]:
             "for this machine, model and drafter (a minute or two)")
 
 
-def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, int, int]]] = None,
+def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, ...]]] = None,
          prompts: Sequence[str] = PROMPTS, max_tokens: int = 32, temp: float = 0.7, finalists: int = 2,
          progress: bool = True) -> Tuned:
-    """Measure plain decoding and each candidate (W, Lb, nodes), greedy, then the `finalists`
+    """Measure plain decoding and each candidate (W, Lb, nodes[, lookup length]), greedy, then the `finalists`
     fastest sampled at `temp`; return the fastest of each (None where plain decoding wins)."""
     from .generate import encode_prompt
 
     candidates = candidates or CANDIDATES["gpu" if backend.on_gpu() else "cpu"]
     finalists = max(1, min(finalists, len(candidates)))
-    shapes = [BeamShape(w, lb, True, n) for w, lb, n in candidates]
+    shapes = [BeamShape(w, lb, True, n, lookup_length=rest[0] if rest else 0) for w, lb, n, *rest in candidates]
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     greedy, sampled = SamplingConfig(), SamplingConfig(temperature=temp, seed=0)
     bar = progress_bar(total=(len(shapes) + 1 + finalists + 1) * (len(ids) + 1), enabled=progress, desc="tune", unit="run")
@@ -138,12 +138,17 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, int
     bar.close()
     rows = [{"setting": "plain", "greedy_tps": plain_g, "sampled_tps": plain_s, "greedy_ratio": 1.0, "sampled_ratio": 1.0}]
     for i, s in enumerate(shapes):
-        rows.append({"setting": f"{s.width}x{s.length}:{s.nodes}", "greedy_tps": speeds[i], "greedy_ratio": speeds[i] / plain_g,
+        rows.append({"setting": setting_name(s), "greedy_tps": speeds[i], "greedy_ratio": speeds[i] / plain_g,
                      "sampled_tps": sampled_speeds.get(i), "sampled_ratio": sampled_speeds[i] / plain_s if i in sampled_speeds else None})
     best_g = max(range(len(shapes)), key=lambda i: speeds[i])
     best_s = max(sampled_speeds, key=lambda i: sampled_speeds[i])
     return Tuned(shapes[best_g] if speeds[best_g] >= MIN_GAIN * plain_g else None,
                  shapes[best_s] if sampled_speeds[best_s] >= MIN_GAIN * plain_s else None, backend.machine(), rows)
+
+
+def setting_name(shape: BeamShape) -> str:
+    """W x Lb : nodes [+ lookup length], e.g. 32x6:32+12."""
+    return f"{shape.width}x{shape.length}:{shape.nodes}" + (f"+{shape.lookup_length}" if shape.lookup_length else "")
 
 
 def _speeds(model, tokenizer, drafter, shape, ids, max_tokens, sampling, bar) -> float:
@@ -173,6 +178,7 @@ def format_table(tuned: Tuned) -> str:
     for r in tuned.rows:
         sampled = "" if r["sampled_tps"] is None else f"{r['sampled_tps']:10.1f} {r['sampled_ratio']:8.2f}x"
         lines.append(f"{r['setting']:14s} {r['greedy_tps']:12.1f} {r['greedy_ratio']:8.2f}x {sampled}")
-    pick = lambda s: "plain decoding" if s is None else f"{s.width} x {s.length}, {s.nodes or 'all'} nodes"  # noqa: E731
+    pick = lambda s: "plain decoding" if s is None else (  # noqa: E731
+        f"{s.width} x {s.length}, {s.nodes or 'all'} nodes" + (f", lookup {s.lookup_length}" if s.lookup_length else ""))
     lines.append(f"greedy: {pick(tuned.greedy)}; sampling: {pick(tuned.sampled)}")
     return "\n".join(lines)

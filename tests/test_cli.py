@@ -24,6 +24,8 @@ def test_generate_default_model_with_packaged_drafter(default_model):
     plain = run("generate", "-p", "What is the capital of France?", "-n", "20", "--autoregressive")
     text = lambda out: [l for l in out.split("==========")[0].splitlines() if not l.startswith("note:")]  # noqa: E731
     assert text(plain.output) == text(r.output)  # same text (notes go to stderr)
+    long_lookup = run("generate", "-p", "What is the capital of France?", "-n", "20", "--lookup-length", "9")
+    assert long_lookup.exit_code == 0 and text(long_lookup.output) == text(plain.output)
 
 
 def test_bad_input_gives_one_line_errors():

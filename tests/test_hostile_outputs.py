@@ -519,6 +519,9 @@ def test_prompt_records_that_are_not_text_are_named(tmp_path):
     (["benchmark", "--sweep-widths", "1", "--sweep-lengths", "1,2"], "--sweep-lengths needs integers in 2..16"),
     (["eval-drafter", "--widths", "129"], "--widths needs integers in 1..128"),
     (["eval-drafter", "--lengths", "17"], "--lengths needs integers in 2..16"),
+    (["generate", "-p", "hi", "--lookup-length", "17"], "--lookup-length"),
+    (["benchmark", "--lookup-length", "-1"], "--lookup-length"),
+    (["eval-drafter", "--lookup-length", "17"], "--lookup-length"),
 ])
 def test_beam_shape_is_bounded_on_every_command(monkeypatch, tmp_path, args, says):
     monkeypatch.setattr(mlx_redrafter, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))

@@ -37,8 +37,10 @@ def tokens_of(model, tok, prompt, max_tokens, drafter=None, shape=None, sampling
     lookup=st.booleans(),
     tree=st.sampled_from(["ranked", "beams"]),
     nodes=st.integers(0, 12),
+    lookup_length=st.sampled_from([0, 1, 3, 9]),
 )
-def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, prompt, max_tokens, eos_at, lookup, tree, nodes):
+def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, prompt, max_tokens, eos_at, lookup, tree, nodes,
+                                    lookup_length):
     model = BASES[base_seed]
     tok = word_tokenizer(VOCAB)
     tok._eos_token_ids = set()
@@ -47,10 +49,11 @@ def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, pro
         tok._eos_token_ids = {plain[eos_at]}  # EOS lands wherever it lands, mid-step too
         plain, _ = tokens_of(model, tok, prompt, max_tokens)
     drafter = tiny_drafter(model, variant, seed=drafter_seed, scale=3.0)
-    spec, responses = tokens_of(model, tok, prompt, max_tokens, drafter, BeamShape(W, Lb, lookup, nodes, tree))
+    shape = BeamShape(W, Lb, lookup, nodes, tree, lookup_length)
+    spec, responses = tokens_of(model, tok, prompt, max_tokens, drafter, shape)
     assert spec == plain
     assert responses[-1].finish_reason == plain_reason(plain, tok, max_tokens)
-    assert all(r.step_accepted <= Lb - 1 for r in responses)
+    assert all(r.step_accepted <= shape.emit_length - 1 for r in responses)
 
 
 def plain_reason(tokens, tok, max_tokens):
@@ -70,6 +73,18 @@ def test_drafts_are_accepted_and_flagged():
         accepted_total += sum(r.from_draft for r in rs)
         assert all(r.from_draft == (i > 0 and r.steps == rs[i - 1].steps) for i, r in enumerate(rs))
     assert accepted_total > 0
+
+
+def test_a_long_lookup_beam_accepts_past_the_drafters_depth():
+    """Greedy output that loops is copied by the lookup beam, lookup_length tokens at a time (> Lb - 1)."""
+    model = BASES[0]
+    tok = word_tokenizer(VOCAB)
+    tok._eos_token_ids = set()
+    plain, _ = tokens_of(model, tok, [1, 2, 3], 80)
+    spec, rs = tokens_of(model, tok, [1, 2, 3], 80, tiny_drafter(model, "apple", seed=0, scale=3.0),
+                         BeamShape(2, 3, lookup_length=8))
+    assert spec == plain
+    assert max(r.step_accepted for r in rs) == 8
 
 
 def test_default_model_greedy_with_a_random_drafter(default_model):
@@ -108,9 +123,9 @@ def biased_accept(tree, targets):
     return accept(tree, forced)
 
 
-def sample_pairs(model, drafter, prompt, cfg, compiled=False):
+def sample_pairs(model, drafter, prompt, cfg, compiled=False, shape=BeamShape(2, 3)):
     """Counts of the first two tokens, from the real decoding loop (context lookup on)."""
-    decoder = Decoder(model, drafter, BeamShape(2, 3), cfg, compiled=compiled)
+    decoder = Decoder(model, drafter, shape, cfg, compiled=compiled)
     counts = np.zeros((SMALL, SMALL))
     for _ in range(SAMPLES):
         tokens = []
@@ -136,15 +151,18 @@ def small():
     return model, tiny_drafter(model, "apple", seed=2, scale=8.0)
 
 
-@pytest.mark.parametrize("cfg, compiled", [(SamplingConfig(temperature=1.0), False),
-                                           (SamplingConfig(temperature=1.5, top_k=6, top_p=0.95), False),
-                                           (SamplingConfig(temperature=1.0), True)])
-def test_sampling_is_lossless(small, cfg, compiled):
-    """Also with the tree forward compiled (the GPU default), whose draws go through mx.random.state."""
+@pytest.mark.parametrize("cfg, compiled, shape", [(SamplingConfig(temperature=1.0), False, BeamShape(2, 3)),
+                                                  (SamplingConfig(temperature=1.5, top_k=6, top_p=0.95), False, BeamShape(2, 3)),
+                                                  (SamplingConfig(temperature=1.0), True, BeamShape(2, 3)),
+                                                  (SamplingConfig(temperature=1.0), False, BeamShape(2, 3, lookup_length=5))])
+def test_sampling_is_lossless(small, cfg, compiled, shape):
+    """Also with the tree forward compiled (the GPU default), whose draws go through mx.random.state,
+    and with a lookup beam longer than the drafter's (a prompt that repeats, so that it matches)."""
     model, drafter = small
+    prompt = [3, 1, 3, 1, 3, 1] if shape.lookup_length else [3, 1]
     mx.random.seed(11)
-    probs = exact_joint(model, [3, 1], cfg)
-    counts = sample_pairs(model, drafter, [3, 1], cfg, compiled)
+    probs = exact_joint(model, prompt, cfg)
+    counts = sample_pairs(model, drafter, prompt, cfg, compiled, shape)
     assert chi_square_p(counts, probs) > 1e-3
 
 
@@ -168,11 +186,13 @@ def test_biased_rule_is_detected(small, monkeypatch):
     prompts=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=9), min_size=2, max_size=2),
     lookup=st.booleans(),
     nodes=st.integers(0, 8),
+    lookup_length=st.sampled_from([0, 6]),
 )
-def test_two_rows_equal_plain_greedy(drafter_seed, variant, W, Lb, prompts, lookup, nodes):
+def test_two_rows_equal_plain_greedy(drafter_seed, variant, W, Lb, prompts, lookup, nodes, lookup_length):
     """B = 2 rows of different prompt lengths in one batch-shaped step, each equal to plain greedy."""
     model = BASES[1]
-    decoder = Decoder(model, tiny_drafter(model, variant, seed=drafter_seed, scale=3.0), BeamShape(W, Lb, lookup, nodes), SamplingConfig())
+    shape = BeamShape(W, Lb, lookup, nodes, lookup_length=lookup_length)
+    decoder = Decoder(model, tiny_drafter(model, variant, seed=drafter_seed, scale=3.0), shape, SamplingConfig())
     assert_rows_equal_plain(decoder, prompts, 16)
 
 
