@@ -19,7 +19,7 @@ import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
 
 import numpy as np
 
-from mlx_redrafter import load
+from mlx_redrafter import load, load_drafter
 from mlx_redrafter.speed import machine, run_mlx_lm, run_ours
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--no-lookup", action="store_true")
     ap.add_argument("--temp", type=float, default=0.7, help="also run each setting sampled (0: greedy only)")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--other-drafter", metavar="NAME=DIR", help="each setting also with this drafter, interleaved")
     ap.add_argument("--unfused-too", action="store_true", help="each setting also with seven projection matmuls a layer")
     ap.add_argument("--out", type=Path, default=Path("results/tree-modes.json"))
     args = ap.parse_args()
@@ -70,12 +71,19 @@ def main():
     fns = {"mlx-lm plain": lambda i: run_mlx_lm(ref, tok, i, args.max_tokens)}
     samplings = [("greedy", None)] + ([(f"T={args.temp}", SamplingConfig(temperature=args.temp, seed=0))] if args.temp else [])
     models = {"": model} | ({" unfused": unfused_twin(model)} if args.unfused_too else {})
+    drafters = {"": drafter}
+    if args.other_drafter:
+        name, _, path = args.other_drafter.partition("=")
+        if not name or not path:
+            raise SystemExit(f"error: --other-drafter takes NAME=DIR, got {args.other_drafter!r}")
+        drafters[f" {name}"] = load_drafter(path, model)
     for text in args.settings.split(","):
         shape = parse_setting(text, not args.no_lookup)
         for label, sampling in samplings:
             for suffix, m in models.items():
-                fns[f"{text} {label}{suffix}"] = \
-                    lambda i, s=shape, smp=sampling, m=m: run_ours(m, tok, i, args.max_tokens, drafter, s, smp)
+                for dname, d in drafters.items():
+                    fns[f"{text} {label}{suffix}{dname}"] = \
+                        lambda i, s=shape, smp=sampling, m=m, d=d: run_ours(m, tok, i, args.max_tokens, d, s, smp)
     for fn in fns.values():
         fn(ids[0])
     runs = {name: [] for name in fns}
