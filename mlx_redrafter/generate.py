@@ -104,7 +104,7 @@ def fit_context(ids: List[int], max_tokens: int, limit: Optional[int], keep_last
     with its length and the limit; otherwise max_tokens is clipped so that
     prompt + generated <= limit, and generation then ends there with
     finish_reason "length". The speculative decoder also verifies drafted
-    tokens at up to beam length - 1 positions past the last committed one; near
+    tokens at up to `BeamShape.emit_length` - 1 positions past the last committed one; near
     the limit those positions may lie beyond it (RoPE computes them all the
     same), but tokens there are never emitted, and every emitted token sits
     inside the window, so no margin is needed.

@@ -85,8 +85,10 @@ def test_binary_prompts_file_names_the_file(model_dir, tmp_path, name, data):
 def test_ctrl_c_during_generation_keeps_the_text(model_dir):
     """A real SIGINT to the command: the text so far stays on stdout, one line on stderr, exit 130."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # a test runner started as a background job has SIGINT ignored, and the command would inherit that
     p = subprocess.Popen([sys.executable, "-m", "mlx_redrafter", *generate_with(model_dir, model_dir / "drafter")[:-1],
-                          "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+                          "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = p.stdout.read(12)  # generation has started
         time.sleep(0.2)
