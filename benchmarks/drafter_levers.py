@@ -6,8 +6,9 @@
         [--temp 0.7] [--sampled-every 4] [--sampled-shapes 4x4] [--sampled-drafters shipped,sampled] \\
         [--out results/drafter-levers.json]
 
-A shape is WxL[:NODES]; each is counted with and without the context-lookup beam (greedy) and
-with it (sampled). Prints a Markdown table (drafters by settings) and saves every row as JSON.
+A shape is WxL[:NODES][+LOOKUP_LENGTH]; each is counted with and without the context-lookup beam
+(greedy; without it the lookup length changes nothing, so such a shape is counted once) and with
+it (sampled). Prints a Markdown table (drafters by settings) and saves every row as JSON.
 """
 
 import argparse
@@ -76,8 +77,8 @@ def main():
     rows = []
     for name, drafter in drafters.items():
         for lookup in (False, True):  # without lookup its length changes nothing: each shape once
-            shapes = dict.fromkeys(replace(parse_shape(t, lookup), lookup_length=0) if not lookup else parse_shape(t, lookup)
-                                   for t in args.shapes.split(","))
+            shapes = dict.fromkeys(replace(parse_shape(t, True), lookup=False, lookup_length=0) if not lookup
+                                   else parse_shape(t, True) for t in args.shapes.split(","))
             for shape in shapes:
                 r = replay_acceptance(model, drafter, references, shape)
                 rows.append({"drafter": name, **r})

@@ -46,7 +46,7 @@ def phases(decoder: Decoder, prompt, max_tokens: int):
             times[k] += dt
         steps += 1
         tokens += int(emitted.count[0]) + 1
-        state.cache.bound = int(state.cache.lengths.max()) + decoder.shape.length
+        state.cache.bound = int(state.cache.lengths.max()) + decoder.shape.emit_length
     return times, steps, tokens
 
 

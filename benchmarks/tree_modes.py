@@ -5,8 +5,10 @@ prompt by prompt, every setting warmed first, greedy (checked identical) and sam
     python benchmarks/tree_modes.py [--every 10] [--max-tokens 128] \
         [--settings beams:4x4,ranked:4x4:12,ranked:32x8:64] [--temp 0.7] [--out results/tree-modes.json]
         [--unfused-too]   (each setting also on the same weights with q/k/v and gate/up unfused)
+        [--other-drafter NAME=DIR]   (each setting also with a second drafter, interleaved)
 
-A setting is TREE:WxL[:NODES] (NODES 0 or absent: every node of the beam search).
+A setting is TREE:WxL[:NODES][+LOOKUP_LENGTH] (NODES 0 or absent: every node of the beam search;
+LOOKUP_LENGTH: tokens the context-lookup beam proposes, absent: L - 1).
 """
 
 import argparse
@@ -19,7 +21,7 @@ import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
 
 import numpy as np
 
-from mlx_redrafter import load, load_drafter
+from mlx_redrafter import find_drafter, load, load_drafter
 from mlx_redrafter.speed import machine, run_mlx_lm, run_ours
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
@@ -76,6 +78,9 @@ def main():
         name, _, path = args.other_drafter.partition("=")
         if not name or not path:
             raise SystemExit(f"error: --other-drafter takes NAME=DIR, got {args.other_drafter!r}")
+        path = find_drafter(args.model) if path == "auto" else str(Path(path).resolve())
+        if path is None:
+            raise SystemExit("error: no drafter is packaged for this model: pass NAME=DIR")
         drafters[f" {name}"] = load_drafter(path, model)
     for text in args.settings.split(","):
         shape = parse_setting(text, not args.no_lookup)
@@ -109,6 +114,7 @@ def main():
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "max_tokens": args.max_tokens, "prompts": len(ids),
                                     "lookup": not args.no_lookup, "time": time.strftime("%Y-%m-%d %H:%M"),
+                                    "drafter": getattr(drafter, "source", "auto"), "other_drafter": args.other_drafter,
                                     "rows": rows}, indent=2))
     print(f"saved {args.out}")
 

@@ -48,6 +48,9 @@ class BeamShape:
                              f"got {self.width} x {self.length}")
         if not 0 <= self.lookup_length <= MAX_LENGTH:
             raise ValueError(f"lookup length must be in 0..{MAX_LENGTH} (0: beam length - 1), got {self.lookup_length}")
+        if self.lookup_length and not self.lookup:
+            raise ValueError("a lookup length needs the context-lookup beam: drop --no-lookup (lookup=False) "
+                             "or the lookup length")
 
     @property
     def lookup_depth(self) -> int:
@@ -74,10 +77,11 @@ def default_shape(width: Optional[int] = None, length: Optional[int] = None, loo
 
     >>> mr.default_shape()                 # BeamShape(32, 6, nodes=32) on a GPU, (4, 4) on the CPU
     >>> mr.default_shape(length=5)         # the device's default with Lb = 5
+    >>> mr.default_shape(lookup_length=12) # ... with a 12-token context-lookup beam
     """
     w, lb, n, ll = DEFAULT_SHAPE["gpu" if backend.on_gpu() else "cpu"]
     return BeamShape(width or w, length or lb, lookup, n if nodes is None else nodes, tree,
-                     ll if lookup_length is None else lookup_length)
+                     (ll if lookup else 0) if lookup_length is None else lookup_length)
 
 
 class DraftLevels(NamedTuple):

@@ -128,6 +128,9 @@ def generate(
     if prompt == "-":
         prompt = read_stdin_prompt()
     sampling = SamplingConfig(temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
+    shape = None  # explicit settings are checked before the model loads
+    if any(v is not None for v in (beam_width, beam_length, nodes, lookup_length)) or tree != "ranked" or not lookup:
+        shape = default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length)
     base, tokenizer = load(model, drafter=None if autoregressive else (drafter or "auto"), dtype=dtype)
     draft = getattr(base, "drafter", None)
     if draft is None and not autoregressive:
@@ -137,10 +140,7 @@ def generate(
             err=True,
         )
     last, accepted = None, Counter()
-    shape = None
-    if any(v is not None for v in (beam_width, beam_length, nodes, lookup_length)) or tree != "ranked" or not lookup:
-        shape = default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length)
-    elif draft is not None:
+    if shape is None and draft is not None:
         from .generate import chosen_shape
         from .tune import first_use_notice
 
@@ -171,7 +171,7 @@ def generate(
                    f"of prompt, {last.generation_tokens} generated)", err=True)
     print_report(last)
     if verbose and draft is not None and shape is not None:
-        print_acceptance(accepted, last, shape.length)
+        print_acceptance(accepted, last, shape.emit_length)
 
 
 def print_acceptance(accepted: Counter, last, beam_length: int):

@@ -16,7 +16,7 @@ One token's trip, from `stream_generate` down:
 3. `Decoder.run` enqueues step t + 1 (`mx.async_eval`) before it reads step t's
    tokens, so the host's Python overlaps the device's work.
 
-Shapes depend only on (B, W, Lb, budget) and the cache span (a multiple of
+Shapes depend only on (B, W, Lb, budget, lookup length) and the cache span (a multiple of
 256), so a GPU builds its kernels once per span.
 """
 
@@ -46,7 +46,7 @@ class DecodeState:
     g0 (B,): the base model's next token, not yet emitted; hidden (B, F): what the
     drafter reads of the base model's forward before it (its hidden state, F = H, for
     Apple's layout; `Drafter.base_features`); history (B, T): committed
-    tokens (for context lookup), T a multiple of 256 beyond lengths + Lb.
+    tokens (for context lookup), T a multiple of 256 beyond lengths + the emit length.
     """
 
     cache: SlotCache

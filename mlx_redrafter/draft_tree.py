@@ -6,9 +6,9 @@ with the highest drafter path probability (EAGLE-2's rule) are verified. A
 child's path probability never exceeds its parent's, so the chosen set always
 holds its nodes' ancestors, and a longer draft never verifies fewer good short
 prefixes (Apple's tree keeps only the final W beams). The context-lookup
-proposal adds D nodes; where it repeats a tree prefix it is an alias, not a
+proposal adds Dl nodes (`BeamShape.lookup_depth`); where it repeats a tree prefix it is an alias, not a
 node, so the children of every node stay distinct (which the sampled
-acceptance rule needs). Shapes depend only on (B, budget, D): built once.
+acceptance rule needs). Shapes depend only on (B, budget, D, Dl): built once.
 
 Worked example, W = 2, Lb = 3 (D = 2), budget 3, g0 = 7, lookup [3, 8]:
 
@@ -90,7 +90,7 @@ def _on_final_beams(levels: DraftLevels) -> mx.array:
 
 
 def _add_lookup(tokens, parents, depth, live, lookup, found):
-    """Append the lookup beam's D nodes; those repeating a tree prefix become dead aliases."""
+    """Append the lookup beam's Dl nodes; those repeating a tree prefix become dead aliases."""
     B, n = tokens.shape
     alias = mx.zeros((B,), mx.int32)  # tree node equal to the lookup prefix so far (-1: none)
     prev = alias

@@ -92,7 +92,7 @@ def summary(shape: BeamShape, prompts: int, tokens: int, accepted: List[int], te
         "prompts": prompts, "temperature": temperature,
         "steps": len(accepted), "tokens": tokens,
         "tokens_per_step": tokens / steps,
-        # share of steps that accepted at least k drafted tokens, k = 1 .. Lb-1
+        # share of steps that accepted at least k drafted tokens, k = 1 .. emit length - 1
         "accept_at_least": [float(counts[k:].sum() / steps) for k in range(1, shape.emit_length)],
         "histogram": counts.tolist(),
     }
@@ -111,10 +111,10 @@ def acceptance_grid(model, tokenizer, drafter, prompts, widths, lengths, max_tok
 
 
 def markdown_table(results: List[Dict]) -> str:
-    lines = ["| W | Lb | lookup | T | tokens/step | accepted >= k (k = 1..Lb-1) |", "|---|---|---|---|---|---|"]
+    lines = ["| W | Lb | lookup | T | tokens/step | accepted >= k (k = 1, 2, ...) |", "|---|---|---|---|---|---|"]
     for r in results:
         ks = " ".join(f"{a:.2f}" for a in r["accept_at_least"])
-        lookup = "yes" if r.get("lookup") else "no"
+        lookup = ("yes" if r.get("lookup") else "no") + (f" ({r['lookup_length']})" if r.get("lookup_length") else "")
         t = f"{r.get('temperature') or 0:g}"
         lines.append(f"| {r['width']} | {r['length']} | {lookup} | {t} | {r['tokens_per_step']:.2f} | {ks} |")
     return "\n".join(lines)
@@ -160,7 +160,7 @@ def setting_label(row: Dict) -> str:
 class EvalResult:
     """Accepted tokens per step for each setting `eval_drafter` tried (the table `mlx-redrafter
     eval-drafter` prints). Each row: width, length, lookup, nodes, tree, prompts, steps, tokens,
-    tokens_per_step, accept_at_least (share of steps accepting >= k drafted tokens, k = 1..Lb-1),
+    tokens_per_step, accept_at_least (share of steps accepting >= k drafted tokens, k = 1 .. emit length - 1),
     histogram (steps by drafted tokens accepted).
 
     >>> ev = mr.eval_drafter(model, tokenizer, prompts=["Name three rivers."], widths=[4], lengths=[4])
@@ -238,6 +238,8 @@ def eval_drafter(model=None, tokenizer=None, drafter="auto", prompts=None, *, li
     lookups = (bool(lookup),) if isinstance(lookup, bool) else LOOKUPS.get(lookup)
     if lookups is None:
         raise ValueError(f"lookup (--lookup) must be off, on or both, got {lookup!r}")
+    if lookup_length and lookups == (False,):
+        raise ValueError("a lookup length (--lookup-length) needs the context-lookup beam: use --lookup on or both")
     widths, lengths = as_list(widths), as_list(lengths)
     if not widths or not lengths:
         raise ValueError(f"widths and lengths need one value each at least, got {widths} and {lengths}")

@@ -97,17 +97,18 @@ def run_benchmark(model, tokenizer, config, drafter, prompts: List[str], max_tok
         for name, fn in fns.items():
             runs[name].append(fn(tokenizer, ids[i], max_tokens))
     return {"machine": machine(), "dtype": str(model.model.norm.weight.dtype), "max_tokens": max_tokens,
-            "prompts": len(ids), "beam": [shape.width, shape.length], "lookup": shape.lookup, "time": time.strftime("%Y-%m-%d %H:%M"),
+            "prompts": len(ids), "beam": [shape.width, shape.length], "lookup": shape.lookup,
+            "lookup_length": shape.lookup_length, "time": time.strftime("%Y-%m-%d %H:%M"),
             "summary": summarize(runs),
             "per_prompt_tps": {k: [r["tps"] for r in v] for k, v in runs.items()}}
 
 
 def run_sweep(model, tokenizer, config, drafter, prompts, max_tokens, widths, lengths, lookup=True,
-              progress=True) -> List[Dict]:
+              progress=True, lookup_length: int = 0) -> List[Dict]:
     """ReDrafter greedy speed over W x Lb, against mlx-lm plain measured in the same run."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     ref = to_mlx_lm(model, config)
-    shapes = [BeamShape(w, l, lookup) for w in widths for l in lengths]
+    shapes = [BeamShape(w, l, lookup, lookup_length=lookup_length) for w in widths for l in lengths]
     for s in shapes:
         run_ours(model, tokenizer, ids[0], max_tokens, drafter, s)
     run_mlx_lm(ref, tokenizer, ids[0], max_tokens)
@@ -163,7 +164,8 @@ def prefill_line(prefill: Dict) -> str:
 def markdown(result: Dict) -> str:
     lines = [f"Machine: {result['machine']}, dtype {result['dtype']}, {result['prompts']} prompts, "
              f"max {result['max_tokens']} tokens, beam W x Lb = {result['beam'][0]} x {result['beam'][1]}"
-             + (" + context lookup" if result.get("lookup") else ""), "",
+             + (" + context lookup" if result.get("lookup") else "")
+             + (f" of {result['lookup_length']} tokens" if result.get("lookup_length") else ""), "",
              "| method | tokens/s (median) | IQR | speedup vs mlx-lm | tokens/step | peak GB | identical to mlx-lm |",
              "|---|---|---|---|---|---|---|"]
     for name, r in result["summary"].items():
@@ -224,6 +226,7 @@ class BenchmarkResult:
     time: str
     summary: Dict[str, dict]
     per_prompt_tps: Dict[str, List[float]]
+    lookup_length: int = 0  # the context-lookup beam's length (0: Lb - 1)
     sweep: Optional[List[dict]] = None  # ReDrafter greedy over W x Lb: width, length, median_tps, speedup, tokens_per_step
     prefill: Optional[dict] = None  # a long prompt's prefill tokens/s, ours against mlx-lm's (`run_prefill`)
 
@@ -310,7 +313,8 @@ def benchmark(model=None, tokenizer=None, drafter="auto", prompts=None, *, limit
     sweep = None
     if sweep_grid is not None and draft is not None:
         sweep = run_sweep(base, tokenizer, config, draft, texts[: sweep_limit or len(texts)], max_tokens,
-                          *sweep_grid, (beam or default_shape()).lookup, progress)
+                          *sweep_grid, (beam or default_shape()).lookup, progress,
+                          lookup_length=(beam or default_shape()).lookup_length)
     prefill = None
     if prefill_tokens:
         from .generate import context_window

@@ -522,6 +522,9 @@ def test_prompt_records_that_are_not_text_are_named(tmp_path):
     (["generate", "-p", "hi", "--lookup-length", "17"], "--lookup-length"),
     (["benchmark", "--lookup-length", "-1"], "--lookup-length"),
     (["eval-drafter", "--lookup-length", "17"], "--lookup-length"),
+    (["generate", "-p", "hi", "--no-lookup", "--lookup-length", "8"], "needs the context-lookup beam"),
+    (["benchmark", "--no-lookup", "--lookup-length", "8"], "needs the context-lookup beam"),
+    (["eval-drafter", "--lookup", "off", "--lookup-length", "8"], "needs the context-lookup beam"),
 ])
 def test_beam_shape_is_bounded_on_every_command(monkeypatch, tmp_path, args, says):
     monkeypatch.setattr(mlx_redrafter, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))

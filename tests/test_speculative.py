@@ -225,3 +225,10 @@ def assert_rows_equal_plain(decoder, prompts, n):
             break
     assert [r[:n] for r in rows] == plain
     return counts
+
+
+def test_a_lookup_length_needs_the_lookup_beam():
+    with pytest.raises(ValueError, match="needs the context-lookup beam"):
+        BeamShape(4, 4, lookup=False, lookup_length=8)
+    assert BeamShape(4, 4, lookup_length=8).emit_length == 9 and BeamShape(4, 6, lookup_length=3).emit_length == 6
+    assert BeamShape(4, 4, lookup=False).lookup_depth == 3
