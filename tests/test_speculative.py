@@ -49,7 +49,7 @@ def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, pro
         tok._eos_token_ids = {plain[eos_at]}  # EOS lands wherever it lands, mid-step too
         plain, _ = tokens_of(model, tok, prompt, max_tokens)
     drafter = tiny_drafter(model, variant, seed=drafter_seed, scale=3.0)
-    shape = BeamShape(W, Lb, lookup, nodes, tree, lookup_length)
+    shape = BeamShape(W, Lb, lookup, nodes, tree, lookup_length if lookup else 0)
     spec, responses = tokens_of(model, tok, prompt, max_tokens, drafter, shape)
     assert spec == plain
     assert responses[-1].finish_reason == plain_reason(plain, tok, max_tokens)
@@ -191,7 +191,7 @@ def test_biased_rule_is_detected(small, monkeypatch):
 def test_two_rows_equal_plain_greedy(drafter_seed, variant, W, Lb, prompts, lookup, nodes, lookup_length):
     """B = 2 rows of different prompt lengths in one batch-shaped step, each equal to plain greedy."""
     model = BASES[1]
-    shape = BeamShape(W, Lb, lookup, nodes, lookup_length=lookup_length)
+    shape = BeamShape(W, Lb, lookup, nodes, lookup_length=lookup_length if lookup else 0)
     decoder = Decoder(model, tiny_drafter(model, variant, seed=drafter_seed, scale=3.0), shape, SamplingConfig())
     assert_rows_equal_plain(decoder, prompts, 16)
 
