@@ -19,14 +19,14 @@ from pathlib import Path
 
 import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
 
-from mlx_redrafter import find_drafter, load, load_drafter
+from mlx_redrafter import load
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.evaluate import acceptance, greedy_references, replay_acceptance, setting_label
 from mlx_redrafter.sampling import SamplingConfig
 from mlx_redrafter.outputs import write_file
 from mlx_redrafter.speed import machine
-from tree_modes import parse_setting  # benchmarks/: WxL[:NODES] settings
+from tree_modes import named_drafter, parse_setting  # benchmarks/: WxL[:NODES] settings, NAME=DIR drafters
 
 
 def parse_shape(text: str, lookup: bool) -> BeamShape:
@@ -60,13 +60,10 @@ def main():
     model, tokenizer = load(args.model, drafter=None, dtype=args.dtype)
     drafters = {}
     for spec in args.drafter:
-        name, _, path = spec.partition("=")
-        if not name or not path or name in drafters:
+        name, drafter = named_drafter(spec, args.model, model, "--drafter")
+        if name in drafters:
             raise SystemExit(f"error: --drafter takes NAME=DIR with a new NAME each time, got {spec!r}")
-        path = find_drafter(args.model) if path == "auto" else str(Path(path).resolve())
-        if path is None:
-            raise SystemExit("error: no drafter is packaged for this model: pass NAME=DIR")
-        drafters[name] = load_drafter(path, model)
+        drafters[name] = drafter
     texts = prompt_texts(args.prompts, None, args.every)
     sampled = prompt_texts(args.prompts, None, args.sampled_every)
     sampled_drafters = args.sampled_drafters.split(",") if args.sampled_drafters else list(drafters)

@@ -39,6 +39,17 @@ def parse_setting(text: str, lookup: bool) -> BeamShape:
     return BeamShape(w, length, lookup, int(nodes[0]) if nodes else 0, tree, int(lookup_length or 0))
 
 
+def named_drafter(spec: str, model_path, model, option: str):
+    """(NAME, drafter) from NAME=DIR (DIR 'auto': the model's packaged drafter); one-line errors."""
+    name, _, path = spec.partition("=")
+    if not name or not path:
+        raise SystemExit(f"error: {option} takes NAME=DIR, got {spec!r}")
+    path = find_drafter(model_path) if path == "auto" else str(Path(path).resolve())
+    if path is None:
+        raise SystemExit("error: no drafter is packaged for this model: pass NAME=DIR")
+    return name, load_drafter(path, model)
+
+
 def unfused_twin(model: Model) -> Model:
     """The same weights (shared arrays) in mlx-lm's layout: seven projection matmuls a layer."""
     twin = Model(model.args)
@@ -75,13 +86,8 @@ def main():
     models = {"": model} | ({" unfused": unfused_twin(model)} if args.unfused_too else {})
     drafters = {"": drafter}
     if args.other_drafter:
-        name, _, path = args.other_drafter.partition("=")
-        if not name or not path:
-            raise SystemExit(f"error: --other-drafter takes NAME=DIR, got {args.other_drafter!r}")
-        path = find_drafter(args.model) if path == "auto" else str(Path(path).resolve())
-        if path is None:
-            raise SystemExit("error: no drafter is packaged for this model: pass NAME=DIR")
-        drafters[f" {name}"] = load_drafter(path, model)
+        name, other = named_drafter(args.other_drafter, args.model, model, "--other-drafter")
+        drafters[f" {name}"] = other
     for text in args.settings.split(","):
         shape = parse_setting(text, not args.no_lookup)
         for label, sampling in samplings:

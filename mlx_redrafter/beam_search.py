@@ -54,8 +54,8 @@ class BeamShape:
 
     @property
     def lookup_depth(self) -> int:
-        """Nodes of the lookup beam (dead ones when lookup is off)."""
-        return (self.lookup_length or self.length - 1) if self.lookup else self.length - 1
+        """Nodes of the lookup beam (Lb - 1 dead ones when lookup is off: its length is then 0)."""
+        return self.lookup_length or self.length - 1
 
     @property
     def emit_length(self) -> int:

@@ -174,11 +174,11 @@ def generate(
         print_acceptance(accepted, last, shape.emit_length)
 
 
-def print_acceptance(accepted: Counter, last, beam_length: int):
+def print_acceptance(accepted: Counter, last, emit_length: int):
     steps = sum(accepted.values())
     typer.echo(f"Steps: {steps}, mean tokens per step: {last.generation_tokens / max(steps, 1):.2f}")
     typer.echo("Accepted drafted tokens per step:")
-    for k in range(beam_length):
+    for k in range(emit_length):
         share = accepted[k] / max(steps, 1)
         typer.echo(f"  {k}: {accepted[k]:5d} {'#' * round(40 * share)} {100 * share:.0f}%")
 

@@ -308,13 +308,12 @@ def benchmark(model=None, tokenizer=None, drafter="auto", prompts=None, *, limit
         print("note: no drafter, so only the plain decoders are measured", file=sys.stderr)
     texts = prompt_texts(prompts, limit, every)
     config = getattr(base, "config", None) or {}
-    run = run_benchmark(base, tokenizer, config, draft, texts, max_tokens, beam or default_shape(), temp,
-                        mlx_lm_speculative, progress)
+    beam = beam or default_shape()
+    run = run_benchmark(base, tokenizer, config, draft, texts, max_tokens, beam, temp, mlx_lm_speculative, progress)
     sweep = None
     if sweep_grid is not None and draft is not None:
         sweep = run_sweep(base, tokenizer, config, draft, texts[: sweep_limit or len(texts)], max_tokens,
-                          *sweep_grid, (beam or default_shape()).lookup, progress,
-                          lookup_length=(beam or default_shape()).lookup_length)
+                          *sweep_grid, beam.lookup, progress, lookup_length=beam.lookup_length)
     prefill = None
     if prefill_tokens:
         from .generate import context_window
