@@ -20,6 +20,7 @@ from mlx_redrafter import backend, find_drafter, load, stream_generate
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.decoding import Decoder
 from mlx_redrafter.generate import encode_prompt
+from mlx_redrafter.outputs import write_file
 from mlx_redrafter.sampling import SamplingConfig
 
 PHASES = ("draft", "verify", "commit")
@@ -95,10 +96,13 @@ def main():
     p.add_argument("--dtype", default="auto")
     p.add_argument("--verify", choices=["default", "compiled", "eager", "both"], default="default",
                    help="the tree forward as one mx.compile'd graph or built op by op (default: the backend's choice)")
-    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--out", type=Path, help="the JSON to write (default: results/step_breakdown-{cpu,gpu}.json)")
     args = p.parse_args()
     from tree_modes import parse_setting
 
+    out = args.out or Path(f"results/step_breakdown-{'gpu' if backend.on_gpu() else 'cpu'}.json")
+    if out.exists():
+        raise SystemExit(f"error: {out} exists; pass another --out")
     path = find_drafter(args.model, args.drafter)
     if path is None:
         raise SystemExit("error: no drafter: pass --drafter")
@@ -119,10 +123,8 @@ def main():
         ms = r["ms_per_step"]
         print(f"{text:>26} {r['tokens_per_step']:8.2f} " + " ".join(f"{ms[k]:8.2f}" for k in PHASES)
               + f" {r['sum_ms']:8.2f} {r['pipelined_ms_per_step']:9.2f} {r['plain_ms_per_token']:6.2f} {r['step_in_plain_tokens']:10.2f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = args.out / f"step_breakdown-{'gpu' if backend.on_gpu() else 'cpu'}.json"
-    name.write_text(json.dumps({"temp": args.temp, "prompts": len(prompts), "max_tokens": args.max_tokens, "rows": rows}, indent=2))
-    print(f"saved {name}")
+    write_file(out, json.dumps({"temp": args.temp, "prompts": len(prompts), "max_tokens": args.max_tokens, "rows": rows}, indent=2))
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":

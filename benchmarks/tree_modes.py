@@ -26,6 +26,7 @@ from mlx_redrafter.speed import machine, run_mlx_lm, run_ours
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.generate import encode_prompt
+from mlx_redrafter.outputs import write_file
 from mlx_redrafter.llama import Model, mlx_lm_quantization, mlx_lm_weights, quantize_like
 from mlx_redrafter.reference import to_mlx_lm
 from mlx_redrafter.sampling import SamplingConfig
@@ -58,6 +59,23 @@ def unfused_twin(model: Model) -> Model:
     return twin
 
 
+def summarize(runs: dict) -> dict:
+    """Per setting: median tokens/s, median and IQR of the per-prompt ratio to mlx-lm plain, tokens per step,
+    and (greedy) the share of outputs identical to mlx-lm's."""
+    base = runs["mlx-lm plain"]
+    rows = {}
+    for name, rs in runs.items():
+        ratios = [r["tps"] / b["tps"] for r, b in zip(rs, base)]
+        row = {"median_tps": statistics.median(r["tps"] for r in rs), "speedup": statistics.median(ratios),
+               "speedup_q1_q3": [float(q) for q in np.percentile(ratios, [25, 75])]}
+        if rs[0]["steps"]:
+            row["tokens_per_step"] = sum(len(r["tokens"]) for r in rs) / sum(r["steps"] for r in rs)
+        if "T=" not in name:
+            row["identical"] = sum(r["tokens"] == b["tokens"] for r, b in zip(rs, base)) / len(rs)
+        rows[name] = row
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
@@ -74,6 +92,8 @@ def main():
     ap.add_argument("--unfused-too", action="store_true", help="each setting also with seven projection matmuls a layer")
     ap.add_argument("--out", type=Path, default=Path("results/tree-modes.json"))
     args = ap.parse_args()
+    if args.out.exists():
+        raise SystemExit(f"error: {args.out} exists; pass another --out")
 
     model, tok, config = load(args.model, drafter=args.drafter or "auto", return_config=True, dtype=args.dtype)
     drafter = model.drafter
@@ -102,26 +122,16 @@ def main():
         for name, fn in fns.items():
             runs[name].append(fn(i))
         print(f"prompt {n + 1}/{len(ids)}", flush=True)
-    base = runs["mlx-lm plain"]
-    rows = {}
-    for name, rs in runs.items():
-        ratios = [r["tps"] / b["tps"] for r, b in zip(rs, base)]
-        row = {"median_tps": statistics.median(r["tps"] for r in rs), "speedup": statistics.median(ratios),
-               "speedup_q1_q3": [float(q) for q in np.percentile(ratios, [25, 75])]}
-        if rs[0]["steps"]:
-            row["tokens_per_step"] = sum(len(r["tokens"]) for r in rs) / sum(r["steps"] for r in rs)
-        if "T=" not in name:
-            row["identical"] = sum(r["tokens"] == b["tokens"] for r, b in zip(rs, base)) / len(rs)
-        rows[name] = row
+        rows = summarize(runs)   # saved after every prompt: a run stopped early keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_file(args.out, json.dumps({
+            "machine": machine(), "max_tokens": args.max_tokens, "prompts": n + 1, "of": len(ids),
+            "lookup": not args.no_lookup, "time": time.strftime("%Y-%m-%d %H:%M"),
+            "drafter": getattr(drafter, "source", "auto"), "other_drafter": args.other_drafter, "rows": rows}, indent=2))
     print(f"{'setting':28s} {'tok/s':>8s} {'vs mlx-lm':>10s} {'IQR':>13s} {'tok/step':>9s} identical")
     for name, r in rows.items():
         print(f"{name:28s} {r['median_tps']:8.1f} {r['speedup']:9.2f}x {r['speedup_q1_q3'][0]:5.2f}-{r['speedup_q1_q3'][1]:5.2f}  "
               f"{r.get('tokens_per_step', float('nan')):8.2f}  {r.get('identical', '')}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "max_tokens": args.max_tokens, "prompts": len(ids),
-                                    "lookup": not args.no_lookup, "time": time.strftime("%Y-%m-%d %H:%M"),
-                                    "drafter": getattr(drafter, "source", "auto"), "other_drafter": args.other_drafter,
-                                    "rows": rows}, indent=2))
     print(f"saved {args.out}")
 
 
