@@ -7,8 +7,9 @@ prompt by prompt, every setting warmed first, greedy (checked identical) and sam
         [--unfused-too]   (each setting also on the same weights with q/k/v and gate/up unfused)
         [--other-drafter NAME=DIR]   (each setting also with a second drafter, interleaved)
 
-A setting is TREE:WxL[:NODES][+LOOKUP_LENGTH] (NODES 0 or absent: every node of the beam search;
-LOOKUP_LENGTH: tokens the context-lookup beam proposes, absent: L - 1).
+A setting is TREE:WxL[:NODES][+LOOKUP_LENGTH][@MIN_PROB] (NODES 0 or absent: every node of the beam search;
+LOOKUP_LENGTH: tokens the context-lookup beam proposes, absent: L - 1; MIN_PROB: drafted nodes the
+drafter gives a lower prefix probability are not verified, `BeamShape.min_prob`).
 """
 
 import argparse
@@ -33,11 +34,12 @@ from mlx_redrafter.sampling import SamplingConfig
 
 
 def parse_setting(text: str, lookup: bool) -> BeamShape:
-    """TREE:WxLb[:NODES][+LOOKUP_LENGTH], e.g. ranked:32x6:32+12."""
+    """TREE:WxLb[:NODES][+LOOKUP_LENGTH][@MIN_PROB], e.g. ranked:32x6:32+12 or ranked:4x4@0.15."""
+    text, _, min_prob = text.partition("@")
     text, _, lookup_length = text.partition("+")
     tree, shape, *nodes = text.split(":")
     w, length = (int(v) for v in shape.split("x"))
-    return BeamShape(w, length, lookup, int(nodes[0]) if nodes else 0, tree, int(lookup_length or 0))
+    return BeamShape(w, length, lookup, int(nodes[0]) if nodes else 0, tree, int(lookup_length or 0), float(min_prob or 0))
 
 
 def named_drafter(spec: str, model_path, model, option: str):

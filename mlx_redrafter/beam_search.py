@@ -37,6 +37,9 @@ class BeamShape:
     # tokens the lookup beam proposes after g0 (0: Lb - 1, as many as a beam). A copy that matches
     # often goes on matching, and its nodes cost no drafter work, so it may reach past Lb.
     lookup_length: int = 0
+    # drafted nodes whose prefix probability (the drafter's) is below this are not verified (0: the whole
+    # budget). The host reads each step's draft to cut them (a sync): for the CPU, where every verified node costs.
+    min_prob: float = 0.0
 
     def __post_init__(self):
         if self.tree not in ("ranked", "beams"):
@@ -48,6 +51,8 @@ class BeamShape:
                              f"got {self.width} x {self.length}")
         if not 0 <= self.lookup_length <= MAX_LENGTH:
             raise ValueError(f"lookup length must be in 0..{MAX_LENGTH} (0: beam length - 1), got {self.lookup_length}")
+        if not 0.0 <= self.min_prob < 1.0:
+            raise ValueError(f"min_prob (--min-prob) must be in [0, 1), got {self.min_prob}")
         if self.lookup_length and not self.lookup:
             raise ValueError("a lookup length needs the context-lookup beam: drop --no-lookup (lookup=False) "
                              "or the lookup length")
@@ -67,21 +72,26 @@ class BeamShape:
 # is the beam search, nodes the drafted prefixes verified per step (the most probable of
 # every depth; 0 = all W x (Lb - 1)). On a GPU a verify pass costs nearly the same for 8 or
 # 64 tree tokens; on the CPU every verified token costs, so the tree stays small.
-# The last number is the lookup beam's length (0: Lb - 1).
-DEFAULT_SHAPE = {"gpu": (32, 6, 32, 0), "cpu": (4, 4, 0, 0)}
+# Then the lookup beam's length (0: Lb - 1), and the least drafter prefix probability verified
+# (0: the whole budget; on the CPU a cheaper verify of the likely nodes wins, README "Speed").
+DEFAULT_SHAPE = {"gpu": (32, 6, 32, 0, 0.0), "cpu": (4, 4, 0, 0, 0.1)}
 
 
 def default_shape(width: Optional[int] = None, length: Optional[int] = None, lookup: bool = True,
-                  nodes: Optional[int] = None, tree: str = "ranked", lookup_length: Optional[int] = None) -> BeamShape:
-    """The default settings for the current device, with any of W, Lb and nodes given overriding them.
+                  nodes: Optional[int] = None, tree: str = "ranked", lookup_length: Optional[int] = None,
+                  min_prob: Optional[float] = None) -> BeamShape:
+    """The default settings for the current device, with any of W, Lb, nodes, lookup length and
+    min_prob given overriding them.
 
     >>> mr.default_shape()                 # BeamShape(32, 6, nodes=32) on a GPU, (4, 4) on the CPU
     >>> mr.default_shape(length=5)         # the device's default with Lb = 5
     >>> mr.default_shape(lookup_length=12) # ... with a 12-token context-lookup beam
+    >>> mr.default_shape(min_prob=0)       # ... verifying every drafted node of the budget
     """
-    w, lb, n, ll = DEFAULT_SHAPE["gpu" if backend.on_gpu() else "cpu"]
+    w, lb, n, ll, mp = DEFAULT_SHAPE["gpu" if backend.on_gpu() else "cpu"]
     return BeamShape(width or w, length or lb, lookup, n if nodes is None else nodes, tree,
-                     (ll if lookup else 0) if lookup_length is None else lookup_length)
+                     (ll if lookup else 0) if lookup_length is None else lookup_length,
+                     mp if min_prob is None else min_prob)
 
 
 class DraftLevels(NamedTuple):

@@ -12,14 +12,16 @@ import click
 
 from .beam_search import DEFAULT_SHAPE, MAX_LENGTH, MAX_WIDTH, BeamShape, default_shape
 
-_GPU_W, _GPU_L, _GPU_N, _GPU_LL = DEFAULT_SHAPE["gpu"]
-_CPU_W, _CPU_L, _CPU_N, _CPU_LL = DEFAULT_SHAPE["cpu"]
+_GPU_W, _GPU_L, _GPU_N, _GPU_LL, _GPU_MP = DEFAULT_SHAPE["gpu"]
+_CPU_W, _CPU_L, _CPU_N, _CPU_LL, _CPU_MP = DEFAULT_SHAPE["cpu"]
 WIDTH_DEFAULT = f"default: {_GPU_W} on a GPU, {_CPU_W} on the CPU"
 LENGTH_DEFAULT = f"default: {_GPU_L} on a GPU, {_CPU_L} on the CPU"
 NODES_HELP = (f"Drafted prefixes verified per step, the most probable first; 0 = all W x (L - 1) "
               f"(default: {_GPU_N or 'all'} on a GPU, {_CPU_N or 'all'} on the CPU).")
 LOOKUP_LENGTH_HELP = (f"Tokens the context-lookup beam proposes; 0 = beam length - 1 "
                       f"(default: {_GPU_LL or 'L - 1'} on a GPU, {_CPU_LL or 'L - 1'} on the CPU).")
+MIN_PROB_HELP = (f"Verify only the drafted nodes whose prefix the drafter gives at least this probability; "
+                 f"0 = every node of the budget (default: {_GPU_MP or 0} on a GPU, {_CPU_MP or 0} on the CPU).")
 TREE_HELP = "ranked: the most probable prefixes of every depth; beams: Apple's final W beams only."
 
 
@@ -33,6 +35,10 @@ def nodes_option():
 
 def lookup_length_option(default=None):
     return typer.Option(default, "--lookup-length", min=0, max=MAX_LENGTH, help=LOOKUP_LENGTH_HELP)
+
+
+def min_prob_option():
+    return typer.Option(None, "--min-prob", min=0.0, max=0.999, help=MIN_PROB_HELP)
 
 
 
@@ -109,6 +115,7 @@ def generate(
     tree: str = tree_option(),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     lookup_length: Optional[int] = lookup_length_option(),
+    min_prob: Optional[float] = min_prob_option(),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate (and at most up to the model's context window)."),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", min=1, help="Use only the prompt's last N tokens (a prompt longer than the context window is refused without it)."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (0, or below 1e-5, = greedy)."),
@@ -129,8 +136,8 @@ def generate(
         prompt = read_stdin_prompt()
     sampling = SamplingConfig(temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
     shape = None  # explicit settings are checked before the model loads
-    if any(v is not None for v in (beam_width, beam_length, nodes, lookup_length)) or tree != "ranked" or not lookup:
-        shape = default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length)
+    if any(v is not None for v in (beam_width, beam_length, nodes, lookup_length, min_prob)) or tree != "ranked" or not lookup:
+        shape = default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length, min_prob)
     base, tokenizer = load(model, drafter=None if autoregressive else (drafter or "auto"), dtype=dtype)
     draft = getattr(base, "drafter", None)
     if draft is None and not autoregressive:
@@ -330,6 +337,7 @@ def benchmark(
     tree: str = tree_option(),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     lookup_length: Optional[int] = lookup_length_option(),
+    min_prob: Optional[float] = min_prob_option(),
     temp: float = typer.Option(0.7, "--temp", min=0.0, help="Temperature of the sampled ReDrafter run."),
     sweep_widths: str = typer.Option("", "--sweep-widths", help="Also sweep these beam widths (e.g. 1,2,4)."),
     sweep_lengths: str = typer.Option("3,4,5,6", "--sweep-lengths"),
@@ -348,7 +356,7 @@ def benchmark(
     lengths = grid_lengths(sweep_lengths, "--sweep-lengths") if sweep_widths else ()
     tag = tag or default_tag()
     result = run_benchmark(model, drafter=drafter or "auto", prompts=prompts, limit=limit, every=every,
-                           max_tokens=max_tokens, beam=default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length),
+                           max_tokens=max_tokens, beam=default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length, min_prob),
                            temp=temp, mlx_lm_speculative=not no_mlx_lm_spec, sweep_widths=sweep, sweep_lengths=lengths,
                            sweep_limit=sweep_limit, out=out, tag=tag, force=force, dtype=dtype,
                            prefill_tokens=prefill_tokens)

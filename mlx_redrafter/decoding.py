@@ -29,7 +29,7 @@ import numpy as np
 
 from . import backend
 from .beam_search import BeamShape, draft_levels
-from .draft_tree import DraftTree, accept, ranked_tree, tree_targets
+from .draft_tree import DraftTree, accept, ranked_tree, tree_targets, trim
 from .generate import PREFILL_CHUNK
 from .kv_cache import SlotCache, SlotView, device_span_step
 from .lookup import propose_on_device
@@ -125,11 +125,13 @@ class Decoder:
         return self.commit(state, tree, hidden, logits)
 
     def draft(self, state: DecodeState) -> DraftTree:
-        """Beam search, lookup proposal and the tree to verify (one compiled graph)."""
+        """Beam search, lookup proposal and the tree to verify (one compiled graph); with
+        `BeamShape.min_prob`, cut to the nodes worth verifying (`draft_tree.trim`, a host sync)."""
         cache = state.cache
         cache.maybe_compact(self.nodes)
         state.history = _fit_history(state.history, cache.bound + 2 * self.shape.emit_length)
-        return self.tree(state.hidden, state.g0, state.history, cache.lengths)
+        tree = self.tree(state.hidden, state.g0, state.history, cache.lengths)
+        return trim(tree, self.budget, self.shape.min_prob) if self.shape.min_prob else tree
 
     def verify(self, state: DecodeState, tree: DraftTree) -> Tuple[mx.array, mx.array]:
         """One base-model forward over the tree: what the drafter reads (B, N, F) and logits (B, N, V)."""

@@ -19,9 +19,11 @@ Worked example, W = 2, Lb = 3 (D = 2), budget 3, g0 = 7, lookup [3, 8]:
     ancestors of node 5: {0, 1, 5}
 """
 
+import math
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 
 from .beam_search import DraftLevels
 from .sampling import SamplingConfig, choose_tokens
@@ -36,7 +38,8 @@ class DraftTree(NamedTuple):
     tokens (B, N) int32, parents (B, N) int32 (the root is its own parent),
     depth (B, N) int32, live (B, N) bool (False: padding or alias, never accepted),
     ancestors (B, N, N) bool: ancestors[b, i, j] when j is i or an ancestor of i,
-    hops (B, N, L) int32: node i, its parent, its grandparent, ... (the root repeats).
+    hops (B, N, L) int32: node i, its parent, its grandparent, ... (the root repeats),
+    score (B, N) float32: the drafter's log-probability of node i's prefix (0 at the root and the lookup beam).
     """
 
     tokens: mx.array
@@ -45,6 +48,7 @@ class DraftTree(NamedTuple):
     live: mx.array
     ancestors: mx.array
     hops: mx.array
+    score: mx.array
 
 
 def ranked_tree(levels: DraftLevels, g0: mx.array, lookup: mx.array, found: mx.array, budget: int,
@@ -76,7 +80,31 @@ def ranked_tree(levels: DraftLevels, g0: mx.array, lookup: mx.array, found: mx.a
     hops = _hops(parents, max(D, lookup.shape[1]) + 1)
     nodes = mx.arange(tokens.shape[1])
     ancestors = (hops[:, :, :, None] == nodes).any(axis=2)
-    return DraftTree(tokens, parents, depth, live, ancestors, hops)
+    score = mx.concatenate([mx.zeros((B, 1)), mx.take_along_axis(flat_scores, top, axis=-1),
+                            mx.zeros((B, lookup.shape[1]))], axis=1)
+    return DraftTree(tokens, parents, depth, live, ancestors, hops, score)
+
+
+def trim(tree: DraftTree, budget: int, min_prob: float) -> DraftTree:
+    """The tree without the drafted nodes whose prefix probability is below `min_prob` and without the
+    dead nodes (a lookup beam that found nothing, its aliases), in every row where no row needs them; the
+    ancestors of what is kept stay. Reads the tree on the host (a sync); the verify then computes fewer rows.
+
+    In the module example with min_prob 0.5: node 3 (prefix 3 4, p = exp(-1.9) = 0.15) and the dead
+    alias 4 go; nodes 0 1 2 5 remain as 0:7 1:3 2:9 3:8, the last one's parent still 1.
+    """
+    score, live, ancestors = np.array(tree.score), np.array(tree.live), np.array(tree.ancestors)
+    N = score.shape[1]
+    drafted = (np.arange(N) >= 1) & (np.arange(N) <= budget)
+    wanted = live & (~drafted | (score >= math.log(min_prob)))
+    wanted[:, 0] = True
+    keep = (ancestors & wanted[:, :, None]).any(axis=(0, 1))  # every row's wanted nodes and their ancestors
+    if keep.all():
+        return tree
+    index = mx.array(np.flatnonzero(keep).astype(np.int32))
+    new_index = mx.array((np.cumsum(keep) - 1).astype(np.int32))  # old node -> kept position
+    return DraftTree(tree.tokens[:, index], new_index[tree.parents[:, index]], tree.depth[:, index], tree.live[:, index],
+                     tree.ancestors[:, index][:, :, index], new_index[tree.hops[:, index]], tree.score[:, index])
 
 
 def _on_final_beams(levels: DraftLevels) -> mx.array:

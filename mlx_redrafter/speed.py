@@ -98,17 +98,17 @@ def run_benchmark(model, tokenizer, config, drafter, prompts: List[str], max_tok
             runs[name].append(fn(tokenizer, ids[i], max_tokens))
     return {"machine": machine(), "dtype": str(model.model.norm.weight.dtype), "max_tokens": max_tokens,
             "prompts": len(ids), "beam": [shape.width, shape.length], "lookup": shape.lookup,
-            "lookup_length": shape.lookup_length, "time": time.strftime("%Y-%m-%d %H:%M"),
+            "lookup_length": shape.lookup_length, "min_prob": shape.min_prob, "time": time.strftime("%Y-%m-%d %H:%M"),
             "summary": summarize(runs),
             "per_prompt_tps": {k: [r["tps"] for r in v] for k, v in runs.items()}}
 
 
 def run_sweep(model, tokenizer, config, drafter, prompts, max_tokens, widths, lengths, lookup=True,
-              progress=True, lookup_length: int = 0) -> List[Dict]:
+              progress=True, lookup_length: int = 0, min_prob: float = 0.0) -> List[Dict]:
     """ReDrafter greedy speed over W x Lb, against mlx-lm plain measured in the same run."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     ref = to_mlx_lm(model, config)
-    shapes = [BeamShape(w, l, lookup, lookup_length=lookup_length) for w in widths for l in lengths]
+    shapes = [BeamShape(w, l, lookup, lookup_length=lookup_length, min_prob=min_prob) for w in widths for l in lengths]
     for s in shapes:
         run_ours(model, tokenizer, ids[0], max_tokens, drafter, s)
     run_mlx_lm(ref, tokenizer, ids[0], max_tokens)
@@ -165,7 +165,8 @@ def markdown(result: Dict) -> str:
     lines = [f"Machine: {result['machine']}, dtype {result['dtype']}, {result['prompts']} prompts, "
              f"max {result['max_tokens']} tokens, beam W x Lb = {result['beam'][0]} x {result['beam'][1]}"
              + (" + context lookup" if result.get("lookup") else "")
-             + (f" of {result['lookup_length']} tokens" if result.get("lookup_length") else ""), "",
+             + (f" of {result['lookup_length']} tokens" if result.get("lookup_length") else "")
+             + (f", drafted nodes of probability >= {result['min_prob']} verified" if result.get("min_prob") else ""), "",
              "| method | tokens/s (median) | IQR | speedup vs mlx-lm | tokens/step | peak GB | identical to mlx-lm |",
              "|---|---|---|---|---|---|---|"]
     for name, r in result["summary"].items():
@@ -227,6 +228,7 @@ class BenchmarkResult:
     summary: Dict[str, dict]
     per_prompt_tps: Dict[str, List[float]]
     lookup_length: int = 0  # the context-lookup beam's length (0: Lb - 1)
+    min_prob: float = 0.0  # `BeamShape.min_prob`
     sweep: Optional[List[dict]] = None  # ReDrafter greedy over W x Lb: width, length, median_tps, speedup, tokens_per_step
     prefill: Optional[dict] = None  # a long prompt's prefill tokens/s, ours against mlx-lm's (`run_prefill`)
 
@@ -313,7 +315,8 @@ def benchmark(model=None, tokenizer=None, drafter="auto", prompts=None, *, limit
     sweep = None
     if sweep_grid is not None and draft is not None:
         sweep = run_sweep(base, tokenizer, config, draft, texts[: sweep_limit or len(texts)], max_tokens,
-                          *sweep_grid, beam.lookup, progress, lookup_length=beam.lookup_length)
+                          *sweep_grid, beam.lookup, progress, lookup_length=beam.lookup_length,
+                          min_prob=beam.min_prob)
     prefill = None
     if prefill_tokens:
         from .generate import context_window

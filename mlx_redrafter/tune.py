@@ -32,12 +32,12 @@ from .beam_search import BeamShape
 from .progress import progress as progress_bar
 from .sampling import SamplingConfig
 
-# (W, Lb, nodes[, lookup length]) worth trying per device; the device default (beam_search.DEFAULT_SHAPE)
+# (W, Lb, nodes[, lookup length[, min_prob]]) worth trying per device; the device default (beam_search.DEFAULT_SHAPE)
 # is among them. A 12-token lookup beam accepted 15% more in replay (README, "Context lookup") but
 # was slower end to end on the CPU; on a GPU, where a verified node costs little, tune decides.
 CANDIDATES = {
     "gpu": [(32, 6, 32), (32, 6, 32, 12), (32, 8, 48), (16, 6, 24), (32, 6, 64), (64, 6, 48), (16, 4, 16)],
-    "cpu": [(4, 4, 0), (2, 4, 0), (4, 5, 10)],
+    "cpu": [(4, 4, 0, 0, 0.1), (4, 4, 0, 0, 0.2), (4, 4, 0), (4, 5, 0, 0, 0.1)],
 }
 PROMPTS = [
     "Write a short, friendly email inviting a colleague to lunch on Friday.",
@@ -128,7 +128,8 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, ...
 
     candidates = candidates or CANDIDATES["gpu" if backend.on_gpu() else "cpu"]
     finalists = max(1, min(finalists, len(candidates)))
-    shapes = [BeamShape(w, lb, True, n, lookup_length=rest[0] if rest else 0) for w, lb, n, *rest in candidates]
+    shapes = [BeamShape(w, lb, True, n, lookup_length=(rest + [0])[0], min_prob=(rest + [0, 0.0])[1])
+              for w, lb, n, *rest in candidates]
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     greedy, sampled = SamplingConfig(), SamplingConfig(temperature=temp, seed=0)
     bar = progress_bar(total=(len(shapes) + 1 + finalists + 1) * (len(ids) + 1), enabled=progress, desc="tune", unit="run")
@@ -149,8 +150,9 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, ...
 
 
 def setting_name(shape: BeamShape) -> str:
-    """W x Lb : nodes [+ lookup length], e.g. 32x6:32+12."""
-    return f"{shape.width}x{shape.length}:{shape.nodes}" + (f"+{shape.lookup_length}" if shape.lookup_length else "")
+    """W x Lb : nodes [+ lookup length] [@ min_prob], e.g. 32x6:32+12 or 4x4:0@0.1."""
+    return (f"{shape.width}x{shape.length}:{shape.nodes}" + (f"+{shape.lookup_length}" if shape.lookup_length else "")
+            + (f"@{shape.min_prob:g}" if shape.min_prob else ""))
 
 
 def _speeds(model, tokenizer, drafter, shape, ids, max_tokens, sampling, bar) -> float:
@@ -181,6 +183,7 @@ def format_table(tuned: Tuned) -> str:
         sampled = "" if r["sampled_tps"] is None else f"{r['sampled_tps']:10.1f} {r['sampled_ratio']:8.2f}x"
         lines.append(f"{r['setting']:14s} {r['greedy_tps']:12.1f} {r['greedy_ratio']:8.2f}x {sampled}")
     pick = lambda s: "plain decoding" if s is None else (  # noqa: E731
-        f"{s.width} x {s.length}, {s.nodes or 'all'} nodes" + (f", lookup {s.lookup_length}" if s.lookup_length else ""))
+        f"{s.width} x {s.length}, {s.nodes or 'all'} nodes" + (f", lookup {s.lookup_length}" if s.lookup_length else "")
+        + (f", nodes of p >= {s.min_prob:g}" if s.min_prob else ""))
     lines.append(f"greedy: {pick(tuned.greedy)}; sampling: {pick(tuned.sampled)}")
     return "\n".join(lines)

@@ -117,8 +117,10 @@ def test_default_beam_shape_per_device(monkeypatch):
     from mlx_redrafter.beam_search import DEFAULT_SHAPE, BeamShape, default_shape
 
     monkeypatch.setattr(beam_search.backend, "on_gpu", lambda: False)
-    assert default_shape() == BeamShape(4, 4, True, DEFAULT_SHAPE['cpu'][2])
-    assert default_shape(8, None, False, 5, 'beams') == BeamShape(8, 4, False, 5, 'beams')
+    cpu_mp, gpu_mp = DEFAULT_SHAPE['cpu'][4], DEFAULT_SHAPE['gpu'][4]
+    assert default_shape() == BeamShape(4, 4, True, DEFAULT_SHAPE['cpu'][2], min_prob=cpu_mp)
+    assert default_shape(8, None, False, 5, 'beams') == BeamShape(8, 4, False, 5, 'beams', min_prob=cpu_mp)
+    assert default_shape(min_prob=0).min_prob == 0
     monkeypatch.setattr(beam_search.backend, "on_gpu", lambda: True)
-    assert default_shape() == BeamShape(*DEFAULT_SHAPE['gpu'][:2], True, DEFAULT_SHAPE['gpu'][2])
-    assert default_shape(None, 5) == BeamShape(DEFAULT_SHAPE['gpu'][0], 5, True, DEFAULT_SHAPE['gpu'][2])
+    assert default_shape() == BeamShape(*DEFAULT_SHAPE['gpu'][:2], True, DEFAULT_SHAPE['gpu'][2], min_prob=gpu_mp)
+    assert default_shape(None, 5) == BeamShape(DEFAULT_SHAPE['gpu'][0], 5, True, DEFAULT_SHAPE['gpu'][2], min_prob=gpu_mp)

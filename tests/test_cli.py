@@ -26,6 +26,9 @@ def test_generate_default_model_with_packaged_drafter(default_model):
     assert text(plain.output) == text(r.output)  # same text (notes go to stderr)
     long_lookup = run("generate", "-p", "What is the capital of France?", "-n", "20", "--lookup-length", "9")
     assert long_lookup.exit_code == 0 and text(long_lookup.output) == text(plain.output)
+    for min_prob in ("0", "0.5"):  # every drafted node of the budget, and only the likely ones
+        cut = run("generate", "-p", "What is the capital of France?", "-n", "20", "--min-prob", min_prob)
+        assert cut.exit_code == 0 and text(cut.output) == text(plain.output)
 
 
 def test_bad_input_gives_one_line_errors():

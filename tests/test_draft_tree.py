@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from mlx_redrafter.beam_search import DraftLevels
-from mlx_redrafter.draft_tree import accept, ranked_tree
+from mlx_redrafter.draft_tree import accept, ranked_tree, trim
 
 NEG = -mx.inf
 
@@ -25,6 +25,35 @@ def test_worked_example():
     assert np.array(tree.depth).tolist() == [[0, 1, 2, 2, 1, 2]]
     assert np.array(tree.live).tolist() == [[True, True, True, True, False, True]]  # node 4 is an alias of 1
     assert np.flatnonzero(np.array(tree.ancestors[0, 5])).tolist() == [0, 1, 5]
+
+
+def test_trim_keeps_the_likely_nodes_and_their_ancestors():
+    """The docstring's example of `trim`: min_prob 0.5 drops node 3 (p = 0.15) and the dead alias 4; the
+    lookup node keeps its parent; the same targets are accepted through the smaller tree."""
+    tree = ranked_tree(example_levels(), mx.array([7]), mx.array([[3, 8]]), mx.array([True]), budget=3)
+    cut = trim(tree, 3, 0.5)
+    assert np.array(cut.tokens).tolist() == [[7, 3, 9, 8]]
+    assert np.array(cut.parents).tolist() == [[0, 0, 1, 1]]
+    assert np.flatnonzero(np.array(cut.ancestors[0, 3])).tolist() == [0, 1, 3]
+    assert np.array(cut.hops[0, 3]).tolist() == [3, 1, 0]
+    result = accept(cut, mx.array([[3, 8, 0, 6]]))
+    assert int(result.count[0]) == 2 and np.array(result.tokens).tolist() == [[7, 3, 8]] and int(result.bonus[0]) == 6
+    assert trim(tree, 3, 0.01).tokens.shape == (1, 5)  # only the dead alias goes
+    assert trim(tree, 3, 0.99).tokens.shape == (1, 3)  # root, lookup node and its parent 3
+
+
+def test_trim_keeps_what_any_row_needs():
+    """Two rows: a position is cut only where no row wants it (row 0 wants two drafted nodes, row 1 one),
+    and every kept node's parent is kept, in its own row."""
+    levels = DraftLevels(mx.array([[[3, 5], [9, 4]], [[3, 5], [9, 4]]]), mx.array([[[0, 0], [0, 0]], [[0, 0], [1, 1]]]),
+                         mx.array([[[-0.1, -2.3], [-0.4, -1.9]], [[-3.0, -0.2], [-3.1, -1.3]]]))
+    tree = ranked_tree(levels, mx.array([7, 7]), mx.zeros((2, 2), mx.int32), mx.array([False, False]), budget=4)
+    cut = trim(tree, 4, 0.5)
+    assert cut.tokens.shape == (2, 3)  # the root and two drafted positions; the dead lookup beam goes
+    rows = [[tuple(_prefix(i, t, p)) for i in range(3)] for t, p in zip(np.array(cut.tokens), np.array(cut.parents))]
+    assert rows == [[(7,), (7, 3), (7, 3, 9)], [(7,), (7, 5), (7, 5, 4)]]
+    depth, parents = np.array(cut.depth), np.array(cut.parents)
+    assert all(depth[b, parents[b, i]] == depth[b, i] - 1 for b in range(2) for i in range(1, 3))
 
 
 def test_accept_follows_the_targets():

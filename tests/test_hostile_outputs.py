@@ -525,6 +525,9 @@ def test_prompt_records_that_are_not_text_are_named(tmp_path):
     (["generate", "-p", "hi", "--no-lookup", "--lookup-length", "8"], "needs the context-lookup beam"),
     (["benchmark", "--no-lookup", "--lookup-length", "8"], "needs the context-lookup beam"),
     (["eval-drafter", "--lookup", "off", "--lookup-length", "8"], "needs the context-lookup beam"),
+    (["generate", "-p", "hi", "--min-prob", "1"], "--min-prob"),
+    (["benchmark", "--min-prob", "-0.1"], "--min-prob"),
+    (["generate", "-p", "hi", "--min-prob", "nan"], "--min-prob"),
 ])
 def test_beam_shape_is_bounded_on_every_command(monkeypatch, tmp_path, args, says):
     monkeypatch.setattr(mlx_redrafter, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))

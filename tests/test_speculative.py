@@ -38,9 +38,10 @@ def tokens_of(model, tok, prompt, max_tokens, drafter=None, shape=None, sampling
     tree=st.sampled_from(["ranked", "beams"]),
     nodes=st.integers(0, 12),
     lookup_length=st.sampled_from([0, 1, 3, 9]),
+    min_prob=st.sampled_from([0.0, 0.05, 0.3, 0.9]),
 )
 def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, prompt, max_tokens, eos_at, lookup, tree, nodes,
-                                    lookup_length):
+                                    lookup_length, min_prob):
     model = BASES[base_seed]
     tok = word_tokenizer(VOCAB)
     tok._eos_token_ids = set()
@@ -49,7 +50,7 @@ def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, pro
         tok._eos_token_ids = {plain[eos_at]}  # EOS lands wherever it lands, mid-step too
         plain, _ = tokens_of(model, tok, prompt, max_tokens)
     drafter = tiny_drafter(model, variant, seed=drafter_seed, scale=3.0)
-    shape = BeamShape(W, Lb, lookup, nodes, tree, lookup_length if lookup else 0)
+    shape = BeamShape(W, Lb, lookup, nodes, tree, lookup_length if lookup else 0, min_prob)
     spec, responses = tokens_of(model, tok, prompt, max_tokens, drafter, shape)
     assert spec == plain
     assert responses[-1].finish_reason == plain_reason(plain, tok, max_tokens)
@@ -154,10 +155,12 @@ def small():
 @pytest.mark.parametrize("cfg, compiled, shape", [(SamplingConfig(temperature=1.0), False, BeamShape(2, 3)),
                                                   (SamplingConfig(temperature=1.5, top_k=6, top_p=0.95), False, BeamShape(2, 3)),
                                                   (SamplingConfig(temperature=1.0), True, BeamShape(2, 3)),
-                                                  (SamplingConfig(temperature=1.0), False, BeamShape(2, 3, lookup_length=5))])
+                                                  (SamplingConfig(temperature=1.0), False, BeamShape(2, 3, lookup_length=5)),
+                                                  (SamplingConfig(temperature=1.0), False, BeamShape(3, 3, min_prob=0.2))])
 def test_sampling_is_lossless(small, cfg, compiled, shape):
     """Also with the tree forward compiled (the GPU default), whose draws go through mx.random.state,
-    and with a lookup beam longer than the drafter's (a prompt that repeats, so that it matches)."""
+    with a lookup beam longer than the drafter's (a prompt that repeats, so that it matches), and with
+    the tree cut to the drafter's likelier nodes (a different tree each step)."""
     model, drafter = small
     prompt = [3, 1, 3, 1, 3, 1] if shape.lookup_length else [3, 1]
     mx.random.seed(11)
@@ -187,11 +190,12 @@ def test_biased_rule_is_detected(small, monkeypatch):
     lookup=st.booleans(),
     nodes=st.integers(0, 8),
     lookup_length=st.sampled_from([0, 6]),
+    min_prob=st.sampled_from([0.0, 0.2]),
 )
-def test_two_rows_equal_plain_greedy(drafter_seed, variant, W, Lb, prompts, lookup, nodes, lookup_length):
+def test_two_rows_equal_plain_greedy(drafter_seed, variant, W, Lb, prompts, lookup, nodes, lookup_length, min_prob):
     """B = 2 rows of different prompt lengths in one batch-shaped step, each equal to plain greedy."""
     model = BASES[1]
-    shape = BeamShape(W, Lb, lookup, nodes, lookup_length=lookup_length if lookup else 0)
+    shape = BeamShape(W, Lb, lookup, nodes, lookup_length=lookup_length if lookup else 0, min_prob=min_prob)
     decoder = Decoder(model, tiny_drafter(model, variant, seed=drafter_seed, scale=3.0), shape, SamplingConfig())
     assert_rows_equal_plain(decoder, prompts, 16)
 

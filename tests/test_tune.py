@@ -24,12 +24,13 @@ def setup(tmp_path, monkeypatch):
 
 def test_tune_measures_every_setting_and_round_trips(setup):
     model, tok, drafter = setup
-    tuned = tune(model, tok, drafter, candidates=[(2, 3, 0), (1, 2, 0, 4)], prompts=["t1 t2 t3"], max_tokens=8,
-                 finalists=1, progress=False)
-    assert [r["setting"] for r in tuned.rows] == ["plain", "2x3:0", "1x2:0+4"]
+    tuned = tune(model, tok, drafter, candidates=[(2, 3, 0), (1, 2, 0, 4), (2, 3, 0, 0, 0.2)], prompts=["t1 t2 t3"],
+                 max_tokens=8, finalists=1, progress=False)
+    assert [r["setting"] for r in tuned.rows] == ["plain", "2x3:0", "1x2:0+4", "2x3:0@0.2"]
     assert all(r["greedy_tps"] > 0 for r in tuned.rows)
     assert sum(r["sampled_tps"] is not None for r in tuned.rows) == 2  # plain + one finalist
-    assert tuned.greedy in (None, BeamShape(2, 3, True, 0), BeamShape(1, 2, True, 0, lookup_length=4))
+    assert tuned.greedy in (None, BeamShape(2, 3, True, 0), BeamShape(1, 2, True, 0, lookup_length=4),
+                            BeamShape(2, 3, True, 0, min_prob=0.2))
     path = save_tuned(model, drafter, tuned)
     assert path == settings_path(model, drafter) and load_tuned(model, drafter) == tuned
 
