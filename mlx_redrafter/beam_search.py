@@ -83,7 +83,7 @@ def default_shape(width: Optional[int] = None, length: Optional[int] = None, loo
     """The default settings for the current device, with any of W, Lb, nodes, lookup length and
     min_prob given overriding them.
 
-    >>> mr.default_shape()                 # BeamShape(32, 6, nodes=32) on a GPU, (4, 4) on the CPU
+    >>> mr.default_shape()                 # BeamShape(32, 6, nodes=32) on a GPU, (4, 4, min_prob=0.1) on the CPU
     >>> mr.default_shape(length=5)         # the device's default with Lb = 5
     >>> mr.default_shape(lookup_length=12) # ... with a 12-token context-lookup beam
     >>> mr.default_shape(min_prob=0)       # ... verifying every drafted node of the budget

@@ -17,7 +17,8 @@ One token's trip, from `stream_generate` down:
    tokens, so the host's Python overlaps the device's work.
 
 Shapes depend only on (B, W, Lb, budget, lookup length) and the cache span (a multiple of
-256), so a GPU builds its kernels once per span.
+256), so a GPU builds its kernels once per span; with `BeamShape.min_prob` (the CPU default) the
+host cuts the tree after the draft, and the verify's row count varies from step to step.
 """
 
 from dataclasses import dataclass, replace

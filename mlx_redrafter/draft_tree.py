@@ -32,7 +32,7 @@ RANK_TIE_BREAK = 1e-3  # per depth: a child always ranks strictly below its pare
 
 
 class DraftTree(NamedTuple):
-    """N = 1 + budget + Dl nodes per row; node 0 is g0, nodes past the budget the lookup beam
+    """N = 1 + budget + Dl nodes per row (fewer after `trim`); node 0 is g0, nodes past the budget the lookup beam
     (Dl = `BeamShape.lookup_depth`, D unless the lookup beam reaches further; L = max(D, Dl) + 1).
 
     tokens (B, N) int32, parents (B, N) int32 (the root is its own parent),
@@ -88,23 +88,30 @@ def ranked_tree(levels: DraftLevels, g0: mx.array, lookup: mx.array, found: mx.a
 def trim(tree: DraftTree, budget: int, min_prob: float) -> DraftTree:
     """The tree without the drafted nodes whose prefix probability is below `min_prob` and without the
     dead nodes (a lookup beam that found nothing, its aliases), in every row where no row needs them; the
-    ancestors of what is kept stay. Reads the tree on the host (a sync); the verify then computes fewer rows.
+    ancestors of what is kept stay. A position kept for one row is dead (never accepted) in a row that
+    does not need it. (Where the lookup beam repeats a drafted prefix below `min_prob`, it is an alias
+    of those nodes and goes with them.) Reads the tree on the host (a sync); the verify then computes fewer rows.
 
     In the module example with min_prob 0.5: node 3 (prefix 3 4, p = exp(-1.9) = 0.15) and the dead
     alias 4 go; nodes 0 1 2 5 remain as 0:7 1:3 2:9 3:8, the last one's parent still 1.
     """
+    mx.eval(tree.score, tree.live, tree.ancestors)
     score, live, ancestors = np.array(tree.score), np.array(tree.live), np.array(tree.ancestors)
     N = score.shape[1]
     drafted = (np.arange(N) >= 1) & (np.arange(N) <= budget)
-    wanted = live & (~drafted | (score >= math.log(min_prob)))
+    floor = math.log(min_prob) if min_prob > 0 else -math.inf
+    wanted = live & (~drafted | (score >= floor))
     wanted[:, 0] = True
-    keep = (ancestors & wanted[:, :, None]).any(axis=(0, 1))  # every row's wanted nodes and their ancestors
+    need = (ancestors & wanted[:, :, None]).any(axis=1)  # (B, N): each row's wanted nodes and their ancestors
+    keep = need.any(axis=0)
     if keep.all():
-        return tree
+        return tree._replace(live=mx.array(live & need))
     index = mx.array(np.flatnonzero(keep).astype(np.int32))
     new_index = mx.array((np.cumsum(keep) - 1).astype(np.int32))  # old node -> kept position
-    return DraftTree(tree.tokens[:, index], new_index[tree.parents[:, index]], tree.depth[:, index], tree.live[:, index],
-                     tree.ancestors[:, index][:, :, index], new_index[tree.hops[:, index]], tree.score[:, index])
+    # a position kept for another row is dead in a row that does not need it: its parent there may be gone
+    return DraftTree(tree.tokens[:, index], new_index[tree.parents[:, index]], tree.depth[:, index],
+                     mx.array(live & need)[:, index], tree.ancestors[:, index][:, :, index],
+                     new_index[tree.hops[:, index]], tree.score[:, index])
 
 
 def _on_final_beams(levels: DraftLevels) -> mx.array:

@@ -105,6 +105,38 @@ def test_ranked_trees_are_closed_and_nested(seed, W, D, vocab):
         prefixes[budget] = chosen
 
 
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10**6), W=st.integers(1, 3), D=st.integers(1, 3), vocab=st.integers(2, 4),
+       min_prob=st.sampled_from([0.0, 0.2, 0.5, 0.9]))
+def test_trim_keeps_each_rows_wanted_prefixes_and_nothing_false(seed, W, D, vocab, min_prob):
+    """B = 2 rows with their own drafts and lookup proposals (which alias drafted nodes): after `trim`,
+    each row's live nodes are exactly the prefixes it wants (live drafted nodes of p >= min_prob, the live
+    lookup nodes) and their ancestors, each reached through its own parents."""
+    rng = np.random.default_rng(seed)
+    parents = rng.integers(0, W, (2, D, W)); parents[:, 0] = 0
+    steps = -rng.exponential(1.0, (2, D, W))
+    scores = np.zeros((2, D, W))
+    for b in range(2):
+        for d in range(D):
+            scores[b, d] = (scores[b, d - 1, parents[b, d]] if d else 0) + steps[b, d]
+    levels = DraftLevels(mx.array(rng.integers(0, vocab, (2, D, W))), mx.array(parents), mx.array(scores, dtype=mx.float32))
+    budget = int(rng.integers(1, W * D + 1))
+    tree = ranked_tree(levels, mx.array([0, 0]), mx.array(rng.integers(0, vocab, (2, D))), mx.array(rng.random(2) < 0.7), budget)
+    cut = trim(tree, budget, min_prob)
+    for b in range(2):
+        before = _live_prefixes(tree, b)
+        score = np.array(tree.score)[b]
+        drafted = (np.arange(len(score)) >= 1) & (np.arange(len(score)) <= budget)
+        wanted = {p for i, p in before.items() if not drafted[i] or min_prob == 0 or score[i] >= np.log(min_prob)}
+        closed = {p[:k] for p in wanted for k in range(1, len(p) + 1)}
+        assert set(_live_prefixes(cut, b).values()) == closed
+
+
+def _live_prefixes(tree, b):
+    tokens, parents, live = (np.array(x)[b] for x in (tree.tokens, tree.parents, tree.live))
+    return {i: tuple(_prefix(i, tokens, parents)) for i in range(len(tokens)) if live[i]}
+
+
 def _prefix(i, tokens, parents):
     out = [tokens[i]]
     while i:
