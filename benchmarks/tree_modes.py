@@ -119,17 +119,16 @@ def main():
                         lambda i, s=shape, smp=sampling, m=m, d=d: run_ours(m, tok, i, args.max_tokens, d, s, smp)
     for fn in fns.values():
         fn(ids[0])
+    header = {"machine": machine(), "max_tokens": args.max_tokens, "lookup": not args.no_lookup,
+              "drafter": getattr(drafter, "source", "auto"), "other_drafter": args.other_drafter}
     runs = {name: [] for name in fns}
     for n, i in enumerate(ids):
         for name, fn in fns.items():
             runs[name].append(fn(i))
         print(f"prompt {n + 1}/{len(ids)}", flush=True)
         rows = summarize(runs)   # saved after every prompt: a run stopped early keeps what it measured
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_file(args.out, json.dumps({
-            "machine": machine(), "max_tokens": args.max_tokens, "prompts": n + 1, "of": len(ids),
-            "lookup": not args.no_lookup, "time": time.strftime("%Y-%m-%d %H:%M"),
-            "drafter": getattr(drafter, "source", "auto"), "other_drafter": args.other_drafter, "rows": rows}, indent=2))
+        write_file(args.out, json.dumps(header | {"prompts": n + 1, "of": len(ids), "time": time.strftime("%Y-%m-%d %H:%M"),
+                                                  "rows": rows}, indent=2))
     print(f"{'setting':28s} {'tok/s':>8s} {'vs mlx-lm':>10s} {'IQR':>13s} {'tok/step':>9s} identical")
     for name, r in rows.items():
         print(f"{name:28s} {r['median_tps']:8.1f} {r['speedup']:9.2f}x {r['speedup_q1_q3'][0]:5.2f}-{r['speedup_q1_q3'][1]:5.2f}  "

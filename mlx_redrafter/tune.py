@@ -128,8 +128,7 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, ...
 
     candidates = candidates or CANDIDATES["gpu" if backend.on_gpu() else "cpu"]
     finalists = max(1, min(finalists, len(candidates)))
-    shapes = [BeamShape(w, lb, True, n, lookup_length=(rest + [0])[0], min_prob=(rest + [0, 0.0])[1])
-              for w, lb, n, *rest in candidates]
+    shapes = [BeamShape(w, lb, True, n, **dict(zip(("lookup_length", "min_prob"), rest))) for w, lb, n, *rest in candidates]
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     greedy, sampled = SamplingConfig(), SamplingConfig(temperature=temp, seed=0)
     bar = progress_bar(total=(len(shapes) + 1 + finalists + 1) * (len(ids) + 1), enabled=progress, desc="tune", unit="run")
