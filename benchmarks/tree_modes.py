@@ -78,6 +78,14 @@ def summarize(runs: dict) -> dict:
     return rows
 
 
+def per_prompt(runs: dict) -> dict:
+    """Per setting, each prompt's tokens/s, steps, tokens and whether they equal mlx-lm plain's (runs over
+    parts of a prompt set can be pooled)."""
+    base = runs["mlx-lm plain"]
+    return {name: [{"tps": r["tps"], "steps": r["steps"], "tokens": len(r["tokens"]), "same": r["tokens"] == b["tokens"]}
+                   for r, b in zip(rs, base)] for name, rs in runs.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
@@ -128,7 +136,7 @@ def main():
         print(f"prompt {n + 1}/{len(ids)}", flush=True)
         rows = summarize(runs)   # saved after every prompt: a run stopped early keeps what it measured
         write_file(args.out, json.dumps(header | {"prompts": n + 1, "of": len(ids), "time": time.strftime("%Y-%m-%d %H:%M"),
-                                                  "rows": rows}, indent=2))
+                                                  "rows": rows, "per_prompt": per_prompt(runs)}, indent=2))
     print(f"{'setting':28s} {'tok/s':>8s} {'vs mlx-lm':>10s} {'IQR':>13s} {'tok/step':>9s} identical")
     for name, r in rows.items():
         print(f"{name:28s} {r['median_tps']:8.1f} {r['speedup']:9.2f}x {r['speedup_q1_q3'][0]:5.2f}-{r['speedup_q1_q3'][1]:5.2f}  "
