@@ -18,7 +18,8 @@ One token's trip, from `stream_generate` down:
 
 Shapes depend only on (B, W, Lb, budget, lookup length) and the cache span (a multiple of
 256), so a GPU builds its kernels once per span; with `BeamShape.min_prob` (the CPU default) the
-host cuts the tree after the draft, and the verify's row count varies from step to step.
+host cuts the tree after the draft, and the verify's row count varies from step to step (the
+compiled verify traces each new shape once, `Decoder._bound_traces`).
 """
 
 from dataclasses import dataclass, replace
@@ -37,6 +38,7 @@ from .lookup import propose_on_device
 from .sampling import SamplingConfig, choose_tokens
 
 HISTORY_STEP = 256
+MAX_TRACES = 64  # compiled verify shapes kept per decoder (Decoder._bound_traces)
 
 
 @dataclass
@@ -87,10 +89,12 @@ class Decoder:
         self.tree = mx.compile(partial(_draft_tree, drafter, model, shape, self.budget, final_beams),
                                inputs=[drafter.state, model.state])
         """tree(hidden (B, F), g0 (B,), history (B, T), lengths (B,)) -> DraftTree, one compiled graph."""
-        verify = partial(_verify, drafter, model)  # the drafter only names the layers it reads
-        self._verify = mx.compile(verify, inputs=[model.state]) \
-            if (backend.on_gpu() if compiled is None else compiled) else verify
-        # compiled by default on a GPU, where building the graph on the host costs more than running it
+        self._verify_fn = partial(_verify, drafter, model)  # the drafter only names the layers it reads
+        self._compiled = compiled is not False
+        self._traced = set()
+        self._verify = mx.compile(self._verify_fn, inputs=[model.state]) if self._compiled else self._verify_fn
+        # compiled by default: replaying a trace saves the host's graph building, which on the CPU with
+        # `min_prob` the device waits for (the cut reads the draft first); one trace per (rows, span)
         """verify(tokens, positions, ancestors, valid, start, buffers) -> (features, logits, buffers)"""
         # MLX caches traces per function object: one per decoder. Draws on the walk only on the CPU
         # (draft_tree.tree_targets), at every node on a GPU.
@@ -138,10 +142,21 @@ class Decoder:
         """One base-model forward over the tree: what the drafter reads (B, N, F) and logits (B, N, V)."""
         cache = state.cache
         view, valid = cache.reserve(tree.tokens.shape[1])
+        self._bound_traces((tree.tokens.shape, valid.shape, cache.layers[0].keys.shape))
         hidden, logits, buffers = self._verify(tree.tokens, cache.lengths[:, None] + tree.depth,
                                                tree.ancestors, valid, view.start, view.state())
         cache.store(SlotView(buffers, view.start))
         return hidden, logits
+
+    def _bound_traces(self, shapes: tuple) -> None:
+        """A long context passes many spans (each trace ~5 MB on the CPU): past MAX_TRACES shapes
+        the traces are dropped and rebuilt as needed."""
+        if not self._compiled or shapes in self._traced:
+            return
+        if len(self._traced) >= MAX_TRACES:
+            self._traced.clear()
+            self._verify = mx.compile(self._verify_fn, inputs=[self.model.state])
+        self._traced.add(shapes)
 
     def commit(self, state: DecodeState, tree: DraftTree, hidden, logits) -> Tuple[DecodeState, Emitted]:
         """The base model's tokens on the tree and the acceptance rule, then the accepted nodes become

@@ -215,6 +215,18 @@ def test_compiled_verify_equals_plain_greedy(variant, W, Lb, lookup, nodes):
     assert counts[True] == counts[False]
 
 
+def test_compiled_verify_drops_its_traces_past_the_bound(monkeypatch):
+    """With the CPU's cut (a row count per step) and at most 3 traces kept, the decoder rebuilds its
+    compiled verify as shapes pile up, and the output still equals plain greedy."""
+    monkeypatch.setattr(decoding, "MAX_TRACES", 3)
+    model = BASES[1]
+    decoder = Decoder(model, tiny_drafter(model, "apple", seed=3, scale=3.0), BeamShape(3, 4, True, min_prob=0.2),
+                      SamplingConfig(), slack=8)
+    first = decoder._verify
+    assert_rows_equal_plain(decoder, [[1, 2, 3]], 60)
+    assert decoder._verify is not first and len(decoder._traced) <= 3
+
+
 def assert_rows_equal_plain(decoder, prompts, n):
     """The decoder's first n tokens of every row equal plain greedy decoding of that row's prompt."""
     tok = word_tokenizer(VOCAB)
