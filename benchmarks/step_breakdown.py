@@ -95,7 +95,7 @@ def main():
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--verify", choices=["default", "compiled", "eager", "both"], default="default",
-                   help="the tree forward as one mx.compile'd graph or built op by op (default: the backend's choice)")
+                   help="the tree forward as one mx.compile'd graph or built op by op (default: compiled)")
     p.add_argument("--out", type=Path, help="the JSON to write (default: results/step_breakdown-{cpu,gpu}.json)")
     args = p.parse_args()
     from tree_modes import parse_setting
