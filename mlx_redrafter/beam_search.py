@@ -122,17 +122,22 @@ def draft_levels(drafter, base, hidden: mx.array, g0: mx.array, shape: BeamShape
     for _ in range(shape.length - 1):
         state = drafter.next_state(state, base.embed(last))
         logprobs = nn_log_softmax(drafter(hidden[:, None], state, base))  # (B, W, Vd)
-        vocab = logprobs.shape[-1]
-        candidates = (scores[..., None] + logprobs).reshape(B, -1)
-        top = mx.argpartition(-candidates, W - 1, axis=-1)[:, :W]
-        top = mx.take_along_axis(top, mx.argsort(-mx.take_along_axis(candidates, top, axis=-1), axis=-1), axis=-1)
-        beam, draft_id = top // vocab, top % vocab  # best beam first
-        scores = mx.take_along_axis(candidates, top, axis=-1)
+        beam, draft_id, scores = top_beams(scores[..., None] + logprobs, W)
         state = state[rows, beam]
         last = drafter.to_token_ids(draft_id).astype(mx.int32)
         levels.append((last, beam.astype(mx.int32), scores))
     tokens, parents, scores = (mx.stack(x, axis=1) for x in zip(*levels))
     return DraftLevels(tokens, parents, scores)
+
+
+def top_beams(candidates: mx.array, W: int) -> Tuple[mx.array, mx.array, mx.array]:
+    """The W best of candidates (B, W, Vd) (each beam's score plus its next token's log-probability),
+    best first: (beam, draft id, score), each (B, W)."""
+    B, _, vocab = candidates.shape
+    flat = candidates.reshape(B, -1)
+    top = mx.argpartition(-flat, W - 1, axis=-1)[:, :W]
+    top = mx.take_along_axis(top, mx.argsort(-mx.take_along_axis(flat, top, axis=-1), axis=-1), axis=-1)
+    return top // vocab, top % vocab, mx.take_along_axis(flat, top, axis=-1)
 
 
 def beam_search(drafter, base, hidden: mx.array, g0: mx.array, shape: BeamShape) -> Tuple[mx.array, mx.array]:

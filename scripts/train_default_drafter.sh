@@ -48,6 +48,8 @@ case $phase in
         sampled-feat) args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15) ;;
         both-feat)   args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 2 --save-bits 8 --feature-layers 4,15
                            --extra-data "$work/data-sampled" --extra-data "$work/data-sampled-rest") ;;
+        # the shipped drafter (sampled replies) continued on the greedy replies: 25 M tokens seen, one epoch of training
+        greedy-init) args=(--init "${INIT:?INIT=the drafter to continue}" --epochs 1 --lr 3e-4 --save-bits 8) ;;
         both-init)   args=(--init "${INIT:?INIT=the drafter to continue}" --epochs 1 --lr 3e-4 --save-bits 8
                            --extra-data "$work/data-sampled") ;;
         # sampled replies to all 61k turns: the first 30,720 in data-sampled, the rest (sharegpt-rest) in data-sampled-rest
