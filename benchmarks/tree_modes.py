@@ -7,7 +7,7 @@ prompt by prompt, every setting warmed first, greedy (checked identical) and sam
         [--unfused-too]   (each setting also on the same weights with q/k/v and gate/up unfused)
         [--other-drafter NAME=DIR]   (each setting also with a second drafter, interleaved)
 
-A setting is TREE:WxL[:NODES][+LOOKUP_LENGTH][@MIN_PROB] (NODES 0 or absent: every node of the beam search;
+A setting is `plain` (this package's own decoding without a drafter) or TREE:WxL[:NODES][+LOOKUP_LENGTH][@MIN_PROB] (NODES 0 or absent: every node of the beam search;
 LOOKUP_LENGTH: tokens the context-lookup beam proposes, absent: L - 1; MIN_PROB: drafted nodes the
 drafter gives a lower prefix probability are not verified, `BeamShape.min_prob`).
 """
@@ -119,10 +119,10 @@ def main():
         name, other = named_drafter(args.other_drafter, args.model, model, "--other-drafter")
         drafters[f" {name}"] = other
     for text in args.settings.split(","):
-        shape = parse_setting(text, not args.no_lookup)
+        shape = None if text == "plain" else parse_setting(text, not args.no_lookup)
         for label, sampling in samplings:
             for suffix, m in models.items():
-                for dname, d in drafters.items():
+                for dname, d in drafters.items() if shape else [("", None)]:
                     fns[f"{text} {label}{suffix}{dname}"] = \
                         lambda i, s=shape, smp=sampling, m=m, d=d: run_ours(m, tok, i, args.max_tokens, d, s, smp)
     for fn in fns.values():

@@ -371,6 +371,8 @@ def tune(
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d"),
     max_tokens: int = typer.Option(32, "--max-tokens", min=8, max=512, help="Tokens per measured prompt."),
     temp: float = typer.Option(0.7, "--temp", min=1e-5, max=10.0, help="Temperature of the sampled measurements."),
+    seconds: float = typer.Option(30.0, "--seconds", min=1.0, max=3600.0,
+                                  help="Decoding time to measure for (after warm-up): more rounds, less noise."),
     dtype: str = typer.Option("auto", "--dtype"),
 ):
     """Measure the draft settings on this machine and keep the fastest (generate uses them by default)."""
@@ -381,7 +383,7 @@ def tune(
     draft = getattr(base, "drafter", None)
     if draft is None:
         fail("no drafter given and none packaged for this model: pass --drafter")
-    tuned = run_tune(base, tokenizer, draft, max_tokens=max_tokens, temp=temp)
+    tuned = run_tune(base, tokenizer, draft, max_tokens=max_tokens, temp=temp, seconds=seconds)
     typer.echo(format_table(tuned))
     typer.echo(f"saved {save_tuned(base, draft, tuned)}")
 

@@ -2,9 +2,9 @@
 
 What a step costs depends on the machine (a GPU verifies 38 tree tokens for
 about two plain tokens, a 2-core CPU pays for every one) and what it yields
-on the drafter, so no fixed default is right everywhere. `tune` decodes a few
+on the drafter, so no fixed default is right everywhere. `tune` decodes four
 short prompts with plain decoding and with each candidate setting,
-interleaved and warmed up, keeps the fastest setting for greedy decoding and
+warmed up, interleaved and repeated for a time budget, keeps the fastest setting for greedy decoding and
 for sampling (or plain decoding where nothing beats it), and stores the
 choice in the user cache under a key of machine, model and drafter.
 `generate` and the Python API then use it whenever no beam settings are
@@ -20,7 +20,7 @@ given:
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -42,6 +42,8 @@ CANDIDATES = {
 PROMPTS = [
     "Write a short, friendly email inviting a colleague to lunch on Friday.",
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+    "Explain to a ten-year-old why the sky is blue.",
+    "A train leaves at 3 pm at 60 km/h. How far has it gone by 5:30 pm? Show your steps.",
 ]
 MIN_GAIN = 1.03  # a setting must beat plain decoding by this much to be used
 
@@ -121,9 +123,13 @@ def first_use_notice(model, drafter) -> Optional[str]:
 
 def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, ...]]] = None,
          prompts: Sequence[str] = PROMPTS, max_tokens: int = 32, temp: float = 0.7, finalists: int = 2,
-         progress: bool = True) -> Tuned:
-    """Measure plain decoding and each candidate (W, Lb, nodes[, lookup length]), greedy, then the `finalists`
-    fastest sampled at `temp`; return the fastest of each (None where plain decoding wins)."""
+         seconds: float = 30.0, progress: bool = True) -> Tuned:
+    """Measure plain decoding and each candidate (W, Lb, nodes[, lookup length[, min_prob]]) greedy, then plain
+    and the `finalists` fastest sampled at `temp`; return the fastest of each (None where plain decoding wins).
+
+    Each phase is interleaved (a round decodes one prompt with every setting in turn, the order rotated each
+    round, the prompts taken in turn) and repeated for its share of `seconds` (greedy 60%, sampled 40%; at
+    least one round), so a drifting machine shifts all settings alike and a fast one measures more rounds."""
     from .generate import encode_prompt
 
     candidates = candidates or CANDIDATES["gpu" if backend.on_gpu() else "cpu"]
@@ -131,13 +137,12 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, ...
     shapes = [BeamShape(w, lb, True, n, **dict(zip(("lookup_length", "min_prob"), rest))) for w, lb, n, *rest in candidates]
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     greedy, sampled = SamplingConfig(), SamplingConfig(temperature=temp, seed=0)
-    bar = progress_bar(total=(len(shapes) + 1 + finalists + 1) * (len(ids) + 1), enabled=progress, desc="tune", unit="run")
-    plain_g = _speeds(model, tokenizer, drafter, None, ids, max_tokens, greedy, bar)
-    speeds = [_speeds(model, tokenizer, drafter, s, ids, max_tokens, greedy, bar) for s in shapes]
+    measure = lambda group, sampling, budget, desc: _interleaved(  # noqa: E731
+        model, tokenizer, drafter, group, ids, max_tokens, sampling, budget, progress, desc)
+    plain_g, *speeds = measure([None, *shapes], greedy, 0.6 * seconds, "tune greedy")
     ranked = sorted(range(len(shapes)), key=lambda i: -speeds[i])[:finalists]
-    plain_s = _speeds(model, tokenizer, drafter, None, ids, max_tokens, sampled, bar)
-    sampled_speeds = {i: _speeds(model, tokenizer, drafter, shapes[i], ids, max_tokens, sampled, bar) for i in ranked}
-    bar.close()
+    plain_s, *best = measure([None, *(shapes[i] for i in ranked)], sampled, 0.4 * seconds, "tune sampled")
+    sampled_speeds = dict(zip(ranked, best))
     rows = [{"setting": "plain", "greedy_tps": plain_g, "sampled_tps": plain_s, "greedy_ratio": 1.0, "sampled_ratio": 1.0}]
     for i, s in enumerate(shapes):
         rows.append({"setting": setting_name(s), "greedy_tps": speeds[i], "greedy_ratio": speeds[i] / plain_g,
@@ -154,26 +159,37 @@ def setting_name(shape: BeamShape) -> str:
             + (f"@{shape.min_prob:g}" if shape.min_prob else ""))
 
 
-def _speeds(model, tokenizer, drafter, shape, ids, max_tokens, sampling, bar) -> float:
-    """Tokens per second over the prompts (after one warm-up run that builds the shapes)."""
+def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]], ids, max_tokens: int,
+                 sampling: SamplingConfig, seconds: float, progress: bool, desc: str) -> List[float]:
+    """Tokens per second of each setting (None: plain decoding): one warm-up run each (building its
+    shapes), then rounds until `seconds` of decoding have passed (at least one): round r decodes prompt
+    r mod len(ids) with every setting in turn, starting from setting r mod len(shapes)."""
     from .generate import stream_generate
 
-    def run(prompt, n):
+    def run(shape, prompt, n, seed=0):
         start, count = None, 0
+        drawn = sampling if sampling.greedy else replace(sampling, seed=seed)  # each round its own draws
         for _ in stream_generate(model, tokenizer, prompt, drafter=drafter if shape else None, beam=shape,
-                                 max_tokens=n, sampling=sampling):
+                                 max_tokens=n, sampling=drawn):
             if start is None:
                 start = time.perf_counter()  # after the prompt: generation speed only
             count += 1
-        bar.update(1)
         return count - 1, time.perf_counter() - start
 
-    run(ids[0], 16)
-    tokens = seconds = 0.0
-    for prompt in ids:
-        n, s = run(prompt, max_tokens)
-        tokens, seconds = tokens + n, seconds + s
-    return max(tokens, 1.0) / max(seconds, 1e-9)  # an answer that ends at once still gets a speed
+    for shape in progress_bar(shapes, enabled=progress, desc=f"{desc} (warm-up)", unit="setting", leave=False):
+        run(shape, ids[0], 16)
+    tokens, spent = [0.0] * len(shapes), [0.0] * len(shapes)
+    bar = progress_bar(total=round(seconds, 1), enabled=progress, desc=desc, unit="s", leave=False,
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s")
+    clock, rounds, order = time.perf_counter(), 0, list(range(len(shapes)))
+    while rounds == 0 or time.perf_counter() - clock < seconds:
+        for i in order[rounds % len(order):] + order[:rounds % len(order)]:
+            n, s = run(shapes[i], ids[rounds % len(ids)], max_tokens, rounds)
+            tokens[i], spent[i] = tokens[i] + n, spent[i] + s
+        rounds += 1
+        bar.update(min(time.perf_counter() - clock, seconds) - bar.n)
+    bar.close()
+    return [max(t, 1.0) / max(s, 1e-9) for t, s in zip(tokens, spent)]  # an answer that ends at once still gets a speed
 
 
 def format_table(tuned: Tuned) -> str:

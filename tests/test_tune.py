@@ -1,5 +1,6 @@
 """`tune`: measured choice stored per machine, model and drafter, and used by default."""
 
+import importlib
 import json
 
 import pytest
@@ -25,7 +26,7 @@ def setup(tmp_path, monkeypatch):
 def test_tune_measures_every_setting_and_round_trips(setup):
     model, tok, drafter = setup
     tuned = tune(model, tok, drafter, candidates=[(2, 3, 0), (1, 2, 0, 4), (2, 3, 0, 0, 0.2)], prompts=["t1 t2 t3"],
-                 max_tokens=8, finalists=1, progress=False)
+                 max_tokens=8, finalists=1, seconds=0.2, progress=False)
     assert [r["setting"] for r in tuned.rows] == ["plain", "2x3:0", "1x2:0+4", "2x3:0@0.2"]
     assert all(r["greedy_tps"] > 0 for r in tuned.rows)
     assert sum(r["sampled_tps"] is not None for r in tuned.rows) == 2  # plain + one finalist
@@ -33,6 +34,47 @@ def test_tune_measures_every_setting_and_round_trips(setup):
                             BeamShape(2, 3, True, 0, min_prob=0.2))
     path = save_tuned(model, drafter, tuned)
     assert path == settings_path(model, drafter) and load_tuned(model, drafter) == tuned
+
+
+def test_tune_interleaves_every_setting_per_prompt_for_its_budget(setup, monkeypatch):
+    generate = importlib.import_module("mlx_redrafter.generate")  # the package's `generate` is the function
+    model, tok, drafter = setup
+    calls = []
+    real = generate.stream_generate
+
+    def counted(model, tokenizer, prompt, beam=None, max_tokens=0, sampling=None, **kw):
+        calls.append((beam, max_tokens, None if sampling.greedy else sampling.seed))
+        return real(model, tokenizer, prompt, beam=beam, max_tokens=max_tokens, sampling=sampling, **kw)
+
+    monkeypatch.setattr(generate, "stream_generate", counted)
+    tune(model, tok, drafter, candidates=[(2, 3, 0), (1, 2, 0)], prompts=["t1 t2", "t3 t4"], max_tokens=8,
+         finalists=1, seconds=0.0, progress=False)
+    greedy = [c for c in calls if c[2] is None]
+    sampled = [c for c in calls if c[2] is not None]
+    assert len(greedy) == 3 + 3 and len(sampled) == 2 + 2  # one warm-up each, then one round of every setting
+    assert [c[0] is None for c in greedy[3:]].count(True) == 1  # plain and both candidates in turn
+    assert {c[2] for c in sampled[2:]} == {0}  # the first round's draws; later rounds use their own seed
+
+
+def test_tune_rounds_rotate_settings_prompts_and_seeds(setup, monkeypatch):
+    generate = importlib.import_module("mlx_redrafter.generate")
+    model, tok, drafter = setup
+    calls = []
+    real = generate.stream_generate
+
+    def counted(model, tokenizer, prompt, beam=None, sampling=None, **kw):
+        calls.append((beam, tuple(prompt), None if sampling.greedy else sampling.seed))
+        return real(model, tokenizer, prompt, beam=beam, sampling=sampling, **kw)
+
+    monkeypatch.setattr(generate, "stream_generate", counted)
+    tune(model, tok, drafter, candidates=[(2, 3, 0)], prompts=["t1 t2", "t3 t4"], max_tokens=8, finalists=1,
+         seconds=1.5, progress=False)
+    greedy = [c for c in calls if c[2] is None][2:]
+    sampled = [c for c in calls if c[2] is not None][2:]
+    assert len(greedy) >= 4 and len(sampled) >= 4  # several rounds in the budget on this tiny model
+    assert greedy[0][0] is None and greedy[2][0] is not None  # round 1 starts with plain, round 2 with the candidate
+    assert greedy[0][1] == greedy[1][1] != greedy[2][1]  # one prompt per round, the next prompt the next round
+    assert [c[2] for c in sampled[:4]] == [0, 0, 1, 1]
 
 
 def test_stored_choice_is_used_by_default(setup, monkeypatch):
