@@ -17,19 +17,22 @@ Writes OUT_DIR/NAME.json per setting and OUT_DIR/summary.json.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mlx_redrafter.outputs import write_file
 
 HERE = Path(__file__).resolve().parent
 
 
 def parse_env(spec: str) -> tuple[str, dict]:
     """NAME=VAR=VALUE;VAR=VALUE -> (NAME, {VAR: VALUE}); NAME= is the unchanged environment."""
-    name, _, rest = spec.partition("=")
-    if not name:
-        raise SystemExit(f"error: --env takes NAME=[VAR=VALUE;...], got {spec!r}")
+    name, eq, rest = spec.partition("=")
+    if not eq or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+        raise SystemExit(f"error: --env takes NAME=[VAR=VALUE;...] with NAME of letters, digits, '.', '_', '-'; got {spec!r}")
     pairs = [p.partition("=") for p in rest.split(";") if p]
     if any(not var or not sep for var, sep, _ in pairs):
         raise SystemExit(f"error: --env {spec!r}: each setting is VAR=VALUE")
@@ -58,15 +61,25 @@ def main():
     names = [n for n, _ in settings]
     if len(set(names)) != len(names):
         raise SystemExit("error: each --env needs its own NAME")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot use --out-dir {args.out_dir}: {e.strerror}")
     clash = [n for n in names if (args.out_dir / f"{n}.json").exists()]
     if clash or (args.out_dir / "summary.json").exists():
         raise SystemExit(f"error: {args.out_dir} already holds results ({', '.join(clash) or 'summary.json'}); pass another --out-dir")
     summary = {}
-    for name, env in settings:
-        print(f"== {name}: {env or 'unchanged environment'}", flush=True)
-        summary[name] = run_one(name, env, args.out_dir / f"{name}.json", argv[split + 1:])
-        (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        for name, env in settings:
+            print(f"== {name}: {env or 'unchanged environment'}", flush=True)
+            row = run_one(name, env, args.out_dir / f"{name}.json", argv[split + 1:])
+            if row["returncode"] != 0:  # the same arguments would fail under every setting
+                raise SystemExit(f"error: tree_modes.py stopped with status {row['returncode']} under --env {name} (above); "
+                                 f"settings measured before it are in {args.out_dir}")
+            summary[name] = row
+            write_file(args.out_dir / "summary.json", json.dumps(summary, indent=2))
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted; settings measured so far are in {args.out_dir}")
     for name, row in summary.items():
         for setting, r in row.get("rows", {}).items():
             print(f"{name:10s} {setting:32s} {r['median_tps']:8.1f} tok/s {r['speedup']:6.2f}x")

@@ -104,6 +104,11 @@ def main():
     args = ap.parse_args()
     if args.out.exists():
         raise SystemExit(f"error: {args.out} exists; pass another --out")
+    try:
+        shapes = {text: None if text == "plain" else parse_setting(text, not args.no_lookup) for text in args.settings.split(",")}
+    except (ValueError, TypeError):
+        raise SystemExit(f"error: --settings {args.settings!r}: each is plain or TREE:WxL[:NODES][+LOOKUP_LENGTH][@MIN_PROB], "
+                         "e.g. ranked:32x6:32")
 
     model, tok, config = load(args.model, drafter=args.drafter or "auto", return_config=True, dtype=args.dtype)
     drafter = model.drafter
@@ -118,8 +123,7 @@ def main():
     if args.other_drafter:
         name, other = named_drafter(args.other_drafter, args.model, model, "--other-drafter")
         drafters[f" {name}"] = other
-    for text in args.settings.split(","):
-        shape = None if text == "plain" else parse_setting(text, not args.no_lookup)
+    for text, shape in shapes.items():
         for label, sampling in samplings:
             for suffix, m in models.items():
                 for dname, d in drafters.items() if shape else [("", None)]:

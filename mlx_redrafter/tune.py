@@ -19,6 +19,7 @@ given:
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,6 +47,7 @@ PROMPTS = [
     "A train leaves at 3 pm at 60 km/h. How far has it gone by 5:30 pm? Show your steps.",
 ]
 MIN_GAIN = 1.03  # a setting must beat plain decoding by this much to be used
+MIN_ROUNDS = 2  # prompts measured per phase however short the budget (a CPU round takes ~10 s)
 
 
 @dataclass
@@ -129,9 +131,12 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, ...
 
     Each phase is interleaved (a round decodes one prompt with every setting in turn, the order rotated each
     round, the prompts taken in turn) and repeated for its share of `seconds` (greedy 60%, sampled 40%; at
-    least one round), so a drifting machine shifts all settings alike and a fast one measures more rounds."""
+    least MIN_ROUNDS rounds, so two prompts), so a drifting machine shifts all settings alike and a fast one
+    measures more rounds and prompts."""
     from .generate import encode_prompt
 
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"seconds must be a finite number >= 0, got {seconds}")
     candidates = candidates or CANDIDATES["gpu" if backend.on_gpu() else "cpu"]
     finalists = max(1, min(finalists, len(candidates)))
     shapes = [BeamShape(w, lb, True, n, **dict(zip(("lookup_length", "min_prob"), rest))) for w, lb, n, *rest in candidates]
@@ -162,7 +167,7 @@ def setting_name(shape: BeamShape) -> str:
 def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]], ids, max_tokens: int,
                  sampling: SamplingConfig, seconds: float, progress: bool, desc: str) -> List[float]:
     """Tokens per second of each setting (None: plain decoding): one warm-up run each (building its
-    shapes), then rounds until `seconds` of decoding have passed (at least one): round r decodes prompt
+    shapes), then rounds until `seconds` of decoding have passed (at least MIN_ROUNDS): round r decodes prompt
     r mod len(ids) with every setting in turn, starting from setting r mod len(shapes)."""
     from .generate import stream_generate
 
@@ -179,15 +184,15 @@ def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]
     for shape in progress_bar(shapes, enabled=progress, desc=f"{desc} (warm-up)", unit="setting", leave=False):
         run(shape, ids[0], 16)
     tokens, spent = [0.0] * len(shapes), [0.0] * len(shapes)
-    bar = progress_bar(total=round(seconds, 1), enabled=progress, desc=desc, unit="s", leave=False,
+    bar = progress_bar(total=max(round(seconds, 1), 0.1), enabled=progress, desc=desc, unit="s", leave=False,
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s")
     clock, rounds, order = time.perf_counter(), 0, list(range(len(shapes)))
-    while rounds == 0 or time.perf_counter() - clock < seconds:
+    while rounds < min(MIN_ROUNDS, len(ids)) or time.perf_counter() - clock < seconds:
         for i in order[rounds % len(order):] + order[:rounds % len(order)]:
             n, s = run(shapes[i], ids[rounds % len(ids)], max_tokens, rounds)
             tokens[i], spent[i] = tokens[i] + n, spent[i] + s
         rounds += 1
-        bar.update(min(time.perf_counter() - clock, seconds) - bar.n)
+        bar.update(min(time.perf_counter() - clock, bar.total) - bar.n)
     bar.close()
     return [max(t, 1.0) / max(s, 1e-9) for t, s in zip(tokens, spent)]  # an answer that ends at once still gets a speed
 

@@ -51,9 +51,12 @@ def test_tune_interleaves_every_setting_per_prompt_for_its_budget(setup, monkeyp
          finalists=1, seconds=0.0, progress=False)
     greedy = [c for c in calls if c[2] is None]
     sampled = [c for c in calls if c[2] is not None]
-    assert len(greedy) == 3 + 3 and len(sampled) == 2 + 2  # one warm-up each, then one round of every setting
-    assert [c[0] is None for c in greedy[3:]].count(True) == 1  # plain and both candidates in turn
-    assert {c[2] for c in sampled[2:]} == {0}  # the first round's draws; later rounds use their own seed
+    # however short the budget: one warm-up each, then MIN_ROUNDS (2) rounds of every setting, one prompt each
+    assert len(greedy) == 3 + 2 * 3 and len(sampled) == 2 + 2 * 2
+    assert [c[0] is None for c in greedy[3:6]].count(True) == 1  # plain and both candidates in turn
+    assert [c[2] for c in sampled[2:]] == [0, 0, 1, 1]  # each round its own draws
+    with pytest.raises(ValueError, match="finite"):
+        tune(model, tok, drafter, candidates=[(2, 3, 0)], prompts=["t1"], seconds=float("inf"), progress=False)
 
 
 def test_tune_rounds_rotate_settings_prompts_and_seeds(setup, monkeypatch):
@@ -97,3 +100,17 @@ def test_damaged_file_falls_back_and_notice_is_shown_once(setup):
     path.write_text(json.dumps({"greedy": {"width": "x"}}))
     assert load_tuned(model, drafter) is None
     assert chosen_shape(model, drafter, SamplingConfig()) is not None  # the built-in default
+
+
+def test_cli_refuses_a_store_it_cannot_write_before_measuring(default_model, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mlx_redrafter.cli import app
+    from mlx_redrafter.loading import home
+
+    model_file = next(home().glob("SmolLM2*.gguf"))  # the default model, fetched by the fixture
+    monkeypatch.setenv("MLX_REDRAFTER_HOME", str(tmp_path))
+    (tmp_path / "tuned").write_text("not a folder")
+    r = CliRunner().invoke(app, ["tune", "--model", str(model_file)])
+    assert r.exit_code == 2 and r.output.startswith("error: cannot store the result in") and "tune greedy" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
