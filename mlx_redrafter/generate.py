@@ -10,7 +10,7 @@
 import time
 from collections import OrderedDict
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Union
 
 import mlx.core as mx
@@ -245,19 +245,24 @@ def cache_kind(model, speculative: bool):
     return (id(model), "speculative" if speculative else "plain")
 
 
+MAX_DECODERS = 12  # `tune` on a GPU cycles through 9 settings; each decoder keeps its traces (~5 MB each on a CPU)
+
+
 def decoder_for(model, drafter, beam, sampling: SamplingConfig):
-    """A `Decoder`, reused across calls with the same model, drafter and settings: its compiled
-    graphs are traced once (a new trace costs ~40 ms, a few percent of a short answer). The
-    decoders live on the model, so they go when the model goes."""
+    """A `Decoder`, reused across calls with the same model, drafter, beam settings and sampling
+    filters (any seed): its compiled graphs are traced once (a new trace costs ~40 ms on this CPU, a
+    few percent of a short answer there; a 32-token answer on an H200 takes ~0.1 s). The MAX_DECODERS
+    most recently used live on the model, so they go when the model goes."""
     from .decoding import Decoder
 
     decoders = model.__dict__.setdefault("_decoders", OrderedDict())  # not a module child: no parameters
+    sampling = replace(sampling, seed=None)  # the seed seeds MLX's generator before decoding, not the graphs
     key = (id(drafter), beam, sampling)
     decoder = decoders.pop(key, None)
     if decoder is None or decoder.drafter is not drafter:
         decoder = Decoder(model, drafter, beam, sampling)
     decoders[key] = decoder
-    while len(decoders) > 4:
+    while len(decoders) > MAX_DECODERS:
         decoders.popitem(last=False)
     return decoder
 

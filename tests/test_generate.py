@@ -87,6 +87,29 @@ def test_bad_sampling_settings(bad):
         SamplingConfig(**bad)
 
 
+def test_one_decoder_serves_every_seed_and_each_seed_still_decides_the_draws():
+    """Sampled calls that differ only in seed reuse one Decoder (no new traces), and a seed's output
+    is the same whichever seeds ran in between; settings that change the graphs get their own."""
+    from conftest import tiny_drafter, word_tokenizer
+    from mlx_redrafter.beam_search import BeamShape
+    from mlx_redrafter.generate import MAX_DECODERS, decoder_for
+
+    model = tiny_model(tiny_config(vocab_size=64), scale=2.0)
+    drafter, tok = tiny_drafter(model, "apple", seed=1, scale=3.0), word_tokenizer(64)
+    shape = BeamShape(4, 4)
+    draw = lambda seed: [r.token for r in stream_generate(  # noqa: E731
+        model, tok, [1, 2, 3], drafter=drafter, beam=shape, max_tokens=16, sampling=SamplingConfig(temperature=1.0, seed=seed))]
+    first = draw(0)
+    others = [draw(seed) for seed in (1, 2, 3)]
+    assert draw(0) == first and any(o != first for o in others)
+    assert len(model._decoders) == 1
+    assert decoder_for(model, drafter, shape, SamplingConfig(temperature=0.5, seed=0)) is not \
+        decoder_for(model, drafter, shape, SamplingConfig(temperature=1.0, seed=9))
+    for width in range(1, MAX_DECODERS + 3):
+        decoder_for(model, drafter, BeamShape(width, 3), SamplingConfig())
+    assert len(model._decoders) == MAX_DECODERS
+
+
 def test_reused_decoders_see_updated_weights_and_go_with_their_model():
     """generate reuses a Decoder per (model, drafter, settings); a drafter updated in place is seen,
     and a dropped model is freed with its decoders."""
