@@ -182,7 +182,7 @@ def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]
         return count - 1, time.perf_counter() - start
 
     for shape in progress_bar(shapes, enabled=progress, desc=f"{desc} (warm-up)", unit="setting", leave=False):
-        run(shape, ids[0], 16)
+        run(shape, ids[0], 8)  # builds the graphs; min_prob tree sizes not met here are traced later (~40 ms)
     tokens, spent = [0.0] * len(shapes), [0.0] * len(shapes)
     bar = progress_bar(total=max(round(seconds, 1), 0.1), enabled=progress, desc=desc, unit="s", leave=False,
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s")
