@@ -70,14 +70,19 @@ def test_tune_rounds_rotate_settings_prompts_and_seeds(setup, monkeypatch):
         return real(model, tokenizer, prompt, beam=beam, sampling=sampling, **kw)
 
     monkeypatch.setattr(generate, "stream_generate", counted)
-    tune(model, tok, drafter, candidates=[(2, 3, 0)], prompts=["t1 t2", "t3 t4"], max_tokens=8, finalists=1,
-         seconds=1.5, progress=False)
-    greedy = [c for c in calls if c[2] is None][2:]
-    sampled = [c for c in calls if c[2] is not None][2:]
-    assert len(greedy) >= 4 and len(sampled) >= 4  # several rounds in the budget on this tiny model
-    assert greedy[0][0] is None and greedy[2][0] is not None  # round 1 starts with plain, round 2 with the candidate
-    assert greedy[0][1] == greedy[1][1] != greedy[2][1]  # one prompt per round, the next prompt the next round
-    assert [c[2] for c in sampled[:4]] == [0, 0, 1, 1]
+    candidates = [(2, 3, 0), (1, 2, 0), (2, 2, 0)]
+    tune(model, tok, drafter, candidates=candidates, prompts=["t1 t2", "t3 t4", "t5 t6"], max_tokens=8, finalists=2,
+         seconds=3.0, progress=False)
+    settings = [None] + [BeamShape(w, lb, True, n) for w, lb, n in candidates]
+    greedy = [c for c in calls if c[2] is None][len(settings):]  # after one warm-up each
+    rounds = [greedy[k:k + 4] for k in range(0, len(greedy) - len(greedy) % 4, 4)]
+    assert len(greedy) % 4 == 0 and len(rounds) > 2  # the budget, not MIN_ROUNDS (2), decided how many
+    for r, calls_in_round in enumerate(rounds):
+        assert [c[0] for c in calls_in_round] == settings[r % 4:] + settings[:r % 4]  # every setting, rotated
+        assert {c[1] for c in calls_in_round} == {calls_in_round[0][1]}  # one prompt per round
+    assert len({rounds[r][0][1] for r in range(3)}) == 3  # the next prompt each round
+    sampled = [c for c in calls if c[2] is not None][3:]
+    assert [c[2] for c in sampled[:6]] == [0, 0, 0, 1, 1, 1]  # plain and two finalists, each round its own seed
 
 
 def test_stored_choice_is_used_by_default(setup, monkeypatch):
