@@ -245,7 +245,7 @@ def cache_kind(model, speculative: bool):
     return (id(model), "speculative" if speculative else "plain")
 
 
-MAX_DECODERS = 8  # `tune` on a GPU cycles through 7 settings in a phase; each decoder keeps its traces (~5 MB each on a CPU)
+MAX_DECODERS = 8  # `tune` on a GPU cycles through 7 settings in a phase; each keeps up to MAX_TRACES verify traces (~5 MB each on a CPU)
 
 
 def decoder_for(model, drafter, beam, sampling: SamplingConfig):
