@@ -166,10 +166,10 @@ def setting_name(shape: BeamShape) -> str:
 
 def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]], ids, max_tokens: int,
                  sampling: SamplingConfig, seconds: float, progress: bool, desc: str) -> List[float]:
-    """Tokens per second of each setting (None: plain decoding): one warm-up run each (building its
-    shapes), then rounds until `seconds` of decoding have passed (at least MIN_ROUNDS, or one per prompt
-    if fewer): round r decodes prompt r mod len(ids) with every setting in turn, starting from setting
-    r mod len(shapes)."""
+    """Tokens per second of each setting (None: plain decoding): one warm-up run each on the longest
+    prompt (on a GPU as long as a measured run, building the shapes it meets), then rounds until `seconds` of decoding have
+    passed (at least MIN_ROUNDS, or one per prompt if fewer): round r decodes prompt r mod len(ids)
+    with every setting in turn, starting from setting r mod len(shapes)."""
     from .generate import stream_generate
 
     def run(shape, prompt, n, seed=0):
@@ -182,8 +182,12 @@ def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]
             count += 1
         return count - 1, time.perf_counter() - start
 
+    # On a GPU the warm-up is as long as a measured run: its cache (slack 256 slots, ~38 written a step) can
+    # reach a second span and compact only after several steps, and a new shape builds kernels. On the CPU
+    # a new shape is only a trace (~40 ms of a ~2 s run), and a short warm-up keeps `tune` near a minute.
+    longest, warm = max(ids, key=len), max_tokens if backend.on_gpu() else min(8, max_tokens)
     for shape in progress_bar(shapes, enabled=progress, desc=f"{desc} (warm-up)", unit="setting", leave=False):
-        run(shape, ids[0], 8)  # builds the graphs; min_prob tree sizes not met here are traced later (~40 ms)
+        run(shape, longest, warm)
     tokens, spent = [0.0] * len(shapes), [0.0] * len(shapes)
     bar = progress_bar(total=max(round(seconds, 1), 0.1), enabled=progress, desc=desc, unit="s", leave=False,
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s")
