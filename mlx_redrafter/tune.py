@@ -167,9 +167,9 @@ def setting_name(shape: BeamShape) -> str:
 def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]], ids, max_tokens: int,
                  sampling: SamplingConfig, seconds: float, progress: bool, desc: str) -> List[float]:
     """Tokens per second of each setting (None: plain decoding): one warm-up run each on the longest
-    prompt (on a GPU as long as a measured run, building the shapes it meets), then rounds until `seconds` of decoding have
-    passed (at least MIN_ROUNDS, or one per prompt if fewer): round r decodes prompt r mod len(ids)
-    with every setting in turn, starting from setting r mod len(shapes)."""
+    prompt (on a GPU as long as a measured run, building the shapes it meets), then rounds until
+    `seconds` of decoding have passed (at least MIN_ROUNDS, or one per prompt if fewer): round r
+    decodes prompt r mod len(ids) with every setting in turn, starting from setting r mod len(shapes)."""
     from .generate import stream_generate
 
     def run(shape, prompt, n, seed=0):
