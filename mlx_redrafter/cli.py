@@ -1,6 +1,5 @@
 """The `mlx-redrafter` command line."""
 
-import os
 import pickle
 import sys
 from collections import Counter
@@ -378,19 +377,13 @@ def tune(
 ):
     """Measure the draft settings on this machine and keep the fastest (generate uses them by default)."""
     from . import load
-    from .tune import format_table, save_tuned, settings_path, tune as run_tune
+    from .tune import format_table, save_tuned, tune as run_tune, writable_settings_path
 
     base, tokenizer = load(model, drafter=drafter or "auto", dtype=dtype)
     draft = getattr(base, "drafter", None)
     if draft is None:
         fail("no drafter given and none packaged for this model: pass --drafter")
-    where = settings_path(base, draft).parent
-    try:  # before the measuring, not after it
-        where.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot store the result in {where} ({e.strerror}): set MLX_REDRAFTER_HOME to a writable folder")
-    if not os.access(where, os.W_OK):
-        fail(f"cannot store the result in {where} (not writable): set MLX_REDRAFTER_HOME to a writable folder")
+    writable_settings_path(base, draft)  # before the measuring, not after it
     tuned = run_tune(base, tokenizer, draft, max_tokens=max_tokens, temp=temp, seconds=seconds)
     typer.echo(format_table(tuned))
     typer.echo(f"saved {save_tuned(base, draft, tuned)}")

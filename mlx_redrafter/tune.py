@@ -20,6 +20,7 @@ given:
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -98,11 +99,24 @@ def load_tuned(model, drafter) -> Optional[Tuned]:
         return None
 
 
+def writable_settings_path(model, drafter) -> Path:
+    """`settings_path`, its folder made; ValueError saying what to do when it cannot be written
+    (the CLI asks before measuring, so a bad cache folder costs no measuring time)."""
+    path = settings_path(model, drafter)
+    fix = "set MLX_REDRAFTER_HOME to a writable folder"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot store the result in {path.parent} ({e.strerror}): {fix}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"cannot store the result in {path.parent} (not writable): {fix}")
+    return path
+
+
 def save_tuned(model, drafter, tuned: Tuned) -> Path:
     from .outputs import write_file
 
-    path = settings_path(model, drafter)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = writable_settings_path(model, drafter)
     write_file(path, json.dumps(tuned.to_json(), indent=2))
     return path
 

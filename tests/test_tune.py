@@ -36,17 +36,24 @@ def test_tune_measures_every_setting_and_round_trips(setup):
     assert path == settings_path(model, drafter) and load_tuned(model, drafter) == tuned
 
 
-def test_tune_interleaves_every_setting_per_prompt_for_its_budget(setup, monkeypatch):
+@pytest.fixture
+def decodes(monkeypatch):
+    """Each stream_generate call `tune` makes, as (beam, prompt ids, seed or None when greedy)."""
     generate = importlib.import_module("mlx_redrafter.generate")  # the package's `generate` is the function
-    model, tok, drafter = setup
     calls = []
     real = generate.stream_generate
 
-    def counted(model, tokenizer, prompt, beam=None, max_tokens=0, sampling=None, **kw):
-        calls.append((beam, max_tokens, None if sampling.greedy else sampling.seed))
-        return real(model, tokenizer, prompt, beam=beam, max_tokens=max_tokens, sampling=sampling, **kw)
+    def recorded(model, tokenizer, prompt, beam=None, sampling=None, **kw):
+        calls.append((beam, tuple(prompt), None if sampling.greedy else sampling.seed))
+        return real(model, tokenizer, prompt, beam=beam, sampling=sampling, **kw)
 
-    monkeypatch.setattr(generate, "stream_generate", counted)
+    monkeypatch.setattr(generate, "stream_generate", recorded)
+    return calls
+
+
+def test_tune_interleaves_every_setting_per_prompt_for_its_budget(setup, decodes):
+    model, tok, drafter = setup
+    calls = decodes
     tune(model, tok, drafter, candidates=[(2, 3, 0), (1, 2, 0)], prompts=["t1 t2", "t3 t4"], max_tokens=8,
          finalists=1, seconds=0.0, progress=False)
     greedy = [c for c in calls if c[2] is None]
@@ -59,17 +66,9 @@ def test_tune_interleaves_every_setting_per_prompt_for_its_budget(setup, monkeyp
         tune(model, tok, drafter, candidates=[(2, 3, 0)], prompts=["t1"], seconds=float("inf"), progress=False)
 
 
-def test_tune_rounds_rotate_settings_prompts_and_seeds(setup, monkeypatch):
-    generate = importlib.import_module("mlx_redrafter.generate")
+def test_tune_rounds_rotate_settings_prompts_and_seeds(setup, decodes):
     model, tok, drafter = setup
-    calls = []
-    real = generate.stream_generate
-
-    def counted(model, tokenizer, prompt, beam=None, sampling=None, **kw):
-        calls.append((beam, tuple(prompt), None if sampling.greedy else sampling.seed))
-        return real(model, tokenizer, prompt, beam=beam, sampling=sampling, **kw)
-
-    monkeypatch.setattr(generate, "stream_generate", counted)
+    calls = decodes
     candidates = [(2, 3, 0), (1, 2, 0), (2, 2, 0)]
     tune(model, tok, drafter, candidates=candidates, prompts=["t1 t2", "t3 t4", "t5 t6"], max_tokens=8, finalists=2,
          seconds=3.0, progress=False)
