@@ -8,12 +8,11 @@ may be delivered to one of MLX's threads, which would not interrupt a blocking i
 """
 
 import select
-import signal
 import sys
-from contextlib import contextmanager
 from typing import List, Optional
 
 from .generate import stream_generate
+from .interrupts import SigintFlag, sigint_flag
 from .prompt_cache import PromptCache
 
 HELP = "/reset forgets the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer"
@@ -34,7 +33,7 @@ class Chat:
     def run(self):
         self.say(f"[{HELP}]")
         while True:
-            with _sigint_flag() as interrupted:
+            with sigint_flag() as interrupted:
                 line = _read_line(">> ", interrupted, self.out)
             if line is None:  # Ctrl-D
                 self.say("")
@@ -57,7 +56,7 @@ class Chat:
         messages = self.history + [{"role": "user", "content": text}]
         reply, last = [], None
         try:
-            with _sigint_flag() as stop:
+            with sigint_flag() as stop:
                 responses = stream_generate(self.model, self.tokenizer, messages, max_tokens=self.max_tokens,
                                             sampling=self.sampling, prompt_cache=self.cache)
                 for last in responses:
@@ -80,7 +79,7 @@ class Chat:
         print(text, file=self.out, flush=True)
 
 
-def _read_line(prompt: str, interrupted: "_Flag", out) -> "str | None":
+def _read_line(prompt: str, interrupted: SigintFlag, out) -> "str | None":
     """A line from standard input (None at end of input); returns early, with "", once `interrupted`."""
     out.write(prompt)
     out.flush()
@@ -95,25 +94,3 @@ def _stats(r) -> str:
     per_step = f", {r.generation_tokens / max(r.steps, 1):.2f} tokens per step" if r.speculative else " (plain decoding)"
     return (f"[{r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s{per_step}; prompt {r.prompt_tokens} "
             f"tokens, {r.cached_tokens} from the cache, {r.prompt_tps:.1f} tokens/s]")
-
-
-class _Flag:
-    def __init__(self):
-        self.value = False
-
-    def set(self, *_):
-        self.value = True
-
-    def is_set(self) -> bool:
-        return self.value
-
-
-@contextmanager
-def _sigint_flag():
-    """Ctrl-C sets a flag instead of raising, for the duration of one answer."""
-    flag = _Flag()
-    previous = signal.signal(signal.SIGINT, flag.set)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)

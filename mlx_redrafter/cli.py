@@ -11,6 +11,7 @@ import typer
 import click
 
 from .beam_search import DEFAULT_SHAPE, MAX_LENGTH, MAX_WIDTH, BeamShape, default_shape
+from .interrupts import sigint_flag
 
 _GPU_W, _GPU_L, _GPU_N, _GPU_LL, _GPU_MP = DEFAULT_SHAPE["gpu"]
 _CPU_W, _CPU_L, _CPU_N, _CPU_LL, _CPU_MP = DEFAULT_SHAPE["cpu"]
@@ -159,13 +160,15 @@ def generate(
             typer.echo("note: `tune` measured plain decoding faster on this machine: decoding plainly", err=True)
             draft = None
     try:
-        for last in stream_generate(
-            base, tokenizer, prompt, drafter=draft, max_tokens=max_tokens, sampling=sampling,
-            beam=shape, chat_template=not no_chat_template, keep_last=keep_last,
-        ):
-            typer.echo(last.text, nl=False)
-            if not last.from_draft:
-                accepted[last.step_accepted] += 1
+        with sigint_flag(raise_now=True) as ctrl_c:
+            for last in stream_generate(
+                base, tokenizer, prompt, drafter=draft, max_tokens=max_tokens, sampling=sampling,
+                beam=shape, chat_template=not no_chat_template, keep_last=keep_last,
+            ):
+                typer.echo(last.text, nl=False)
+                if not last.from_draft:
+                    accepted[last.step_accepted] += 1
+                ctrl_c.check()
     except KeyboardInterrupt:
         typer.echo()  # the text so far has been printed as it came
         interrupted()
