@@ -95,6 +95,8 @@ def parse_request(raw: bytes, chat: bool, served: Served) -> Completion:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e}): send a JSON object")
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON here: it nests too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     check_model(body.get("model"), served)
@@ -106,6 +108,10 @@ def parse_request(raw: bytes, chat: bool, served: Served) -> Completion:
     include_usage = bool(options and _typed(options, "include_usage", bool, False, "stream_options.include_usage"))
     limit = context_window(served.model)
     max_tokens = _max_tokens(body, served.default_max_tokens, limit)
+    text = _chat_text(body) if chat else _prompt_text(body)
+    if text is not None and surely_over(served.tokenizer, text, limit):
+        raise ApiError(400, f"the prompt is over {limit} tokens, the model's context window (prompt and reply "
+                            "together): shorten it", "messages" if chat else "prompt", "context_length_exceeded")
     ids = _chat_ids(body, served.tokenizer) if chat else _prompt_ids(body, served)
     try:
         ids, max_tokens = fit_context(ids, max_tokens, limit)
@@ -194,8 +200,10 @@ def _integer(body: dict, name: str, default, low: int, high: int):
 
 
 def _max_tokens(body: dict, default: int, limit: Optional[int]) -> int:
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return _integer(body, name, min(default, limit or default), 1, limit or NO_WINDOW_MAX_TOKENS)
+    """max_completion_tokens, else max_tokens (each checked when sent)."""
+    values = [_integer(body, name, None, 1, limit or NO_WINDOW_MAX_TOKENS)
+              for name in ("max_completion_tokens", "max_tokens")]
+    return next((v for v in values if v is not None), min(default, limit or default))
 
 
 def _sampling(body: dict, defaults: SamplingConfig) -> SamplingConfig:
@@ -242,10 +250,10 @@ def _message(m, i: int) -> dict:
 
 def _content(content, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _unicode(content, where)
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+        return _unicode("".join(p["text"] for p in content), where)
     raise ApiError(400, f"{where} must be a string or an array of text parts ({{\"type\": \"text\", \"text\": ...}}; "
                         "images and audio are not supported)", where)
 
@@ -256,12 +264,60 @@ def _prompt_ids(body: dict, served: Served) -> List[int]:
         prompt = prompt[0]
     vocab = getattr(getattr(served.model, "args", None), "vocab_size", None)
     if isinstance(prompt, str) and prompt:
-        return encode_prompt(served.tokenizer, prompt, chat_template=False)
+        return encode_prompt(served.tokenizer, _unicode(prompt, "prompt"), chat_template=False)
     if (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                                     and (vocab is None or t < vocab) for t in prompt)):
         return list(prompt)
     raise ApiError(400, "prompt must be a non-empty string or a non-empty array of token ids"
                         + (f" below {vocab}" if vocab else "") + " (one prompt per request)", "prompt")
+
+
+def _unicode(text: str, where: str) -> str:
+    """JSON's \\ud800-style escapes can carry half of a surrogate pair, which no tokenizer encodes."""
+    if not _is_unicode(text):
+        lone = next(c for c in text if "\ud800" <= c <= "\udfff")
+        raise ApiError(400, f"{where} holds a lone UTF-16 surrogate ({ascii(lone)}): send valid Unicode (both "
+                            "halves of a pair, or the character itself)", where)
+    return text
+
+
+def _chat_text(body: dict) -> Optional[str]:
+    """The messages' text joined (None when they are malformed: `_chat_ids` says how)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    texts = []
+    for content in (m.get("content") for m in messages if isinstance(m, dict)):
+        parts = content if isinstance(content, list) else [{"text": content}]
+        texts += [p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return "\n".join(texts)
+
+
+def _prompt_text(body: dict) -> Optional[str]:
+    prompt = body.get("prompt")
+    return prompt if isinstance(prompt, str) else None
+
+
+def surely_over(tokenizer, text: str, limit: Optional[int]) -> bool:
+    """Whether `text` alone is longer than `limit` tokens, told from prefixes of it (4 x limit
+    characters, doubling) so that a 16 MiB prompt is refused after tokenizing a little of it, not
+    after 20 s of tokenizing it all. A prefix has at most a few tokens more than its part of the whole."""
+    if not limit or len(text) <= 4 * limit or not _is_unicode(text):  # a lone surrogate: named later
+        return False
+    size = 4 * limit
+    while size < len(text):
+        if len(tokenizer.encode(text[:size])) > limit + 64:
+            return True
+        size *= 2
+    return False
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def new_id(chat: bool) -> str:

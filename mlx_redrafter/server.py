@@ -16,12 +16,13 @@ import asyncio
 import json
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .openai_api import ApiError, Reply, Served, error_body, parse_request
@@ -31,11 +32,30 @@ MAX_BODY = 16 << 20  # bytes; a longer body is refused before it is read to the 
 log = logging.getLogger("mlx_redrafter.serve")
 
 
+class _AsciiJSON(JSONResponse):
+    """Errors may quote the request, and JSON's escapes let a request carry a lone surrogate, which
+    UTF-8 cannot encode: errors are sent as ASCII with escapes."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(e: ApiError, headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    return _AsciiJSON(e.body(), status_code=e.status, headers=headers)
+
+
+def _json_content_type(request: Request):
+    """Only JSON bodies: a browser page may send a text/plain or form POST to this machine
+    cross-origin without asking first (there is no authentication), never an application/json one."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"send the body as JSON with the header Content-Type: application/json (got "
+                            f"{ascii(kind) if kind else 'none'}; curl: -H 'Content-Type: application/json')")
 
 
 def create_app(served: Served, worker: Worker, allowed_origins=()) -> Starlette:
+    parsing = ThreadPoolExecutor(2, thread_name_prefix="mlx-redrafter-parse")  # two prompts tokenized at once
+
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": served.id, **worker.status()})
 
@@ -50,9 +70,15 @@ def create_app(served: Served, worker: Worker, allowed_origins=()) -> Starlette:
 
     async def _complete(request: Request, chat: bool):
         try:
-            req = parse_request(await _body(request), chat, served)
+            _json_content_type(request)
+            raw = await _body(request)
+            # in a thread: tokenizing a long prompt takes seconds and would stall every client
+            req = await asyncio.get_running_loop().run_in_executor(parsing, parse_request, raw, chat, served)
         except ApiError as e:
             return error_response(e)
+        except ClientDisconnect:
+            log.info("client disconnected while sending its request")
+            return Response(status_code=400)  # nobody reads it
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Job(req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
@@ -71,7 +97,7 @@ def create_app(served: Served, worker: Worker, allowed_origins=()) -> Starlette:
         message = {404: f"no such endpoint: {request.method} {request.url.path} (see /v1/models, "
                         "/v1/chat/completions, /v1/completions, /health)",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return JSONResponse(error_body(message, kind), status_code=exc.status_code)
+        return error_response(ApiError(exc.status_code, message, kind=kind), exc.headers)  # 405: Allow
 
     routes = [Route("/health", health), Route("/v1/models", models),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -109,7 +135,7 @@ async def _whole(request: Request, job: Job, events: asyncio.Queue, reply: Reply
             elif isinstance(event, Done):
                 return JSONResponse(reply.whole("".join(text), event.finish_reason, event.usage, event.speculative))
             else:
-                return JSONResponse(error_body(event.message, "server_error"), status_code=500)
+                return error_response(ApiError(500, event.message, kind="server_error"))
     finally:
         watch.cancel()
         job.cancel()  # no-op once done; stops the worker if the client left
@@ -166,6 +192,8 @@ def check_port(host: str, port: int):
     """Refuse a host:port this process cannot listen on, before the model loads (OSError)."""
     import socket
 
+    if not host.strip():
+        raise OSError("--host is empty: give an address (127.0.0.1 for this machine only, 0.0.0.0 for every interface)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds

@@ -171,6 +171,9 @@ BAD = [
     ({"messages": RIVERS, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": RIVERS, "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"messages": [{"role": "user", "content": "word " * 9000}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "a lone \ud800 half"}]}, "messages[0].content"),
+    ({"messages": RIVERS, "max_completion_tokens": 3, "max_tokens": -1}, "max_tokens"),
+    (b"[" * 100_000 + b"]" * 100_000, None),  # nests past Python's recursion limit
 ]
 
 
@@ -191,6 +194,46 @@ def test_bad_completions_paths_and_methods(server):
     status, reply = get(port, "/v1/chat/completions")
     assert status == 405 and reply["error"]["type"] == "invalid_request_error"
     assert get(port, "/health")[1]["status"] == "ok"  # still serving
+
+
+def send(port, method, path, body: bytes, content_type):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request(method, path, body, {"Content-Type": content_type} if content_type else {})
+    r = conn.getresponse()
+    return r.status, r.getheader("Allow"), json.loads(r.read())
+
+
+def test_bad_bytes_headers_and_text_get_json_errors(server):
+    port = server[0]
+    ok = json.dumps({"messages": RIVERS, "max_tokens": 1}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):  # what a web page may send unasked
+        status, _, reply = send(port, "POST", "/v1/chat/completions", ok, kind)
+        assert status == 415 and "application/json" in reply["error"]["message"]
+    assert send(port, "POST", "/v1/chat/completions", ok, "application/json; charset=utf-8")[0] == 200
+    status, allow, reply = send(port, "GET", "/v1/completions", b"", None)
+    assert (status, allow) == (405, "POST") and reply["error"]["type"] == "invalid_request_error"
+    status, _, reply = send(port, "POST", "/v1/completions", b'{"prompt": "\\udfff", "max_tokens": 2}',
+                            "application/json")
+    assert status == 400 and reply["error"]["param"] == "prompt" and "surrogate" in reply["error"]["message"]
+    # an error quoting the request's lone surrogate is still sent (escaped)
+    status, _, reply = send(port, "POST", "/v1/completions", b'{"prompt": "Hi", "model": "\\ud800"}',
+                            "application/json")
+    assert status == 404 and reply["error"]["code"] == "model_not_found" and "\ud800" in reply["error"]["message"]
+    assert get(port, "/health")[1]["status"] == "ok"
+
+
+def test_a_huge_prompt_is_refused_from_a_prefix(server, default_model):
+    """A 15 MB prompt (2.5 M tokens) is refused without tokenizing it all (~50 s on this CPU)."""
+    from mlx_redrafter.openai_api import surely_over
+
+    tokenizer = default_model[1]
+    assert surely_over(tokenizer, "hello " * 20_000, 8192)  # 20 001 tokens
+    assert not surely_over(tokenizer, "hello " * 3_000, 8192)  # 3 001 tokens
+    assert not surely_over(tokenizer, " " * 200_000, 8192)  # 3 125 tokens: 64 characters each
+    status, reply = post(server[0], "/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": "hello " * 2_500_000}], "max_tokens": 2})
+    assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
+    assert "over 8192 tokens" in reply["error"]["message"]
 
 
 def test_eight_concurrent_clients_get_their_own_answers(client, served_id, server):
