@@ -85,15 +85,14 @@ def record_files(directory: Path):
 
 def added_files(path) -> Optional[list]:
     """What in a folder this project wrote was not written by it: [] when nothing; None when the folder
-    is not ours, or its marker predates the list of files (nothing then tells its files from the user's)."""
+    is not ours, or its marker predates the list of files and it is not exactly a drafter or checkpoint
+    (nothing then tells its files from the user's)."""
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
         return None
     record = _marker(path)
-    if record is None:
-        return [] if written_by_us(path) else None  # a layout from before markers: its names were checked
-    if not isinstance(record.get("files"), list):
-        return None
+    if record is None or not isinstance(record.get("files"), list):  # an earlier version's output
+        return [] if _legacy_layout(path) else None
     return sorted(_entries(path) - set(map(str, record["files"])) - {MARKER})
 
 
@@ -104,8 +103,13 @@ def written_by_us(path) -> bool:
         return False
     if _marker_ok(path):
         return True
+    return _legacy_layout(path)
+
+
+def _legacy_layout(path: Path) -> bool:
+    """Whether the folder holds exactly a layout versions before the marker (or its list of files) wrote."""
     try:
-        names = {p.name for p in path.iterdir()}
+        names = {p.name for p in path.iterdir()} - {MARKER}
     except OSError:
         return False
     return any(names and names <= allowed and required <= names for allowed, required in LEGACY_LAYOUTS)

@@ -150,6 +150,22 @@ def test_force_keeps_files_added_to_a_folder_convert_wrote(sandbox):
     refused(convert("hf", "out", "--force"), contains="did not write")
 
 
+def test_a_drafter_saved_by_an_earlier_version_is_still_replaced(sandbox):
+    """Its marker has no list of files, but it holds exactly a drafter (a resumed training saves over it)."""
+    from conftest import tiny_drafter
+    from mlx_redrafter.drafter import save_drafter
+
+    drafter = tiny_drafter(tiny_model(tiny_config(vocab_size=64)))
+    save_drafter(drafter, sandbox / "d")
+    marker = json.loads((sandbox / "d" / MARKER).read_text())
+    del marker["files"]
+    (sandbox / "d" / MARKER).write_text(json.dumps(marker))
+    save_drafter(drafter, sandbox / "d")
+    (sandbox / "d" / "mine.txt").write_text("mine")
+    with pytest.raises(UnsafeOutputError, match=r"added after mlx-redrafter wrote it \(mine.txt\)"):
+        save_drafter(drafter, sandbox / "d")
+
+
 def test_drafter_output_is_checked_too(sandbox, hf_dir):
     from conftest import tiny_drafter
     from mlx_redrafter.drafter import save_drafter
