@@ -26,17 +26,37 @@ preload_blas()  # must run before mlx is first imported
 
 __version__ = "0.1.0"
 
-from .loading import find_drafter, load  # noqa: E402
 from .generate import GenerationResponse, generate, stream_generate  # noqa: E402
 from .sampling import SamplingConfig  # noqa: E402
 from .beam_search import BeamShape, default_shape  # noqa: E402
 from .drafter import Drafter, load_drafter  # noqa: E402
 from .decoding import Decoder  # noqa: E402
-from .training import TrainConfig, TrainResult, train  # noqa: E402
-from .evaluate import EvalResult, eval_drafter  # noqa: E402
-from .speed import BenchmarkResult, benchmark  # noqa: E402
-
 from .prompt_cache import PromptCache  # noqa: E402
+
+# imported on first use: these pull in mlx-lm and with it transformers (and torch where installed),
+# seconds that `--help`, and a Ctrl-C during start-up, should not wait for
+_LAZY = {"load": "loading", "find_drafter": "loading", "train": "training", "TrainConfig": "training",
+         "TrainResult": "training", "eval_drafter": "evaluate", "EvalResult": "evaluate",
+         "benchmark": "speed", "BenchmarkResult": "speed"}
+
+
+def __getattr__(name: str):
+    import importlib
+    import importlib.util
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif importlib.util.find_spec(f".{name}", __name__) is not None:  # a submodule: mr.loading, ...
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "load", "generate", "stream_generate", "GenerationResponse", "SamplingConfig",

@@ -530,7 +530,11 @@ def chat(
 
 
 def main():
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # before a command's own handling (`guarded`) starts
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
