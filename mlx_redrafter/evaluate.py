@@ -25,7 +25,7 @@ from .beam_search import BeamShape
 from .decoding import Decoder, history_size
 from .draft_tree import accept
 from .distill import batch_generate
-from .generate import encode_prompt, stream_generate
+from .generate import encode_prompts, stream_generate
 from .outputs import atomic_file, check_new_files, write_file
 from .plots import grid
 from .progress import progress as progress_bar
@@ -37,8 +37,9 @@ def acceptance(model, tokenizer, drafter, prompts: Sequence[str], shape: BeamSha
     """Speculative decoding over prompts (greedy, or `sampling`); counts accepted drafted tokens per step."""
     accepted: List[int] = []
     tokens = 0
-    for prompt in progress_bar(prompts, progress, desc=f"W={shape.width} Lb={shape.length}", leave=False):
-        for r in stream_generate(model, tokenizer, encode_prompt(tokenizer, prompt), drafter=drafter,
+    ids = encode_prompts(model, tokenizer, prompts, max_tokens)
+    for prompt in progress_bar(ids, progress, desc=f"W={shape.width} Lb={shape.length}", leave=False):
+        for r in stream_generate(model, tokenizer, prompt, drafter=drafter,
                                  max_tokens=max_tokens, beam=shape, sampling=sampling):
             tokens += 1
             if not r.from_draft:
@@ -49,7 +50,7 @@ def acceptance(model, tokenizer, drafter, prompts: Sequence[str], shape: BeamSha
 def greedy_references(model, tokenizer, prompts: Sequence[str], max_tokens: int, batch_size: int = 16,
                       progress: bool = True) -> List[tuple]:
     """(prompt ids, greedy continuation up to EOS or max_tokens) per prompt, generated in batches."""
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    ids = encode_prompts(model, tokenizer, prompts, max_tokens)
     eos, refs = set(tokenizer.eos_token_ids), []
     for i in progress_bar(range(0, len(ids), batch_size), progress, desc="greedy references", leave=False):
         refs += batch_generate(model, ids[i: i + batch_size], max_tokens, SamplingConfig(), eos)

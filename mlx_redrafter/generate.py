@@ -96,6 +96,45 @@ def context_window(model) -> Optional[int]:
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 
+def surely_over(tokenizer, text: str, limit: Optional[int]) -> bool:
+    """Whether `text` alone is longer than `limit` tokens, told from prefixes of it (4 x limit
+    characters, doubling) so that a 16 MiB prompt is refused after tokenizing a little of it, not
+    after 20 s of tokenizing it all. A prefix has at most a few tokens more than its part of the whole."""
+    if not limit or len(text) <= 4 * limit or not is_unicode(text):  # a lone surrogate: named later
+        return False
+    size = 4 * limit
+    while size < len(text):
+        if len(tokenizer.encode(text[:size])) > limit + 64:
+            return True
+        size *= 2
+    return False
+
+
+def is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def encode_prompts(model, tokenizer, prompts, max_tokens: int) -> List[List[int]]:
+    """Each prompt's ids (`encode_prompt`, chat template applied) for runs of up to max_tokens new
+    tokens. A prompt that would not fit the model's context window with them is refused before any
+    decoding (ValueError naming it), a huge one without tokenizing all of it."""
+    limit = context_window(model)
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str) and surely_over(tokenizer, prompt, limit):
+            raise ValueError(f"prompt {i + 1} is over {limit} tokens, the model's context window: shorten or drop it")
+        ids = encode_prompt(tokenizer, prompt)
+        if limit is not None and len(ids) + max_tokens > limit:
+            raise ValueError(f"prompt {i + 1} is {len(ids)} tokens: with {max_tokens} new tokens it does not fit the "
+                             f"model's context window of {limit}: shorten or drop it, or ask for fewer new tokens")
+        out.append(ids)
+    return out
+
+
 def fit_context(ids: List[int], max_tokens: int, limit: Optional[int], keep_last: Optional[int] = None):
     """(prompt ids, max_tokens) that fit a context window of `limit` tokens (None: no limit).
 

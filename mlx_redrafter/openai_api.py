@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import List, Optional
 
-from .generate import context_window, encode_messages, encode_prompt, fit_context
+from .generate import context_window, encode_messages, encode_prompt, fit_context, is_unicode, surely_over
 from .sampling import SamplingConfig
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -274,7 +274,7 @@ def _prompt_ids(body: dict, served: Served) -> List[int]:
 
 def _unicode(text: str, where: str) -> str:
     """JSON's \\ud800-style escapes can carry half of a surrogate pair, which no tokenizer encodes."""
-    if not _is_unicode(text):
+    if not is_unicode(text):
         lone = next(c for c in text if "\ud800" <= c <= "\udfff")
         raise ApiError(400, f"{where} holds a lone UTF-16 surrogate ({ascii(lone)}): send valid Unicode (both "
                             "halves of a pair, or the character itself)", where)
@@ -296,28 +296,6 @@ def _chat_text(body: dict) -> Optional[str]:
 def _prompt_text(body: dict) -> Optional[str]:
     prompt = body.get("prompt")
     return prompt if isinstance(prompt, str) else None
-
-
-def surely_over(tokenizer, text: str, limit: Optional[int]) -> bool:
-    """Whether `text` alone is longer than `limit` tokens, told from prefixes of it (4 x limit
-    characters, doubling) so that a 16 MiB prompt is refused after tokenizing a little of it, not
-    after 20 s of tokenizing it all. A prefix has at most a few tokens more than its part of the whole."""
-    if not limit or len(text) <= 4 * limit or not _is_unicode(text):  # a lone surrogate: named later
-        return False
-    size = 4 * limit
-    while size < len(text):
-        if len(tokenizer.encode(text[:size])) > limit + 64:
-            return True
-        size *= 2
-    return False
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def new_id(chat: bool) -> str:

@@ -19,7 +19,7 @@ from . import backend
 from .backend import machine
 from .beam_search import BeamShape, default_shape
 from .evaluate import as_list
-from .generate import encode_prompt, stream_generate
+from .generate import encode_prompts, stream_generate
 from .outputs import atomic_file, check_new_files, write_file
 from .plots import grid
 from .progress import progress as progress_bar
@@ -88,7 +88,7 @@ def summarize(runs: Dict[str, List[dict]], greedy_reference: str = "mlx-lm plain
 
 def run_benchmark(model, tokenizer, config, drafter, prompts: List[str], max_tokens: int, shape: BeamShape,
                   temp: Optional[float] = 0.7, with_mlx_lm_spec: bool = True, progress: bool = True) -> Dict:
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    ids = encode_prompts(model, tokenizer, prompts, max_tokens)
     fns = methods(model, config, drafter, shape, temp, with_mlx_lm_spec)
     for fn in fns.values():  # warm up every shape (tree buckets included)
         fn(tokenizer, ids[0], max_tokens)
@@ -106,7 +106,7 @@ def run_benchmark(model, tokenizer, config, drafter, prompts: List[str], max_tok
 def run_sweep(model, tokenizer, config, drafter, prompts, max_tokens, widths, lengths, lookup=True,
               progress=True, lookup_length: int = 0, min_prob: float = 0.0) -> List[Dict]:
     """ReDrafter greedy speed over W x Lb, against mlx-lm plain measured in the same run."""
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    ids = encode_prompts(model, tokenizer, prompts, max_tokens)
     ref = to_mlx_lm(model, config)
     shapes = [BeamShape(w, l, lookup, lookup_length=lookup_length, min_prob=min_prob) for w in widths for l in lengths]
     for s in shapes:

@@ -147,14 +147,14 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, ...
     round, the prompts taken in turn) and repeated for its share of `seconds` (greedy 60%, sampled 40%; at
     least MIN_ROUNDS rounds, so two prompts), so a drifting machine shifts all settings alike and a fast one
     measures more rounds and prompts."""
-    from .generate import encode_prompt
+    from .generate import encode_prompts
 
     if not (math.isfinite(seconds) and seconds >= 0):
         raise ValueError(f"seconds must be a finite number >= 0, got {seconds}")
     candidates = candidates or CANDIDATES["gpu" if backend.on_gpu() else "cpu"]
     finalists = max(1, min(finalists, len(candidates)))
     shapes = [BeamShape(w, lb, True, n, **dict(zip(("lookup_length", "min_prob"), rest))) for w, lb, n, *rest in candidates]
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    ids = encode_prompts(model, tokenizer, prompts, max_tokens)
     greedy, sampled = SamplingConfig(), SamplingConfig(temperature=temp, seed=0)
     measure = lambda group, sampling, budget, desc: _interleaved(  # noqa: E731
         model, tokenizer, drafter, group, ids, max_tokens, sampling, budget, progress, desc)

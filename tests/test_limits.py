@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from conftest import tiny_config, tiny_drafter, tiny_model, word_tokenizer
 from mlx_redrafter import SamplingConfig, generate, stream_generate
 from mlx_redrafter.beam_search import BeamShape
-from mlx_redrafter.generate import context_window, fit_context
+from mlx_redrafter.generate import context_window, encode_prompts, fit_context
 from mlx_redrafter.sampling import MIN_TEMPERATURE, choose_tokens, filtered_logits
 
 VOCAB = 16
@@ -108,6 +108,29 @@ def test_long_prompt_is_refused_before_any_work(pair, speculative, monkeypatch):
     message = str(e.value)
     assert "\n" not in message and "40 tokens" in message and f"context window is {LIMIT}" in message
     assert "--keep-last" in message
+
+
+def test_eval_benchmark_and_tune_refuse_a_prompt_over_the_window_before_decoding(pair, monkeypatch):
+    """eval-drafter, benchmark and tune run many prompts: one too long is named before any work (it
+    once ran unbounded, or crashed MLX with a 3 MB prompt)."""
+    from mlx_redrafter import evaluate, speed, tune
+
+    model, tok, drafter = pair
+    fits, long = "t3 t4", " ".join(["t5"] * 30)
+    assert encode_prompts(model, tok, [fits], 4) == [[3, 4]]
+    with pytest.raises(ValueError, match=f"prompt 2 is 30 tokens: with 4 new tokens it does not fit .* of {LIMIT}"):
+        encode_prompts(model, tok, [fits, long], 4)
+    with pytest.raises(ValueError, match="prompt 1 is 2 tokens: with 23 new tokens"):
+        encode_prompts(model, tok, [fits], 23)
+    with pytest.raises(ValueError, match=f"prompt 1 is over {LIMIT} tokens"):  # not tokenized in full
+        encode_prompts(model, tok, ["t5 " * 100_000], 4)
+    monkeypatch.setattr(evaluate, "batch_generate", lambda *a: pytest.fail("decoded"))
+    with pytest.raises(ValueError, match="prompt 2"):
+        evaluate.greedy_references(model, tok, [fits, long], 4, progress=False)
+    with pytest.raises(ValueError, match="prompt 2"):
+        speed.run_benchmark(model, tok, None, drafter, [fits, long], 4, BeamShape(3, 4, False), progress=False)
+    with pytest.raises(ValueError, match="prompt 2"):
+        tune.tune(model, tok, drafter, prompts=[fits, long], max_tokens=4, progress=False)
 
 
 @pytest.mark.parametrize("speculative", [False, True])

@@ -224,7 +224,7 @@ def test_bad_bytes_headers_and_text_get_json_errors(server):
 
 def test_a_huge_prompt_is_refused_from_a_prefix(server, default_model):
     """A 15 MB prompt (2.5 M tokens) is refused without tokenizing it all (~50 s on this CPU)."""
-    from mlx_redrafter.openai_api import surely_over
+    from mlx_redrafter.generate import surely_over
 
     tokenizer = default_model[1]
     assert surely_over(tokenizer, "hello " * 20_000, 8192)  # 20 001 tokens
