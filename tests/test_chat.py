@@ -60,3 +60,16 @@ def test_exit_command():
     chat.expect(pexpect.EOF)
     chat.close()
     assert chat.exitstatus == 0
+
+
+def test_a_line_that_is_not_utf8_is_named_and_the_chat_goes_on():
+    """Bytes from a terminal or pipe in another encoding: one note, no traceback, the next line is answered."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "mlx_redrafter", "chat", "-n", "2"], input=b"Hi \xff there\nHi\n/exit\n",
+                          capture_output=True, cwd=ROOT, env=env, timeout=300)
+    out = done.stdout.decode()
+    assert done.returncode == 0 and "Traceback" not in done.stderr.decode(), done.stderr.decode()
+    assert "[that line is not UTF-8 text (byte 0xff)" in out
+    assert out.count(">> ") == 3 and out.split(">> ")[2].strip()  # the next line got an answer
