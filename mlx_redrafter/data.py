@@ -109,16 +109,25 @@ def _jsonl_records(text: str, path: Path) -> Iterator:
                 raise ValueError(f"{path}: line {n} is not JSON ({e.msg}): expected one JSON record per line") from None
 
 
+MAX_UNZIPPED = 1 << 30  # bytes a gzipped prompts file may unpack to
+
+
 def read_conversations(path, limit: Optional[int] = None, all_turns: bool = False) -> List[Conversation]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such prompt file: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give a prompts file (.jsonl, .json or either .gz)")
     import gzip
     import zlib
 
     try:
         if path.suffix == ".gz":
-            text = gzip.decompress(path.read_bytes()).decode("utf-8")
+            with gzip.open(path) as f:
+                data = f.read(MAX_UNZIPPED + 1)  # bounded: a small .gz can unpack to terabytes
+            if len(data) > MAX_UNZIPPED:
+                raise ValueError(f"{path} unpacks to over {MAX_UNZIPPED >> 30} GiB: split it, or pass a smaller file")
+            text = data.decode("utf-8")
         else:
             text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -154,6 +154,7 @@ def check_location(out, sources: Iterable = ()) -> Path:
             raise UnsafeOutputError(f"refusing to write the output to {out}: it {what}; {fix}")
     if target.exists() and not target.is_dir():
         raise UnsafeOutputError(f"{out} is a file, not a folder: choose a new folder for the output")
+    check_folders_above(target)
     return target
 
 
@@ -320,10 +321,21 @@ def _legacy_run(path: Path) -> bool:
 
 # ---- files ----
 
+def check_folders_above(path, what: str = "the output"):
+    """Refuse (UnsafeOutputError) a path under an existing file: it could only fail once the work is done."""
+    for parent in Path(os.path.abspath(Path(path).expanduser())).parents:
+        if os.path.exists(parent):
+            if not parent.is_dir():
+                raise UnsafeOutputError(f"{parent} is a file, not a folder, so {what} cannot go under it: "
+                                        "choose another output folder")
+            return
+
+
 def check_new_files(paths: Iterable, force: bool):
     """Refuse (FileExistsError) before anything is written if a result file exists and force is off."""
     for path in paths:
         path = Path(path)
+        check_folders_above(path, path.name)
         if os.path.lexists(path) and (path.is_dir() and not path.is_symlink()):
             raise UnsafeOutputError(f"{path} is a folder, not a file: choose another --out")
         if os.path.lexists(path) and not force:

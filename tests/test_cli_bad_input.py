@@ -82,6 +82,19 @@ def test_binary_prompts_file_names_the_file(model_dir, tmp_path, name, data):
                 "--no-mlx-lm-spec"], tmp_path / name)
 
 
+def test_prompts_folder_gzip_bomb_and_output_under_a_file_are_refused_up_front(model_dir, tmp_path, monkeypatch):
+    from mlx_redrafter import data
+
+    monkeypatch.setattr(data, "MAX_UNZIPPED", 1000)
+    (tmp_path / "big.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "' + b"a" * 5000 + b'"}\n'))
+    (tmp_path / "notes.txt").write_text("mine")
+    args = ["eval-drafter", "-m", model_dir, "--out", tmp_path / "out", "--widths", "2", "--lengths", "2"]
+    error_line(args + ["--prompts", tmp_path], "is a folder: give a prompts file")
+    error_line(args + ["--prompts", tmp_path / "big.jsonl.gz"], "unpacks to over")
+    error_line(["eval-drafter", "-m", model_dir, "--out", tmp_path / "notes.txt"], "notes.txt is a file, not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
 def test_ctrl_c_during_generation_keeps_the_text(model_dir):
     """A real SIGINT to the command: the text so far stays on stdout, one line on stderr, exit 130."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
