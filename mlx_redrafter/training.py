@@ -163,6 +163,16 @@ def batches(examples, cfg: TrainConfig, epoch: int):
         yield [examples[j] for j in order[i: i + cfg.batch_size]]
 
 
+def with_targets(examples, cfg: TrainConfig):
+    """The examples with a reply token inside their first seq_len tokens (the others teach nothing)."""
+    kept = [e for e in examples if min(len(e[0]), cfg.seq_len) > max(e[1], 1)]
+    if examples and not kept:
+        shortest = min(e[1] for e in examples)
+        raise ValueError(f"--seq-len {cfg.seq_len} cuts off every reply: the shortest prompt is {shortest} tokens "
+                         f"(chat template included); use a --seq-len well above it, e.g. {shortest + 128}")
+    return kept
+
+
 def split_holdout(examples, cfg: TrainConfig):
     """(training examples, held-out examples), the held-out ones chosen by the seed."""
     if cfg.holdout <= 0:
@@ -309,7 +319,7 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     out = claim_dir(out, what="train") if world.is_main else Path(out)  # new, empty or ours; never the cwd, home or root
     checkpoint = out / "checkpoint"
     progress = progress and world.is_main
-    examples, heldout = split_holdout(examples, cfg)
+    examples, heldout = split_holdout(with_targets(examples, cfg), cfg)
     if extra_examples:
         held_prompts = {tuple(t[:p].tolist()) for t, p in heldout}
         examples = examples + [e for e in extra_examples if tuple(e[0][: e[1]].tolist()) not in held_prompts]

@@ -201,3 +201,16 @@ def test_extra_examples_never_hold_a_held_out_prompt(base, tmp_path):
     held_prompts = {tuple(t[:p].tolist()) for t, p in training.split_holdout(examples, cfg)[1]}
     kept = [e for e in other if tuple(e[0][: e[1]].tolist()) not in held_prompts]
     assert metrics["examples"] == 20 + len(kept) and len(kept) <= 20
+
+
+def test_a_seq_len_that_cuts_off_every_reply_is_named(base, tmp_path):
+    """It used to fail inside MLX ("[logsumexp] Received empty array"); examples cut off alone are dropped."""
+    examples = read_sequences(tiny_data(base, tmp_path / "data", n=16))
+    shortest = min(p for _, p in examples)
+    with pytest.raises(ValueError, match=f"--seq-len {shortest} cuts off every reply: the shortest prompt is {shortest}"):
+        fit(base, examples, tmp_path / "a", TrainConfig(head="full", exit_dim=16, batch_size=8, seq_len=shortest,
+                                                        max_steps=1), progress=False)
+    cut = [(np.concatenate([t[:p], t[p:]]), len(t)) for t, p in examples[:4]]  # all prompt: nothing to learn
+    _, metrics = fit(base, examples + cut, tmp_path / "b", TrainConfig(head="full", exit_dim=16, batch_size=8,
+                                                                        max_steps=1), progress=False)
+    assert metrics["examples"] == len(examples)
