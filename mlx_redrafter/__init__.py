@@ -46,7 +46,8 @@ def __getattr__(name: str):
 
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    elif importlib.util.find_spec(f".{name}", __name__) is not None:  # a submodule: mr.loading, ...
+    elif not name.startswith("_") and "." not in name and importlib.util.find_spec(f".{name}", __name__):
+        # a submodule: mr.loading, ... (never __main__, which would run the command line)
         value = importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

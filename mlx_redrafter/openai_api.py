@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import List, Optional
 
-from .generate import context_window, encode_messages, encode_prompt, fit_context, is_unicode, surely_over
+from .generate import chat_text, context_window, encode_messages, encode_prompt, fit_context, is_unicode, surely_over
 from .sampling import SamplingConfig
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -108,11 +108,7 @@ def parse_request(raw: bytes, chat: bool, served: Served) -> Completion:
     include_usage = bool(options and _typed(options, "include_usage", bool, False, "stream_options.include_usage"))
     limit = context_window(served.model)
     max_tokens = _max_tokens(body, served.default_max_tokens, limit)
-    text = _chat_text(body) if chat else _prompt_text(body)
-    if text is not None and surely_over(served.tokenizer, text, limit):
-        raise ApiError(400, f"the prompt is over {limit} tokens, the model's context window (prompt and reply "
-                            "together): shorten it", "messages" if chat else "prompt", "context_length_exceeded")
-    ids = _chat_ids(body, served.tokenizer) if chat else _prompt_ids(body, served)
+    ids = _chat_ids(body, served.tokenizer, limit) if chat else _prompt_ids(body, served, limit)
     try:
         ids, max_tokens = fit_context(ids, max_tokens, limit)
     except ValueError:
@@ -225,16 +221,24 @@ def _stops(body: dict) -> List[str]:
     return stops
 
 
-def _chat_ids(body: dict, tokenizer) -> List[int]:
+def _chat_ids(body: dict, tokenizer, limit: Optional[int]) -> List[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty array of {\"role\", \"content\"} objects", "messages")
     chat = [_message(m, i) for i, m in enumerate(messages)]
     try:
-        return encode_messages(tokenizer, chat)
+        text = chat_text(tokenizer, chat)
     except Exception as e:  # the chat template (Jinja) may refuse an order of roles
         raise ApiError(400, f"the model's chat template refused these messages: {str(e).splitlines()[0][:200]}",
                        "messages")
+    _refuse_surely_over(tokenizer, text, limit, "messages")
+    return encode_messages(tokenizer, chat)
+
+
+def _refuse_surely_over(tokenizer, text: str, limit: Optional[int], param: str):
+    if surely_over(tokenizer, text, limit):
+        raise ApiError(400, f"the prompt is over {limit} tokens, the model's context window (prompt and reply "
+                            "together): shorten it", param, "context_length_exceeded")
 
 
 def _message(m, i: int) -> dict:
@@ -258,13 +262,14 @@ def _content(content, where: str) -> str:
                         "images and audio are not supported)", where)
 
 
-def _prompt_ids(body: dict, served: Served) -> List[int]:
+def _prompt_ids(body: dict, served: Served, limit: Optional[int]) -> List[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     vocab = getattr(getattr(served.model, "args", None), "vocab_size", None)
     if isinstance(prompt, str) and prompt:
-        return encode_prompt(served.tokenizer, _unicode(prompt, "prompt"), chat_template=False)
+        _refuse_surely_over(served.tokenizer, _unicode(prompt, "prompt"), limit, "prompt")
+        return encode_prompt(served.tokenizer, prompt, chat_template=False)
     if (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                                     and (vocab is None or t < vocab) for t in prompt)):
         return list(prompt)
@@ -279,23 +284,6 @@ def _unicode(text: str, where: str) -> str:
         raise ApiError(400, f"{where} holds a lone UTF-16 surrogate ({ascii(lone)}): send valid Unicode (both "
                             "halves of a pair, or the character itself)", where)
     return text
-
-
-def _chat_text(body: dict) -> Optional[str]:
-    """The messages' text joined (None when they are malformed: `_chat_ids` says how)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return None
-    texts = []
-    for content in (m.get("content") for m in messages if isinstance(m, dict)):
-        parts = content if isinstance(content, list) else [{"text": content}]
-        texts += [p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)]
-    return "\n".join(texts)
-
-
-def _prompt_text(body: dict) -> Optional[str]:
-    prompt = body.get("prompt")
-    return prompt if isinstance(prompt, str) else None
 
 
 def new_id(chat: bool) -> str:

@@ -93,7 +93,13 @@ def added_files(path) -> Optional[list]:
     record = _marker(path)
     if record is None or not isinstance(record.get("files"), list):  # an earlier version's output
         return [] if _legacy_layout(path) else None
-    return sorted(_entries(path) - set(map(str, record["files"])) - {MARKER})
+    added = _entries(path) - set(map(str, record["files"])) - {MARKER}
+    return sorted(a for a in added if not _clutter(Path(a).name))
+
+
+def _clutter(name: str) -> bool:
+    """Files a file browser leaves in any folder it shows (Finder, Windows Explorer): not the user's work."""
+    return name in (".DS_Store", "Thumbs.db", "desktop.ini") or name.startswith("._")
 
 
 def written_by_us(path) -> bool:

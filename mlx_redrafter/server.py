@@ -54,7 +54,8 @@ def _json_content_type(request: Request):
 
 
 def create_app(served: Served, worker: Worker, allowed_origins=()) -> Starlette:
-    parsing = ThreadPoolExecutor(2, thread_name_prefix="mlx-redrafter-parse")  # two prompts tokenized at once
+    # one thread: some tokenizers are not safe to call from two threads at once (transformers 5.x)
+    parsing = ThreadPoolExecutor(1, thread_name_prefix="mlx-redrafter-parse")
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": served.id, **worker.status()})

@@ -163,9 +163,15 @@ def batches(examples, cfg: TrainConfig, epoch: int):
         yield [examples[j] for j in order[i: i + cfg.batch_size]]
 
 
+def teaches(example, cfg: TrainConfig) -> bool:
+    """Whether a (tokens, prompt_len) example has a reply token inside its first seq_len tokens to learn."""
+    tokens, prompt_len = example
+    return min(len(tokens), cfg.seq_len) > max(prompt_len, 2)  # make_batch's first target is x_2
+
+
 def with_targets(examples, cfg: TrainConfig):
-    """The examples with a reply token inside their first seq_len tokens (the others teach nothing)."""
-    kept = [e for e in examples if min(len(e[0]), cfg.seq_len) > max(e[1], 1)]
+    """The examples that teach something; none at all is an error naming the --seq-len to use."""
+    kept = [e for e in examples if teaches(e, cfg)]
     if examples and not kept:
         shortest = min(e[1] for e in examples)
         raise ValueError(f"--seq-len {cfg.seq_len} cuts off every reply: the shortest prompt is {shortest} tokens "
@@ -322,7 +328,8 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     examples, heldout = split_holdout(with_targets(examples, cfg), cfg)
     if extra_examples:
         held_prompts = {tuple(t[:p].tolist()) for t, p in heldout}
-        examples = examples + [e for e in extra_examples if tuple(e[0][: e[1]].tolist()) not in held_prompts]
+        examples = examples + [e for e in extra_examples
+                               if teaches(e, cfg) and tuple(e[0][: e[1]].tolist()) not in held_prompts]
     per_epoch = steps_per_epoch(examples, cfg)
     if per_epoch == 0:
         raise ValueError(f"{len(examples)} examples are fewer than one batch of {cfg.batch_size}")

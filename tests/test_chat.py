@@ -62,11 +62,12 @@ def test_exit_command():
     assert chat.exitstatus == 0
 
 
-def test_a_line_that_is_not_utf8_is_named_and_the_chat_goes_on():
+@pytest.mark.parametrize("stdin_errors", ["strict", "surrogateescape"])  # en_US.UTF-8 (macOS) / C.UTF-8 locales
+def test_a_line_that_is_not_utf8_is_named_and_the_chat_goes_on(stdin_errors):
     """Bytes from a terminal or pipe in another encoding: one note, no traceback, the next line is answered."""
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": f"utf-8:{stdin_errors}"}
     done = subprocess.run([sys.executable, "-m", "mlx_redrafter", "chat", "-n", "2"], input=b"Hi \xff there\nHi\n/exit\n",
                           capture_output=True, cwd=ROOT, env=env, timeout=300)
     out = done.stdout.decode()

@@ -123,10 +123,11 @@ def test_force_replaces_what_convert_wrote_and_empty_folders(sandbox):
     assert r.exit_code == 0, r.output
     marker = json.loads((sandbox / "out" / MARKER).read_text())
     assert marker["written_by"] == "mlx-redrafter" and marker["what"] == "convert base"
+    (sandbox / "out" / ".DS_Store").write_bytes(b"\0")  # a file browser's, not the user's work
     before = tree(sandbox / "hf")
     r = convert("hf", "out", "--force")
     assert r.exit_code == 0, r.output
-    assert (sandbox / "out" / "config.json").exists()
+    assert (sandbox / "out" / "config.json").exists() and not (sandbox / "out" / ".DS_Store").exists()
     assert json.loads((sandbox / "out" / "config.json").read_text())["torch_dtype"] == "float16"
     (sandbox / "empty").mkdir()
     assert convert("hf", "empty", "--force").exit_code == 0

