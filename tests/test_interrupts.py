@@ -17,12 +17,16 @@ def python_sigint():
     signal.signal(signal.SIGINT, previous)
 
 
+def ctrl_c_now():
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):  # the handler runs between bytecodes
+        pass
+
+
 def test_a_swallowed_interrupt_is_raised_again_between_tokens():
     with sigint_flag(raise_now=True) as ctrl_c:
         try:
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):  # the handler runs between bytecodes
-                pass
+            ctrl_c_now()
         except KeyboardInterrupt:  # swallowed, as a C extension may do
             pass
         assert ctrl_c.is_set()
@@ -33,18 +37,14 @@ def test_a_swallowed_interrupt_is_raised_again_between_tokens():
 
 def test_flag_only_does_not_raise():
     with sigint_flag() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(1000):
-            pass
+        ctrl_c_now()
         assert stop.is_set()
 
 
 def test_an_ignored_sigint_stays_ignored():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with sigint_flag(raise_now=True) as ctrl_c:
-        os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(1000):
-            pass
+        ctrl_c_now()
         ctrl_c.check()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
@@ -52,8 +52,6 @@ def test_an_ignored_sigint_stays_ignored():
 def test_chat_takes_an_ignored_sigint_anyway():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with sigint_flag(keep_ignored=False) as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(1000):
-            pass
+        ctrl_c_now()
         assert stop.is_set()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
