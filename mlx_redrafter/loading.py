@@ -463,6 +463,11 @@ def load(
     >>> model, tokenizer, config = mr.load("mlx-community/Qwen2.5-0.5B-Instruct-4bit",
     ...                                    drafter="path/to/drafter", return_config=True)
     """
+    for value, fix in ((path_or_hf_repo, "the model path is empty: name a model folder, a .gguf file or a Hub id, "
+                                         "or leave it out for the default model"),
+                       (drafter, "the drafter path is empty: name a drafter folder, or leave it out for the model's own")):
+        if isinstance(value, (str, Path)) and not str(value).strip():
+            raise ValueError(fix)
     if isinstance(drafter, str) and drafter == AUTO:
         drafter_path = find_drafter(path_or_hf_repo)
     elif drafter is None or isinstance(drafter, Drafter):

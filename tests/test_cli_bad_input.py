@@ -95,6 +95,11 @@ def test_prompts_folder_gzip_bomb_and_output_under_a_file_are_refused_up_front(m
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
 
 
+def test_an_empty_model_or_drafter_path_is_named(model_dir):
+    error_line(["generate", "-m", "", "-p", "t3"], "the model path is empty")
+    error_line(["generate", "-m", model_dir, "-d", " ", "-p", "t3"], "the drafter path is empty")
+
+
 def test_ctrl_c_during_generation_keeps_the_text(model_dir):
     """A real SIGINT to the command: the text so far stays on stdout, one line on stderr, exit 130."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
