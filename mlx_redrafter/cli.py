@@ -530,11 +530,20 @@ def chat(
 
 
 def main():
+    """The console entry: usage errors (a bad option value, an unknown command) as one `error:` line."""
     try:
-        app()
-    except KeyboardInterrupt:  # before a command's own handling (`guarded`) starts
+        code = app(standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):  # before a command's own handling (`guarded`) starts
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as e:
+        if not (hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int)):
+            raise  # not a click usage error
+        where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "mlx-redrafter"
+        if e.format_message().strip():  # none after the help shown for no arguments
+            typer.echo(f"error: {e.format_message()} (see {where} --help)", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,17 @@ def test_prompts_folder_gzip_bomb_and_output_under_a_file_are_refused_up_front(m
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, needle", [(["generate", "-p", "t3", "--top-p", "2"], "Invalid value for '--top-p'"),
+                                          (["generat", "-p", "t3"], "No such command 'generat'")])
+def test_usage_errors_are_one_line_from_the_real_command(args, needle):
+    """Typer's own checks, as the installed command prints them (CliRunner bypasses `main`)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "mlx_redrafter", *args], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
+
+
 def test_an_empty_model_or_drafter_path_is_named(model_dir):
     error_line(["generate", "-m", "", "-p", "t3"], "the model path is empty")
     error_line(["generate", "-m", model_dir, "-d", " ", "-p", "t3"], "the drafter path is empty")
