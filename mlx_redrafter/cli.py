@@ -72,8 +72,8 @@ def guarded(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
+        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort, BrokenPipeError):
+            raise  # `generate | head`: the command line's main exits quietly (status 1), as click does
         except KeyboardInterrupt:
             interrupted()
         except MemoryError:

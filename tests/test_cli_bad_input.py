@@ -106,6 +106,17 @@ def test_usage_errors_are_one_line_from_the_real_command(args, needle):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
 
 
+def test_a_reader_that_goes_away_ends_generation_quietly(model_dir):
+    """`generate ... | head -c 12`: no error line for a closed pipe (it said `error: [Errno 32] Broken pipe`)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "mlx_redrafter", *generate_with(model_dir, model_dir / "drafter")[:-1],
+                          "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    p.stdout.read(12)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(120) == 1 and "error" not in err and "Traceback" not in err, err
+
+
 def test_an_empty_model_or_drafter_path_is_named(model_dir):
     error_line(["generate", "-m", "", "-p", "t3"], "the model path is empty")
     error_line(["generate", "-m", model_dir, "-d", " ", "-p", "t3"], "the drafter path is empty")
