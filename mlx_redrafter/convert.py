@@ -121,15 +121,15 @@ def convert_base(src, out, dtype: str = "float16", quantize: bool = False, q_bit
         for f in TOKENIZER_FILES:
             if (src / f).exists():
                 shutil.copy2(src / f, tmp / f)
-        _validate(tmp, config)
+        _validate(tmp, config, src)
     return Path(out)
 
 
-def _validate(path: Path, config: dict):
-    """Every parameter the model needs is present with the right shape."""
+def _validate(path: Path, config: dict, src: Path):
+    """Every parameter the model needs is present with the right shape (the error names the source)."""
     from .loading import build_model, read_safetensors
 
-    build_model(config, read_safetensors(sorted(path.glob("model-*.safetensors"))), str(path))
+    build_model(config, read_safetensors(sorted(path.glob("model-*.safetensors"))), f"{src} (with its config.json)")
 
 
 # ---- drafters ----

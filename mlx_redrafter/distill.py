@@ -132,9 +132,11 @@ def make_distillation_data(model, tokenizer, conversations: List[Conversation], 
     """Write shards of prompt + response token sequences under `out` (resumable; split over `world`'s ranks)."""
     world = world or current_world()
     out = Path(out)
+    existing = out / "manifest.json"
+    if out.is_dir() and any(out.iterdir()) and not existing.exists():
+        raise ValueError(f"{out} holds files mlx-redrafter did not write (no manifest.json): use a new --data folder")
     out.mkdir(parents=True, exist_ok=True)
     manifest = data_manifest(cfg, conversations)
-    existing = out / "manifest.json"
     if existing.exists():
         old = read_json_object(existing, "a data manifest", "use another --data directory")
         if {k: old.get(k) for k in manifest} != manifest:
@@ -204,8 +206,24 @@ def read_sequences(data_dir) -> List[tuple]:
     shards = complete_shards(data_dir)
     examples = []
     for shard in shards:
-        with np.load(shard, allow_pickle=False) as z:
-            tokens, offsets, prompt_lens = z["tokens"], z["offsets"], z["prompt_lens"]
-        tokens = tokens.astype(np.int32)
+        tokens, offsets, prompt_lens = _read_shard(shard)
         examples += [(tokens[offsets[i]: offsets[i + 1]], int(prompt_lens[i])) for i in range(len(prompt_lens))]
     return examples
+
+
+def _read_shard(shard: Path):
+    """(tokens, offsets, prompt_lens) of one shard, checked: a file that is not one is named, never unpickled."""
+    import zipfile
+
+    fix = "use another --data folder, or delete it to generate it again"
+    try:
+        with np.load(shard, allow_pickle=False) as z:
+            tokens, offsets, prompt_lens = (np.asarray(z[k]) for k in ("tokens", "offsets", "prompt_lens"))
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{shard} is not a distillation shard ({type(e).__name__}): {fix}") from None
+    ints = all(a.ndim == 1 and np.issubdtype(a.dtype, np.integer) for a in (tokens, offsets, prompt_lens))
+    if not (ints and len(offsets) == len(prompt_lens) + 1 and len(offsets) and offsets[0] == 0
+            and np.all(np.diff(offsets) >= 0) and offsets[-1] <= len(tokens) and np.all(prompt_lens >= 0)
+            and (len(tokens) == 0 or tokens.min() >= 0)):
+        raise ValueError(f"{shard} is not a well-formed distillation shard (its arrays disagree): {fix}")
+    return tokens.astype(np.int32), offsets, prompt_lens

@@ -399,7 +399,9 @@ def build_model(config: dict, weights: dict, source: str = "the checkpoint") -> 
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise ValueError(f"weights in {source} do not fit a {config['model_type']} model: {e}".replace("\n", " ")) from None
+        said = " ".join(str(e).split())
+        said = said if len(said) <= 300 else said[:300] + " ..."  # MLX lists every missing name
+        raise ValueError(f"weights in {source} do not fit a {config['model_type']} model: {said}") from None
     fuse_projections(model)
     return model
 

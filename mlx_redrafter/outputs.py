@@ -178,8 +178,8 @@ def check_replaceable(out, target: Path, force: bool):
                                 "remove it yourself or choose another output folder")
     if added:
         shown = ", ".join(added[:3]) + (f" and {len(added) - 3} more" if len(added) > 3 else "")
-        raise UnsafeOutputError(f"{out} holds files added after mlx-redrafter wrote it ({shown}), so --force will not "
-                                "replace it: move them out or choose another output folder")
+        raise UnsafeOutputError(f"{out} holds files added after mlx-redrafter wrote it ({shown}), so it will not be "
+                                "replaced: move them out or choose another output folder")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -342,6 +342,11 @@ def check_new_files(paths: Iterable, force: bool):
     for path in paths:
         path = Path(path)
         check_folders_above(path, path.name)
+        try:  # now, not after the run: a folder that cannot be made fails in one line before any work
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UnsafeOutputError(f"cannot create the folder {path.parent} ({e.strerror or e}): "
+                                    "choose another --out") from None
         if os.path.lexists(path) and (path.is_dir() and not path.is_symlink()):
             raise UnsafeOutputError(f"{path} is a folder, not a file: choose another --out")
         if os.path.lexists(path) and not force:

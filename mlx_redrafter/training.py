@@ -551,7 +551,7 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_dat
     data_dir = Path(data) if data else out / "data"
     extra_data = unique_dirs(extra_data, data_dir)
     if out.exists() and not resume and (out / "checkpoint").exists():
-        raise ValueError(f"{out} already holds a training run: continue it with --resume (resume=True), "
+        raise ValueError(f"{out} already holds a training run: continue it with --resume (in Python: resume=True), "
                          "or choose another output folder")
     model_dir = model if isinstance(model, (str, Path)) and not is_default_model(str(model)) and Path(model).exists() else None
     prompt_file = prompts if isinstance(prompts, (str, Path)) else None
@@ -577,7 +577,7 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_dat
                                save_bits=save_bits, extra_examples=extra)
     except KeyboardInterrupt:
         raise TrainingInterrupted(f"interrupted: checkpoint saved in {out / 'checkpoint'}; "
-                                  "rerun with --resume (resume=True)") from None
+                                  "rerun with --resume (in Python: resume=True)") from None
     history = metrics.pop("loss_history")
     if current_world().is_main:
         write_file(out / "training.json", json.dumps(metrics, indent=2))

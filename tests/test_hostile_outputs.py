@@ -226,7 +226,7 @@ SLOW_CONVERT = textwrap.dedent("""
 
     READY = Path(sys.argv[1])
 
-    def slow_validate(path, config):  # inside the partial folder, before the swap
+    def slow_validate(path, config, src):  # inside the partial folder, before the swap
         READY.write_text(str(path))
         time.sleep(120)
 

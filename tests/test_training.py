@@ -214,3 +214,21 @@ def test_a_seq_len_that_cuts_off_every_reply_is_named(base, tmp_path):
     _, metrics = fit(base, examples + cut, tmp_path / "b", TrainConfig(head="full", exit_dim=16, batch_size=8,
                                                                         max_steps=1), progress=False)
     assert metrics["examples"] == len(examples)
+
+
+def test_a_data_folder_of_someone_elses_files_is_refused_and_left_alone(base, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "shard-00000.npz").write_text("my own file")
+    with pytest.raises(ValueError, match="holds files mlx-redrafter did not write"):
+        tiny_data(base, mine, n=8)
+    assert sorted(p.name for p in mine.iterdir()) == ["shard-00000.npz"]
+    with pytest.raises(ValueError, match="shard-00000.npz is not a distillation shard"):
+        read_sequences(mine)
+    data = tiny_data(base, tmp_path / "data", n=16)
+    shard = sorted(data.glob("shard-*.npz"))[0]
+    with np.load(shard) as z:
+        arrays = dict(z)
+    np.savez(shard, **{**arrays, "offsets": arrays["offsets"] + 10**6})  # offsets past the tokens
+    with pytest.raises(ValueError, match="is not a well-formed distillation shard"):
+        read_sequences(data)
