@@ -337,16 +337,33 @@ def check_folders_above(path, what: str = "the output"):
             return
 
 
+def _check_creatable(folder: Path):
+    """A folder that cannot be made fails in one line now, not after the run: the missing part is made
+    and removed again (nothing is left behind if the run is refused later)."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        for made in reversed(missing):
+            made.mkdir()
+    except OSError as e:
+        raise UnsafeOutputError(f"cannot create the folder {missing[0]} ({e.strerror or e}): choose another --out") from None
+    finally:
+        for made in missing:
+            if made.is_dir() and not made.is_symlink():
+                try:
+                    made.rmdir()
+                except OSError:
+                    pass
+
+
 def check_new_files(paths: Iterable, force: bool):
     """Refuse (FileExistsError) before anything is written if a result file exists and force is off."""
     for path in paths:
         path = Path(path)
         check_folders_above(path, path.name)
-        try:  # now, not after the run: a folder that cannot be made fails in one line before any work
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UnsafeOutputError(f"cannot create the folder {path.parent} ({e.strerror or e}): "
-                                    "choose another --out") from None
+        _check_creatable(path.parent)
         if os.path.lexists(path) and (path.is_dir() and not path.is_symlink()):
             raise UnsafeOutputError(f"{path} is a folder, not a file: choose another --out")
         if os.path.lexists(path) and not force:
