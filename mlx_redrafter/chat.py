@@ -11,7 +11,7 @@ import select
 import sys
 from typing import List, Optional
 
-from .generate import is_unicode, stream_generate
+from .generate import lone_surrogate, stream_generate
 from .interrupts import SigintFlag, sigint_flag
 from .prompt_cache import PromptCache
 
@@ -43,8 +43,9 @@ class Chat:
             if interrupted.is_set():  # Ctrl-C at the prompt: a fresh line, as a shell does
                 self.say("")
                 continue
-            if not is_unicode(line):  # the terminal or a pipe sent bytes that are not UTF-8
-                self.say(f"[that line is not UTF-8 text ({_first_bad_byte(line)}): set your terminal to UTF-8 "
+            lone = lone_surrogate(line)
+            if lone is not None:  # the terminal or a pipe sent bytes that are not UTF-8
+                self.say(f"[that line is not UTF-8 text ({_bad_byte(lone)}): set your terminal to UTF-8 "
                          "and type it again]")
                 continue
             command = line.strip()
@@ -96,10 +97,9 @@ def _read_line(prompt: str, interrupted: SigintFlag, out) -> "str | None":
     return ""
 
 
-def _first_bad_byte(line: str) -> str:
+def _bad_byte(c: str) -> str:
     """Python reads undecodable bytes as lone surrogates (U+DC80..U+DCFF carry bytes 0x80..0xff)."""
-    c = next(c for c in line if "\ud800" <= c <= "\udfff")
-    return f"byte 0x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"{ascii(c)}"
+    return f"byte 0x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else ascii(c)
 
 
 def _stats(r) -> str:

@@ -126,6 +126,14 @@ def is_unicode(text: str) -> bool:
         return False
 
 
+def lone_surrogate(text: str) -> Optional[str]:
+    """The first half of a UTF-16 surrogate pair standing alone in text (what JSON's \\ud800 escapes and
+    Python's reading of undecodable bytes, U+DC80..U+DCFF, leave), None when there is none."""
+    if is_unicode(text):  # at C speed: most text has none
+        return None
+    return next(c for c in text if "\ud800" <= c <= "\udfff")
+
+
 def encode_prompts(model, tokenizer, prompts, max_tokens: int) -> List[List[int]]:
     """Each prompt's ids (`encode_prompt`, chat template applied) for runs of up to max_tokens new
     tokens. A prompt that would not fit the model's context window with them is refused before any

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import List, Optional
 
-from .generate import chat_text, context_window, encode_messages, encode_prompt, fit_context, is_unicode, surely_over
+from .generate import chat_text, context_window, encode_messages, encode_prompt, fit_context, lone_surrogate, surely_over
 from .sampling import SamplingConfig
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -279,8 +279,8 @@ def _prompt_ids(body: dict, served: Served, limit: Optional[int]) -> List[int]:
 
 def _unicode(text: str, where: str) -> str:
     """JSON's \\ud800-style escapes can carry half of a surrogate pair, which no tokenizer encodes."""
-    if not is_unicode(text):
-        lone = next(c for c in text if "\ud800" <= c <= "\udfff")
+    lone = lone_surrogate(text)
+    if lone is not None:
         raise ApiError(400, f"{where} holds a lone UTF-16 surrogate ({ascii(lone)}): send valid Unicode (both "
                             "halves of a pair, or the character itself)", where)
     return text

@@ -327,23 +327,23 @@ def _legacy_run(path: Path) -> bool:
 
 # ---- files ----
 
-def check_folders_above(path, what: str = "the output"):
-    """Refuse (UnsafeOutputError) a path under an existing file: it could only fail once the work is done."""
-    for parent in Path(os.path.abspath(Path(path).expanduser())).parents:
-        if os.path.exists(parent):
-            if not parent.is_dir():
-                raise UnsafeOutputError(f"{parent} is a file, not a folder, so {what} cannot go under it: "
-                                        "choose another output folder")
-            return
-
-
-def _check_creatable(folder: Path):
-    """A folder that cannot be made fails in one line now, not after the run: the missing part is made
-    and removed again (nothing is left behind if the run is refused later)."""
-    missing = []
-    while not os.path.lexists(folder) and folder != folder.parent:
+def check_folders_above(path, what: str = "the output", try_making: bool = False):
+    """Refuse (UnsafeOutputError) a path under an existing file: it could only fail once the work is done.
+    try_making: also make the missing folders above `path` and remove them again, so one that cannot be
+    made fails in one line now, not after the run (and nothing is left if the run is refused later)."""
+    missing, folder = [], Path(os.path.abspath(Path(path).expanduser())).parent
+    while not os.path.exists(folder) and folder != folder.parent:
         missing.append(folder)
         folder = folder.parent
+    if not folder.is_dir():
+        raise UnsafeOutputError(f"{folder} is a file, not a folder, so {what} cannot go under it: "
+                                "choose another output folder")
+    if try_making:
+        _make_and_remove(missing)
+
+
+def _make_and_remove(missing: list):
+    """Make the folders (deepest last), then remove those made; UnsafeOutputError when one cannot be made."""
     try:
         for made in reversed(missing):
             made.mkdir()
@@ -362,8 +362,7 @@ def check_new_files(paths: Iterable, force: bool):
     """Refuse (FileExistsError) before anything is written if a result file exists and force is off."""
     for path in paths:
         path = Path(path)
-        check_folders_above(path, path.name)
-        _check_creatable(path.parent)
+        check_folders_above(path, path.name, try_making=True)
         if os.path.lexists(path) and (path.is_dir() and not path.is_symlink()):
             raise UnsafeOutputError(f"{path} is a folder, not a file: choose another --out")
         if os.path.lexists(path) and not force:

@@ -70,17 +70,17 @@ def create_app(served: Served, worker: Worker, allowed_origins=()) -> Starlette:
         return await _complete(request, False)
 
     async def _complete(request: Request, chat: bool):
+        loop = asyncio.get_running_loop()
         try:
             _json_content_type(request)
             raw = await _body(request)
             # in a thread: tokenizing a long prompt takes seconds and would stall every client
-            req = await asyncio.get_running_loop().run_in_executor(parsing, parse_request, raw, chat, served)
+            req = await loop.run_in_executor(parsing, parse_request, raw, chat, served)
         except ApiError as e:
             return error_response(e)
         except ClientDisconnect:
             log.info("client disconnected while sending its request")
             return Response(status_code=400)  # nobody reads it
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Job(req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         if not worker.submit(job):
