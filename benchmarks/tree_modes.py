@@ -5,6 +5,8 @@ prompt by prompt, every setting warmed first, greedy (checked identical) and sam
     python benchmarks/tree_modes.py [--every 10] [--max-tokens 128] \
         [--settings beams:4x4,ranked:4x4:12,ranked:32x8:64] [--temp 0.7] [--out results/tree-modes.json]
         [--unfused-too]   (each setting also on the same weights with q/k/v and gate/up unfused)
+        [--mlx-matmul-too]   (each setting also with MLX's own matmul for the projections, not
+                              `cuda_matmul`'s few-row kernel; the same where that kernel is not used)
         [--other-drafter NAME=DIR]   (each setting also with a second drafter, interleaved)
 
 A setting is `plain` (this package's own decoding without a drafter) or TREE:WxL[:NODES][+LOOKUP_LENGTH][@MIN_PROB] (NODES 0 or absent: every node of the beam search;
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
 
+import mlx.nn as nn
 import numpy as np
 
 from mlx_redrafter import find_drafter, load, load_drafter
@@ -28,7 +31,8 @@ from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.generate import encode_prompt
 from mlx_redrafter.outputs import write_file
-from mlx_redrafter.llama import Model, mlx_lm_quantization, mlx_lm_weights, quantize_like
+from mlx_redrafter import llama
+from mlx_redrafter.llama import Model, fuse_projections, mlx_lm_quantization, mlx_lm_weights, quantize_like
 from mlx_redrafter.reference import to_mlx_lm
 from mlx_redrafter.sampling import SamplingConfig
 
@@ -58,6 +62,20 @@ def unfused_twin(model: Model) -> Model:
     twin = Model(model.args)
     quantize_like(twin, mlx_lm_quantization(model))
     twin.load_weights(list(mlx_lm_weights(model).items()), strict=True)
+    return twin
+
+
+def mlx_matmul_twin(model: Model) -> Model:
+    """The same weights, fused the same way, with every projection an nn.Linear (MLX's matmul)."""
+    twin = unfused_twin(model)
+    fuse_projections(twin)
+    for layer in twin.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, m in list(parent.children().items()):
+                if type(m) is llama.Linear:
+                    plain = nn.Linear(1, 1, bias="bias" in m)
+                    plain.update(m.parameters())
+                    parent[name] = plain
     return twin
 
 
@@ -100,6 +118,7 @@ def main():
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--other-drafter", metavar="NAME=DIR", help="each setting also with this drafter, interleaved")
     ap.add_argument("--unfused-too", action="store_true", help="each setting also with seven projection matmuls a layer")
+    ap.add_argument("--mlx-matmul-too", action="store_true", help="each setting also with MLX's matmul for every projection")
     ap.add_argument("--out", type=Path, default=Path("results/tree-modes.json"))
     args = ap.parse_args()
     if args.out.exists():
@@ -118,7 +137,8 @@ def main():
     ref = to_mlx_lm(model, config)
     fns = {"mlx-lm plain": lambda i: run_mlx_lm(ref, tok, i, args.max_tokens)}
     samplings = [("greedy", None)] + ([(f"T={args.temp}", SamplingConfig(temperature=args.temp, seed=0))] if args.temp else [])
-    models = {"": model} | ({" unfused": unfused_twin(model)} if args.unfused_too else {})
+    models = {"": model} | ({" unfused": unfused_twin(model)} if args.unfused_too else {}) \
+        | ({" mlx-matmul": mlx_matmul_twin(model)} if args.mlx_matmul_too else {})
     drafters = {"": drafter}
     if args.other_drafter:
         name, other = named_drafter(args.other_drafter, args.model, model, "--other-drafter")

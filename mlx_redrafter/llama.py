@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
+from . import cuda_matmul
 from . import validate as V
 from .kv_cache import KVCache, LayerKV
 
@@ -112,6 +113,21 @@ def apply_rope(rope: nn.Module, x: mx.array, positions: Union[int, mx.array]) ->
     return rotated.reshape(B, n, H, D).transpose(0, 2, 1, 3)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters) whose few-row calls use `cuda_matmul.rows_matmul` on a CUDA GPU.
+
+    A verify forward's projections see a few dozen rows, where MLX CUDA's general matmul costs
+    about twice its one-row kernel; on every other backend and row count this is nn.Linear.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if not cuda_matmul.available(rows, self.weight):
+            return super().__call__(x)
+        y = cuda_matmul.rows_matmul(x.reshape(rows, -1), self.weight).reshape(*x.shape[:-1], -1)
+        return y + self.bias if "bias" in self else y
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -119,10 +135,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
         self.scale = hd**-0.5
         bias = args.attention_bias
-        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=bias and args.model_type != "qwen2")
+        self.q_proj = Linear(dim, self.n_heads * hd, bias=bias)
+        self.k_proj = Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = Linear(self.n_heads * hd, dim, bias=bias and args.model_type != "qwen2")
         if args.model_type == "qwen3":
             self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
@@ -154,9 +170,9 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.gate_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
+        self.up_proj = Linear(dim, hidden, bias=bias)
 
     def __call__(self, x):
         if "gate_up_proj" in self:  # fuse_projections
@@ -304,7 +320,7 @@ def fuse_projections(model: Model) -> None:
 def _join(linears: list) -> Optional[nn.Module]:
     first = linears[0]
     kind, keys = type(first), set(first.keys())
-    if kind not in (nn.Linear, nn.QuantizedLinear) or any(type(m) is not kind or set(m.keys()) != keys for m in linears):
+    if kind not in (Linear, nn.QuantizedLinear) or any(type(m) is not kind or set(m.keys()) != keys for m in linears):
         return None
     rows = sum(m.weight.shape[0] for m in linears)
     if kind is nn.QuantizedLinear:
@@ -312,7 +328,7 @@ def _join(linears: list) -> Optional[nn.Module]:
             return None
         joined = nn.QuantizedLinear(first.group_size, 1, "bias" in keys, first.group_size, first.bits, mode=first.mode)
     else:
-        joined = nn.Linear(1, 1, bias="bias" in keys)
+        joined = Linear(1, 1, bias="bias" in keys)
     joined.update({k: mx.concatenate([m[k] for m in linears], axis=0) for k in keys})
     assert joined.weight.shape[0] == rows
     return joined

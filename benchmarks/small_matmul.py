@@ -1,0 +1,96 @@
+"""Projections for a few dozen rows on the GPU: MLX's matmul against `cuda_matmul.rows_matmul`.
+
+    python benchmarks/small_matmul.py [--rows 1,8,16,32,38,48,64] [--layers 30]
+
+For each row count M, times (compiled, queued back to back, median of --reps) a chain of
+`--layers` blocks of SmolLM2-135M's four projection shapes (fused q/k/v 960x576, o 576x576,
+fused gate/up 3072x576, down 576x1536) in fp16, through: MLX's matmul (`x @ w.T`), a batched
+one-row trick (each row a batch of MLX's gemv), and this package's kernel. Prints microseconds
+per matmul and the largest error against an fp32 reference; saves results/small-matmul-<device>.json.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
+import mlx.core as mx
+
+from mlx_redrafter.cuda_matmul import rows_matmul
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+
+
+def mlx_mm(x, w):
+    return x @ w.T
+
+
+def batched_gemv(x, w):
+    M, K = x.shape
+    rows = mx.as_strided(x, (M, 1, K), (K, 1, 1))  # "transposed" 1-row views: MLX keeps them batched
+    return (rows @ mx.broadcast_to(w.T, (M, K, w.shape[0]))).reshape(M, -1)
+
+
+METHODS = {"mlx": mlx_mm, "batched-gemv": batched_gemv, "kernel": rows_matmul}
+
+
+def chain(mm, weights, layers):
+    qkv, o, gate_up, down = weights
+
+    def run(x):
+        for _ in range(layers):
+            h = mm(mm(x, qkv)[:, :576], o)
+            x = mm(mm(h, gate_up)[:, :1536], down)
+        return x
+    return run
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="1,8,16,32,38,48,64")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--out", default="results")
+    args = p.parse_args()
+    weights = [(mx.random.normal(s) * s[1] ** -0.5).astype(mx.float16) for s in SHAPES]
+    mx.eval(weights)
+    rows = [int(r) for r in args.rows.split(",")]
+    results = []
+    for M in rows:
+        x = mx.random.normal((M, 576)).astype(mx.float16)
+        ref = {}
+        for w in weights:  # one matmul per shape, for accuracy
+            xin = x if w.shape[1] == 576 else mx.random.normal((M, 1536), key=mx.random.key(1)).astype(mx.float16)
+            ref[w.shape] = (xin, (xin.astype(mx.float32) @ w.astype(mx.float32).T))
+        for name, mm in METHODS.items():
+            err = 0.0
+            try:
+                for w in weights:
+                    xin, want = ref[w.shape]
+                    got = mm(xin, w).astype(mx.float32)
+                    err = max(err, (mx.abs(got - want).max() / mx.abs(want).max()).item())
+                f = mx.compile(chain(mm, weights, args.layers))
+                for _ in range(3):
+                    mx.eval(f(x))
+                times = []
+                for _ in range(args.reps):
+                    t0 = time.perf_counter()
+                    mx.eval(f(x))
+                    times.append(time.perf_counter() - t0)
+                per = statistics.median(times) / (args.layers * len(weights)) * 1e6
+                row = {"rows": M, "method": name, "us_per_matmul": round(per, 2),
+                       "chain_ms": round(statistics.median(times) * 1e3, 3), "rel_err": err}
+            except Exception as e:  # noqa: BLE001  (report and go on: a benchmark)
+                row = {"rows": M, "method": name, "error": str(e)[:300]}
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    out = Path(args.out) / f"small-matmul-{mx.default_device().type.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print("saved", out)
+
+
+if __name__ == "__main__":
+    main()
