@@ -2,10 +2,10 @@
 
     python benchmarks/small_matmul.py [--rows 1,8,16,32,38,48,64] [--layers 30]
 
-For each row count M, times (compiled, queued back to back, median of --reps) a chain of
+For each row count M, times (compiled, each call evaluated, median of --reps) a chain of
 `--layers` blocks of SmolLM2-135M's four projection shapes (fused q/k/v 960x576, o 576x576,
 fused gate/up 3072x576, down 576x1536) in fp16, through: MLX's matmul (`x @ w.T`), a batched
-one-row trick (each row a batch of MLX's gemv), and this package's kernel. Prints microseconds
+one-row trick (each row a batch of MLX's gemv), and this package's kernel at several warp tilings (rows x columns per warp). Prints microseconds
 per matmul and the largest error against an fp32 reference; saves results/small-matmul-<device>.json.
 """
 
@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
@@ -33,7 +34,9 @@ def batched_gemv(x, w):
     return (rows @ mx.broadcast_to(w.T, (M, K, w.shape[0]))).reshape(M, -1)
 
 
-METHODS = {"mlx": mlx_mm, "batched-gemv": batched_gemv, "kernel": rows_matmul}
+METHODS = {"mlx": mlx_mm, "batched-gemv": batched_gemv} | {
+    f"kernel r{r}c{c}": partial(rows_matmul, rows_per_warp=r, cols_per_warp=c)
+    for r, c in [(4, 2), (8, 1), (8, 2), (8, 4), (16, 2), (64, 2)]}
 
 
 def chain(mm, weights, layers):

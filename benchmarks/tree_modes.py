@@ -31,7 +31,7 @@ from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.generate import encode_prompt
 from mlx_redrafter.outputs import write_file
-from mlx_redrafter import llama
+from mlx_redrafter import cuda_matmul
 from mlx_redrafter.llama import Model, fuse_projections, mlx_lm_quantization, mlx_lm_weights, quantize_like
 from mlx_redrafter.reference import to_mlx_lm
 from mlx_redrafter.sampling import SamplingConfig
@@ -65,18 +65,26 @@ def unfused_twin(model: Model) -> Model:
     return twin
 
 
-def mlx_matmul_twin(model: Model) -> Model:
-    """The same weights, fused the same way, with every projection an nn.Linear (MLX's matmul)."""
-    twin = unfused_twin(model)
-    fuse_projections(twin)
-    for layer in twin.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, m in list(parent.children().items()):
-                if type(m) is llama.Linear:
+def with_mlx_matmul(module: nn.Module) -> nn.Module:
+    """`module` with each `cuda_matmul.Linear` inside it replaced by an nn.Linear on the same arrays."""
+    for _, parent in module.named_modules():
+        for key, child in parent.children().items():
+            for i, m in (enumerate(child) if isinstance(child, list) else [(None, child)]):
+                if type(m) is cuda_matmul.Linear:
                     plain = nn.Linear(1, 1, bias="bias" in m)
                     plain.update(m.parameters())
-                    parent[name] = plain
-    return twin
+                    if i is None:
+                        parent[key] = plain
+                    else:
+                        child[i] = plain
+    return module
+
+
+def mlx_matmul_twins(model: Model, drafter):
+    """The same base weights, fused the same way, and the same drafter, all on MLX's matmul."""
+    twin = unfused_twin(model)
+    fuse_projections(twin)
+    return with_mlx_matmul(twin), with_mlx_matmul(load_drafter(drafter.source, twin))
 
 
 def summarize(runs: dict) -> dict:
@@ -137,16 +145,17 @@ def main():
     ref = to_mlx_lm(model, config)
     fns = {"mlx-lm plain": lambda i: run_mlx_lm(ref, tok, i, args.max_tokens)}
     samplings = [("greedy", None)] + ([(f"T={args.temp}", SamplingConfig(temperature=args.temp, seed=0))] if args.temp else [])
-    models = {"": model} | ({" unfused": unfused_twin(model)} if args.unfused_too else {}) \
-        | ({" mlx-matmul": mlx_matmul_twin(model)} if args.mlx_matmul_too else {})
+    models = {"": (model, None)} | ({" unfused": (unfused_twin(model), None)} if args.unfused_too else {}) \
+        | ({" mlx-matmul": mlx_matmul_twins(model, drafter)} if args.mlx_matmul_too else {})
     drafters = {"": drafter}
     if args.other_drafter:
         name, other = named_drafter(args.other_drafter, args.model, model, "--other-drafter")
         drafters[f" {name}"] = other
     for text, shape in shapes.items():
         for label, sampling in samplings:
-            for suffix, m in models.items():
+            for suffix, (m, own_drafter) in models.items():
                 for dname, d in drafters.items() if shape else [("", None)]:
+                    d = own_drafter if own_drafter is not None and d is drafter and shape else d
                     fns[f"{text} {label}{suffix}{dname}"] = \
                         lambda i, s=shape, smp=sampling, m=m, d=d: run_ours(m, tok, i, args.max_tokens, d, s, smp)
     for fn in fns.values():

@@ -4,7 +4,7 @@ Why: MLX CUDA sends any matmul of more than one row to cuBLASLt, which on an H20
 ~27 us for a 38-row projection of a 135M model against ~12 us for MLX's one-row kernel;
 a verify forward is 150 such matmuls, so the tree costs ~2x a plain token for launches'
 sake, not arithmetic. This kernel reads each weight row once for all M rows (one warp per
-two output columns, 8 halves per lane per load, fp32 accumulation).
+two output columns and eight rows, 8 halves per lane per load, fp32 accumulation).
 
 Only used where ``available()`` (a CUDA GPU, fp16/bf16/fp32 weights, K a multiple of 8,
 2 <= M <= MAX_ROWS, and ``MLX_REDRAFTER_ROWS_MATMUL`` not ``off``); everything else, Metal
@@ -18,22 +18,27 @@ and the CPU included, keeps ``x @ w.T``.
 import os
 
 import mlx.core as mx
+import mlx.nn as nn
 
 MAX_ROWS = 64
+ROWS_PER_WARP = 8
 ENABLED = os.environ.get("MLX_REDRAFTER_ROWS_MATMUL", "on").lower() not in ("off", "0", "no", "false")
 COLS_PER_WARP = 2
 WARPS_PER_BLOCK = 4
 
 _SOURCE = """
+    // warp w: columns [n0, n0 + COLS) of rows [m0, m0 + ROWS); neighbouring warps share rows (L1)
     const int lane = threadIdx.x & 31;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int n0 = warp * COLS;
-    if (n0 >= N) return;
-    float acc[COLS][M];
+    constexpr int col_groups = (N + COLS - 1) / COLS;
+    const int n0 = (warp % col_groups) * COLS;
+    const int m0 = (warp / col_groups) * ROWS;
+    if (m0 >= M) return;
+    float acc[COLS][ROWS];
     #pragma unroll
     for (int c = 0; c < COLS; ++c) {
         #pragma unroll
-        for (int m = 0; m < M; ++m) acc[c][m] = 0.0f;
+        for (int r = 0; r < ROWS; ++r) acc[c][r] = 0.0f;
     }
     for (int k = lane * 8; k < K; k += 256) {
         float wv[COLS][8];
@@ -47,24 +52,27 @@ _SOURCE = """
             }
         }
         #pragma unroll
-        for (int m = 0; m < M; ++m) {
-            float xv[8];
-            load8(x + (size_t)m * K + k, xv);
-            #pragma unroll
-            for (int c = 0; c < COLS; ++c) {
+        for (int r = 0; r < ROWS; ++r) {
+            if (M % ROWS == 0 || m0 + r < M) {
+                float xv[8];
+                load8(x + (size_t)(m0 + r) * K + k, xv);
                 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[c][m] += wv[c][j] * xv[j];
+                for (int c = 0; c < COLS; ++c) {
+                    #pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[c][r] += wv[c][j] * xv[j];
+                }
             }
         }
     }
     #pragma unroll
     for (int c = 0; c < COLS; ++c) {
         #pragma unroll
-        for (int m = 0; m < M; ++m) {
-            float v = acc[c][m];
+        for (int r = 0; r < ROWS; ++r) {
+            float v = acc[c][r];
             #pragma unroll
             for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-            if (lane == (m & 31) && n0 + c < N) out[(size_t)m * N + n0 + c] = static_cast<T>(v);
+            if (lane == ((c * ROWS + r) & 31) && n0 + c < N && m0 + r < M)
+                out[(size_t)(m0 + r) * N + n0 + c] = static_cast<T>(v);
         }
     }
 """
@@ -117,19 +125,36 @@ def available(rows: int, w: mx.array) -> bool:
     )
 
 
-def rows_matmul(x: mx.array, w: mx.array) -> mx.array:
+def rows_matmul(x: mx.array, w: mx.array, rows_per_warp: int = ROWS_PER_WARP, cols_per_warp: int = COLS_PER_WARP) -> mx.array:
     """x (M, K) @ w (N, K).T: the kernel where `available`, else MLX's matmul."""
     M, K = x.shape
     N = w.shape[0]
     if not available(M, w):
         return x @ w.T
-    warps = -(-N // COLS_PER_WARP)
+    rows_per_warp = min(rows_per_warp, M)
+    warps = -(-N // cols_per_warp) * -(-M // rows_per_warp)
     threads = WARPS_PER_BLOCK * 32
     grid = -(-warps * 32 // threads) * threads
     (out,) = _get_kernel()(
         inputs=[x.astype(w.dtype), w],
-        template=[("T", w.dtype), ("M", M), ("K", K), ("N", N), ("COLS", COLS_PER_WARP)],
+        template=[("T", w.dtype), ("M", M), ("K", K), ("N", N),
+                  ("ROWS", rows_per_warp), ("COLS", cols_per_warp)],
         grid=(grid, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[(M, N)], output_dtypes=[w.dtype],
     )
     return out
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters) whose few-row calls run `rows_matmul` on a CUDA GPU.
+
+    The base model's projections in a verify forward and the drafter's layers over W beams see a
+    few dozen rows; on every other backend and row count this is nn.Linear.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if not available(rows, self.weight):
+            return super().__call__(x)
+        y = rows_matmul(x.reshape(rows, -1), self.weight).reshape(*x.shape[:-1], -1)
+        return y + self.bias if "bias" in self else y

@@ -39,6 +39,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import validate as V
+from .cuda_matmul import Linear
 
 MODEL_TYPE = "recurrent_drafting_drafter"
 
@@ -102,7 +103,7 @@ class DrafterConfig:
 class ResBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.linear = nn.Linear(dim, dim)
+        self.linear = Linear(dim, dim)
 
     def __call__(self, x):
         return x + nn.silu(self.linear(x))
@@ -120,16 +121,16 @@ class Drafter(nn.Module):
         self.config = config
         H, E = config.hidden_size, config.exit_dim
         if 2 * H != E:
-            self.input_proj = nn.Linear(2 * H, E)
+            self.input_proj = Linear(2 * H, E)
         head = [ResBlock(E) for _ in range(config.num_draft_layers)]
         if not config.shared_lm_head:
-            head.append(nn.Linear(E, config.draft_vocab, bias=False))
+            head.append(Linear(E, config.draft_vocab, bias=False))
         self.lm_head = head
         if config.rnn:
-            self.rnn_u = nn.Linear(H, H)
-            self.rnn_w = nn.Linear(H, H, bias=False)
+            self.rnn_u = Linear(H, H)
+            self.rnn_w = Linear(H, H, bias=False)
         if config.feature_layers:
-            self.feature_proj = nn.Linear((len(config.feature_layers) + 1) * H, H)
+            self.feature_proj = Linear((len(config.feature_layers) + 1) * H, H)
         if config.draft_vocab_size:
             self.draft_to_token = mx.arange(config.draft_vocab_size, dtype=mx.int32)
             self.freeze(keys=["draft_to_token"], recurse=False)

@@ -19,8 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
-from . import cuda_matmul
 from . import validate as V
+from .cuda_matmul import Linear
 from .kv_cache import KVCache, LayerKV
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2", "vicuna")
@@ -111,21 +111,6 @@ def apply_rope(rope: nn.Module, x: mx.array, positions: Union[int, mx.array]) ->
     # mx.fast.rope takes one offset per batch row: fold the tokens into the batch (a free reshape here)
     rotated = rope(x.reshape(B * n, H, 1, D), offset=positions.reshape(-1))
     return rotated.reshape(B, n, H, D).transpose(0, 2, 1, 3)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters) whose few-row calls use `cuda_matmul.rows_matmul` on a CUDA GPU.
-
-    A verify forward's projections see a few dozen rows, where MLX CUDA's general matmul costs
-    about twice its one-row kernel; on every other backend and row count this is nn.Linear.
-    """
-
-    def __call__(self, x: mx.array) -> mx.array:
-        rows = x.size // x.shape[-1]
-        if not cuda_matmul.available(rows, self.weight):
-            return super().__call__(x)
-        y = cuda_matmul.rows_matmul(x.reshape(rows, -1), self.weight).reshape(*x.shape[:-1], -1)
-        return y + self.bias if "bias" in self else y
 
 
 class Attention(nn.Module):
