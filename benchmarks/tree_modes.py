@@ -31,7 +31,7 @@ from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import prompt_texts
 from mlx_redrafter.generate import encode_prompt
 from mlx_redrafter.outputs import write_file
-from mlx_redrafter import cuda_matmul
+from mlx_redrafter.cuda_matmul import swap_linears
 from mlx_redrafter.llama import Model, fuse_projections, mlx_lm_quantization, mlx_lm_weights, quantize_like
 from mlx_redrafter.reference import to_mlx_lm
 from mlx_redrafter.sampling import SamplingConfig
@@ -65,26 +65,11 @@ def unfused_twin(model: Model) -> Model:
     return twin
 
 
-def with_mlx_matmul(module: nn.Module) -> nn.Module:
-    """`module` with each `cuda_matmul.Linear` inside it replaced by an nn.Linear on the same arrays."""
-    for _, parent in module.named_modules():
-        for key, child in parent.children().items():
-            for i, m in (enumerate(child) if isinstance(child, list) else [(None, child)]):
-                if type(m) is cuda_matmul.Linear:
-                    plain = nn.Linear(1, 1, bias="bias" in m)
-                    plain.update(m.parameters())
-                    if i is None:
-                        parent[key] = plain
-                    else:
-                        child[i] = plain
-    return module
-
-
 def mlx_matmul_twins(model: Model, drafter):
     """The same base weights, fused the same way, and the same drafter, all on MLX's matmul."""
     twin = unfused_twin(model)
     fuse_projections(twin)
-    return with_mlx_matmul(twin), with_mlx_matmul(load_drafter(drafter.source, twin))
+    return swap_linears(twin, nn.Linear), swap_linears(load_drafter(drafter.source, twin), nn.Linear)
 
 
 def summarize(runs: dict) -> dict:

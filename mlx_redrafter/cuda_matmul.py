@@ -21,9 +21,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 MAX_ROWS = 64
-ROWS_PER_WARP = 8
 ENABLED = os.environ.get("MLX_REDRAFTER_ROWS_MATMUL", "on").lower() not in ("off", "0", "no", "false")
-COLS_PER_WARP = 2
+# each warp's tile, rows x columns; MLX_REDRAFTER_ROWS_TILE=RxC overrides it (to measure others)
+ROWS_PER_WARP, COLS_PER_WARP = (int(v) for v in os.environ.get("MLX_REDRAFTER_ROWS_TILE", "8x2").split("x"))
 WARPS_PER_BLOCK = 4
 
 _SOURCE = """
@@ -158,3 +158,25 @@ class Linear(nn.Linear):
             return super().__call__(x)
         y = rows_matmul(x.reshape(rows, -1), self.weight).reshape(*x.shape[:-1], -1)
         return y + self.bias if "bias" in self else y
+
+
+def swap_linears(module: nn.Module, kind: type) -> nn.Module:
+    """`module` with each Linear inside it (nn.Linear or this Linear) made a `kind` on the same arrays.
+
+    mlx-lm's `dequantize_model` makes plain nn.Linear layers: loading turns them into this Linear;
+    benchmarks turn them back to compare against MLX's own matmul.
+    """
+    def swapped(m):
+        if type(m) not in (nn.Linear, Linear) or type(m) is kind:
+            return m
+        new = kind(1, 1, bias="bias" in m)
+        new.update(m.parameters())
+        return new
+
+    for _, parent in module.named_modules():
+        for key, child in parent.items():   # not children(): it copies lists
+            if isinstance(child, list):
+                child[:] = [swapped(m) for m in child]
+            elif isinstance(child, nn.Module):
+                parent[key] = swapped(child)
+    return module
