@@ -16,14 +16,26 @@ and the CPU included, keeps ``x @ w.T``.
 """
 
 import os
+import re
+import warnings
 
 import mlx.core as mx
 import mlx.nn as nn
 
 MAX_ROWS = 64
 ENABLED = os.environ.get("MLX_REDRAFTER_ROWS_MATMUL", "on").lower() not in ("off", "0", "no", "false")
-# each warp's tile, rows x columns; MLX_REDRAFTER_ROWS_TILE=RxC overrides it (to measure others)
-ROWS_PER_WARP, COLS_PER_WARP = (int(v) for v in os.environ.get("MLX_REDRAFTER_ROWS_TILE", "8x2").split("x"))
+
+
+def _tile(setting: str) -> tuple:
+    """Each warp's tile, rows x columns: 8x2, or MLX_REDRAFTER_ROWS_TILE=RxC (R 1-64, C 1-8) to measure others."""
+    found = re.fullmatch(r"(\d{1,2})x(\d)", setting.strip())
+    if found and 1 <= int(found[1]) <= MAX_ROWS and 1 <= int(found[2]) <= 8:
+        return int(found[1]), int(found[2])
+    warnings.warn(f"MLX_REDRAFTER_ROWS_TILE={setting!r} is not RxC (rows 1-64 x columns 1-8); using 8x2")
+    return 8, 2
+
+
+ROWS_PER_WARP, COLS_PER_WARP = _tile(os.environ.get("MLX_REDRAFTER_ROWS_TILE", "8x2"))
 WARPS_PER_BLOCK = 4
 
 _SOURCE = """

@@ -1,0 +1,75 @@
+"""cuda_matmul: the few-row projection kernel is CUDA-only; everywhere else its Linear is nn.Linear.
+
+The kernel's own accuracy and speed are measured on the GPU by benchmarks/small_matmul.py (rel_err
+per shape); here: where it may run, that the layers built on it compute and load as nn.Linear does,
+and that swapping layers both ways keeps parameters and outputs.
+"""
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+
+from conftest import tiny_config, tiny_model
+from mlx_redrafter import cuda_matmul
+from mlx_redrafter.cuda_matmul import Linear, available, rows_matmul, swap_linears
+
+
+def test_the_kernel_is_never_chosen_off_cuda():
+    w = mx.zeros((64, 32), dtype=mx.float16)
+    assert not cuda_matmul.on_cuda()
+    assert not any(available(rows, w) for rows in (1, 2, 38, 64, 65))
+
+
+def test_rows_matmul_falls_back_to_mlx_matmul_exactly():
+    x, w = mx.random.normal((38, 40)), mx.random.normal((24, 40))
+    assert mx.array_equal(rows_matmul(x, w), x @ w.T)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_is_an_nn_linear(bias):
+    ours, plain = Linear(40, 24, bias=bias), nn.Linear(40, 24, bias=bias)
+    plain.update(ours.parameters())
+    x = mx.random.normal((2, 19, 40))
+    assert isinstance(ours, nn.Linear)
+    assert sorted(k for k, _ in tree_flatten(ours.parameters())) == sorted(k for k, _ in tree_flatten(plain.parameters()))
+    assert mx.array_equal(ours(x), plain(x))
+
+
+def test_swap_linears_both_ways_keeps_parameters_and_outputs():
+    model = tiny_model(tiny_config("smollm"))
+    tokens = mx.random.randint(0, 64, (1, 9))
+    before, params = model.logits(model(tokens)), dict(tree_flatten(model.parameters()))
+    kinds = lambda m: {type(x) for _, x in m.named_modules() if isinstance(x, nn.Linear)}  # noqa: E731
+    assert kinds(model) == {Linear}
+    swap_linears(model, nn.Linear)
+    assert kinds(model) == {nn.Linear}
+    assert mx.array_equal(model.logits(model(tokens)), before)
+    swap_linears(model, Linear)
+    assert kinds(model) == {Linear}
+    after = dict(tree_flatten(model.parameters()))
+    assert sorted(after) == sorted(params) and all(after[k] is params[k] for k in params)  # the same arrays
+
+
+def test_swap_linears_reaches_layers_inside_lists():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4, bias=False)]
+
+    head = swap_linears(Head(), Linear)
+    assert [type(m) for m in head.layers] == [Linear, nn.ReLU, Linear]
+
+
+@pytest.mark.parametrize("switch, tile, want", [("off", "4x1", "False 4 1"), ("on", "16x4", "True 16 4"),
+                                                 ("1", "nonsense", "True 8 2"), ("no", "65x2", "False 8 2")])
+def test_the_environment_switch_and_tile(switch, tile, want):
+    code = "from mlx_redrafter import cuda_matmul as c; print(c.ENABLED, c.ROWS_PER_WARP, c.COLS_PER_WARP)"
+    env = os.environ | {"MLX_REDRAFTER_ROWS_MATMUL": switch, "MLX_REDRAFTER_ROWS_TILE": tile}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == want.split()
+    assert ("is not RxC" in done.stderr) == (want.endswith("8 2"))
