@@ -1,13 +1,14 @@
 """A matmul for a few dozen rows on MLX's CUDA backend: ``x (M, K) @ w (N, K).T -> (M, N)``.
 
-Why: MLX CUDA sends any matmul of more than one row to cuBLASLt, which on an H200 takes
-~27 us for a 38-row projection of a 135M model against ~12 us for MLX's one-row kernel;
-a verify forward is 150 such matmuls, so the tree costs ~2x a plain token for launches'
-sake, not arithmetic. This kernel reads each weight row once for all M rows (one warp per
-two output columns and eight rows, 8 halves per lane per load, fp32 accumulation).
+Why: MLX CUDA sends any matmul of more than one row to cuBLASLt. For a 135M model's
+projections on the H200 that costs 16-23 us for 32-48 rows against 7 us for MLX's one-row
+kernel (`benchmarks/small_matmul.py`), and a verify forward is 120 of them: the tree cost
+about twice a plain token for launch and tiling overhead, not arithmetic. Here each warp
+computes two output columns for four rows (8 halves per lane per load, fp32 accumulation),
+12-16 us at those row counts; end to end the GPU step went from 2.6 to 1.8 plain tokens.
 
-Only used where ``available()`` (a CUDA GPU, fp16/bf16/fp32 weights, K a multiple of 8,
-2 <= M <= MAX_ROWS, and ``MLX_REDRAFTER_ROWS_MATMUL`` not ``off``); everything else, Metal
+Only used where ``available()`` (a CUDA GPU, fp16/bf16/fp32 weights of at most 16 MiB, K a
+multiple of 8, 2 <= M <= MAX_ROWS, and ``MLX_REDRAFTER_ROWS_MATMUL`` not ``off``); everything else, Metal
 and the CPU included, keeps ``x @ w.T``.
 
 >>> x = mx.random.normal((38, 576)).astype(mx.float16); w = mx.random.normal((960, 576)).astype(mx.float16)
@@ -23,19 +24,23 @@ import mlx.core as mx
 import mlx.nn as nn
 
 MAX_ROWS = 64
+# Warps of different rows read the same weights again, from L2 while they fit there: larger
+# matrices (a 7B model's) stay with cuBLAS, which reads them once.
+MAX_WEIGHT_BYTES = 16 * 2**20
 ENABLED = os.environ.get("MLX_REDRAFTER_ROWS_MATMUL", "on").lower() not in ("off", "0", "no", "false")
 
 
 def _tile(setting: str) -> tuple:
-    """Each warp's tile, rows x columns: 8x2, or MLX_REDRAFTER_ROWS_TILE=RxC (R 1-64, C 1-8) to measure others."""
+    """Each warp's tile, rows x columns: 4x2 (the fastest summed over 32, 38 and 48 rows on the H200,
+    `benchmarks/small_matmul.py`), or MLX_REDRAFTER_ROWS_TILE=RxC (R 1-64, C 1-8) to measure others."""
     found = re.fullmatch(r"(\d{1,2})x(\d)", setting.strip())
     if found and 1 <= int(found[1]) <= MAX_ROWS and 1 <= int(found[2]) <= 8:
         return int(found[1]), int(found[2])
-    warnings.warn(f"MLX_REDRAFTER_ROWS_TILE={setting!r} is not RxC (rows 1-64 x columns 1-8); using 8x2")
-    return 8, 2
+    warnings.warn(f"MLX_REDRAFTER_ROWS_TILE={setting!r} is not RxC (rows 1-64 x columns 1-8); using 4x2")
+    return 4, 2
 
 
-ROWS_PER_WARP, COLS_PER_WARP = _tile(os.environ.get("MLX_REDRAFTER_ROWS_TILE", "8x2"))
+ROWS_PER_WARP, COLS_PER_WARP = _tile(os.environ.get("MLX_REDRAFTER_ROWS_TILE", "4x2"))
 WARPS_PER_BLOCK = 4
 
 _SOURCE = """
@@ -132,7 +137,7 @@ def on_cuda() -> bool:
 def available(rows: int, w: mx.array) -> bool:
     """Whether rows_matmul runs the kernel for `rows` rows against weight `w` (N, K)."""
     return (
-        2 <= rows <= MAX_ROWS and w.ndim == 2 and w.shape[1] % 8 == 0
+        2 <= rows <= MAX_ROWS and w.ndim == 2 and w.shape[1] % 8 == 0 and w.nbytes <= MAX_WEIGHT_BYTES
         and w.dtype in (mx.float16, mx.bfloat16, mx.float32) and ENABLED and on_cuda()
     )
 
