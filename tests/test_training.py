@@ -232,3 +232,36 @@ def test_a_data_folder_of_someone_elses_files_is_refused_and_left_alone(base, tm
     np.savez(shard, **{**arrays, "offsets": arrays["offsets"] + 10**6})  # offsets past the tokens
     with pytest.raises(ValueError, match="is not a well-formed distillation shard"):
         read_sequences(data)
+
+
+def test_training_never_differentiates_the_cuda_kernel(base, tmp_path, monkeypatch):
+    """MLX's custom CUDA kernels have no gradient, so training must never differentiate a few-row call
+    (it doesn't: a batch's start positions are padded to a multiple of 2048 rows). Here a stand-in for
+    the kernel computes the same product and fails when differentiated, and `available` answers as on a
+    CUDA GPU (2-64 rows): the base model's 16-row forwards use it, the drafter's gradient does not."""
+    from mlx_redrafter import cuda_matmul
+
+    examples = read_sequences(tiny_data(base, tmp_path / "data", n=16))
+
+    @mx.custom_function
+    def product(x, w):
+        return x @ w.T
+
+    @product.vjp
+    def no_gradient(primals, cotangent, output):
+        raise RuntimeError("the CUDA kernel was differentiated")
+
+    calls = []
+
+    def kernel(inputs, **_):
+        calls.append(inputs[0].shape[0])
+        return [product(*inputs)]
+
+    monkeypatch.setattr(cuda_matmul, "available", lambda rows, w: 2 <= rows <= cuda_matmul.MAX_ROWS)
+    monkeypatch.setattr(cuda_matmul, "_get_kernel", lambda: kernel)
+    cfg = TrainConfig(head="full", exit_dim=16, batch_size=1, seq_len=16, unroll=2, max_steps=3, holdout=2)
+    drafter, metrics = fit(base, examples, tmp_path / "d", cfg, progress=False)
+    assert 16 in calls and len(metrics["loss_history"]) == 3 and all(np.isfinite(metrics["loss_history"]))
+    calls.clear()
+    cuda_matmul.Linear(16, 8)(mx.ones((5, 16)))
+    assert calls == [5]   # the stand-in is what a few-row call runs
