@@ -66,7 +66,8 @@ def unfused_twin(model: Model) -> Model:
 
 
 def mlx_matmul_twins(model: Model, drafter):
-    """The same base weights, fused the same way, and the same drafter, all on MLX's matmul."""
+    """Copies of the base weights, fused the same way, and the drafter reloaded, all on MLX's matmul
+    (an --other-drafter keeps the kernel there)."""
     twin = unfused_twin(model)
     fuse_projections(twin)
     return swap_linears(twin, nn.Linear), swap_linears(load_drafter(drafter.source, twin), nn.Linear)

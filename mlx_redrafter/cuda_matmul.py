@@ -1,7 +1,7 @@
 """A matmul for a few dozen rows on MLX's CUDA backend: ``x (M, K) @ w (N, K).T -> (M, N)``.
 
 Why: MLX CUDA sends any matmul of more than one row to cuBLASLt. For a 135M model's
-projections on the H200 that costs 16-23 us for 32-48 rows against 7 us for MLX's one-row
+projections on two H200 hosts that cost 16-23 us for 32-48 rows against 6-7 us for MLX's one-row
 kernel (`benchmarks/small_matmul.py`), and a verify forward is 120 of them: the tree cost
 about twice a plain token for launch and tiling overhead, not arithmetic. Here each warp
 computes two output columns for four rows (8 halves per lane per load, fp32 accumulation),
@@ -23,7 +23,7 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 
-MAX_ROWS = 64
+MAX_ROWS = 64  # at 64 rows cuBLAS measured 15.5 us against the kernel's 17.5; 49-63 rows unmeasured
 # Warps of different rows read the same weights again, from L2 while they fit there: larger
 # matrices (a 7B model's) stay with cuBLAS, which reads them once.
 MAX_WEIGHT_BYTES = 16 * 2**20
@@ -31,8 +31,8 @@ ENABLED = os.environ.get("MLX_REDRAFTER_ROWS_MATMUL", "on").lower() not in ("off
 
 
 def _tile(setting: str) -> tuple:
-    """Each warp's tile, rows x columns: 4x2 (the fastest summed over 32, 38 and 48 rows on the H200,
-    `benchmarks/small_matmul.py`), or MLX_REDRAFTER_ROWS_TILE=RxC (R 1-64, C 1-8) to measure others."""
+    """Each warp's tile, rows x columns: 4x2 (with 8x1 the fastest summed over 32, 38 and 48 rows on the
+    H200, within 0.5%, `benchmarks/small_matmul.py`), or MLX_REDRAFTER_ROWS_TILE=RxC (R 1-64, C 1-8) to measure others."""
     found = re.fullmatch(r"(\d{1,2})x(\d)", setting.strip())
     if found and 1 <= int(found[1]) <= MAX_ROWS and 1 <= int(found[2]) <= 8:
         return int(found[1]), int(found[2])
@@ -143,17 +143,18 @@ def available(rows: int, w: mx.array) -> bool:
 
 
 def rows_matmul(x: mx.array, w: mx.array, rows_per_warp: int = ROWS_PER_WARP, cols_per_warp: int = COLS_PER_WARP) -> mx.array:
-    """x (M, K) @ w (N, K).T: the kernel where `available`, else MLX's matmul."""
+    """x (M, K) @ w (N, K).T: the kernel where `available` and x matches w (K, dtype), else MLX's matmul
+    (which also gives MLX's error for shapes that don't fit, and its type promotion)."""
     M, K = x.shape
     N = w.shape[0]
-    if not available(M, w):
+    if not available(M, w) or x.dtype != w.dtype or w.shape[1] != K:
         return x @ w.T
     rows_per_warp = min(rows_per_warp, M)
     warps = -(-N // cols_per_warp) * -(-M // rows_per_warp)
     threads = WARPS_PER_BLOCK * 32
     grid = -(-warps * 32 // threads) * threads
     (out,) = _get_kernel()(
-        inputs=[x.astype(w.dtype), w],
+        inputs=[x, w],
         template=[("T", w.dtype), ("M", M), ("K", K), ("N", N),
                   ("ROWS", rows_per_warp), ("COLS", cols_per_warp)],
         grid=(grid, 1, 1), threadgroup=(threads, 1, 1),

@@ -305,7 +305,7 @@ def fuse_projections(model: Model) -> None:
 def _join(linears: list) -> Optional[nn.Module]:
     first = linears[0]
     kind, keys = type(first), set(first.keys())
-    if kind not in (Linear, nn.QuantizedLinear) or any(type(m) is not kind or set(m.keys()) != keys for m in linears):
+    if kind not in (nn.Linear, Linear, nn.QuantizedLinear) or any(type(m) is not kind or set(m.keys()) != keys for m in linears):
         return None
     rows = sum(m.weight.shape[0] for m in linears)
     if kind is nn.QuantizedLinear:
@@ -313,7 +313,7 @@ def _join(linears: list) -> Optional[nn.Module]:
             return None
         joined = nn.QuantizedLinear(first.group_size, 1, "bias" in keys, first.group_size, first.bits, mode=first.mode)
     else:
-        joined = Linear(1, 1, bias="bias" in keys)
+        joined = kind(1, 1, bias="bias" in keys)
     joined.update({k: mx.concatenate([m[k] for m in linears], axis=0) for k in keys})
     assert joined.weight.shape[0] == rows
     return joined

@@ -19,15 +19,41 @@ from mlx_redrafter import cuda_matmul
 from mlx_redrafter.cuda_matmul import Linear, available, rows_matmul, swap_linears
 
 
+ON_CUDA = cuda_matmul.on_cuda()
+same = mx.allclose if ON_CUDA else mx.array_equal  # the kernel sums in another order than cuBLAS
+
+
+@pytest.mark.skipif(ON_CUDA, reason="off CUDA only")
 def test_the_kernel_is_never_chosen_off_cuda():
     w = mx.zeros((64, 32), dtype=mx.float16)
-    assert not cuda_matmul.on_cuda()
     assert not any(available(rows, w) for rows in (1, 2, 38, 64, 65))
 
 
-def test_rows_matmul_falls_back_to_mlx_matmul_exactly():
+def test_the_kernel_is_chosen_only_for_few_rows_of_small_weights():
+    w = mx.zeros((64, 32), dtype=mx.float16)
+    assert not available(1, w) and not available(65, w)
+    assert not available(8, mx.zeros((64, 30), dtype=mx.float16))       # K not a multiple of 8
+    assert not available(8, mx.zeros((2**14, 2**10), dtype=mx.float16))  # 32 MiB: cuBLAS reads it once
+    assert available(38, w) == ON_CUDA
+
+
+def test_rows_matmul_falls_back_to_mlx_matmul_where_it_must():
     x, w = mx.random.normal((38, 40)), mx.random.normal((24, 40))
-    assert mx.array_equal(rows_matmul(x, w), x @ w.T)
+    assert same(rows_matmul(x, w), x @ w.T)
+    assert rows_matmul(x, w.astype(mx.float16)).dtype == mx.float32   # MLX's promotion, as nn.Linear
+    with pytest.raises(ValueError):
+        rows_matmul(mx.zeros((4, 48)), w)                                   # MLX's own shape error
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA backend only")
+@pytest.mark.parametrize("dtype, tol", [(mx.float16, 2e-3), (mx.bfloat16, 2e-2), (mx.float32, 1e-5)])
+@pytest.mark.parametrize("rows, n, k", [(2, 7, 8), (3, 33, 264), (38, 960, 576), (41, 577, 1536), (64, 96, 256)])
+def test_the_kernel_matches_an_fp32_product(rows, n, k, dtype, tol):
+    x, w = mx.random.normal((rows, k)).astype(dtype), (mx.random.normal((n, k)) * k**-0.5).astype(dtype)
+    want = x.astype(mx.float32) @ w.astype(mx.float32).T
+    got = rows_matmul(x, w)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    assert (mx.abs(got.astype(mx.float32) - want).max() / mx.abs(want).max()).item() < tol
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -37,7 +63,7 @@ def test_linear_is_an_nn_linear(bias):
     x = mx.random.normal((2, 19, 40))
     assert isinstance(ours, nn.Linear)
     assert sorted(k for k, _ in tree_flatten(ours.parameters())) == sorted(k for k, _ in tree_flatten(plain.parameters()))
-    assert mx.array_equal(ours(x), plain(x))
+    assert same(ours(x), plain(x))
 
 
 def test_swap_linears_both_ways_keeps_parameters_and_outputs():
@@ -48,7 +74,7 @@ def test_swap_linears_both_ways_keeps_parameters_and_outputs():
     assert kinds(model) == {Linear}
     swap_linears(model, nn.Linear)
     assert kinds(model) == {nn.Linear}
-    assert mx.array_equal(model.logits(model(tokens)), before)
+    assert same(model.logits(model(tokens)), before)
     swap_linears(model, Linear)
     assert kinds(model) == {Linear}
     after = dict(tree_flatten(model.parameters()))
