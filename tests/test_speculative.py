@@ -105,6 +105,7 @@ def test_default_model_greedy_with_a_random_drafter(default_model):
 
 SMALL = 8
 SAMPLES = 3000
+ROWS = 100  # B = 1 is checked too (test_sampling_is_lossless_one_row_at_a_time)
 
 
 def exact_joint(model, prompt, cfg):
@@ -124,17 +125,20 @@ def biased_accept(tree, targets):
     return accept(tree, forced)
 
 
-def sample_pairs(model, drafter, prompt, cfg, compiled=False, shape=BeamShape(2, 3)):
-    """Counts of the first two tokens, from the real decoding loop (context lookup on)."""
+def sample_pairs(model, drafter, prompt, cfg, compiled=False, shape=BeamShape(2, 3), rows=ROWS, samples=SAMPLES):
+    """Counts of the first two tokens, from the real decoding loop (context lookup on), `samples` of
+    them drawn `rows` at a time as rows of one batch (each row draws its own randomness)."""
     decoder = Decoder(model, drafter, shape, cfg, compiled=compiled)
     counts = np.zeros((SMALL, SMALL))
-    for _ in range(SAMPLES):
-        tokens = []
-        for step, _ in decoder.run([prompt]):
-            tokens += step[0]
-            if len(tokens) >= 2:
+    for _ in range(samples // rows):
+        tokens = [[] for _ in range(rows)]
+        for step, _ in decoder.run([prompt] * rows):
+            for row, emitted in zip(tokens, step):
+                row += emitted
+            if min(map(len, tokens)) >= 2:
                 break
-        counts[tokens[0], tokens[1]] += 1
+        for t in tokens:
+            counts[t[0], t[1]] += 1
     return counts
 
 
@@ -167,6 +171,16 @@ def test_sampling_is_lossless(small, cfg, compiled, shape):
     probs = exact_joint(model, prompt, cfg)
     counts = sample_pairs(model, drafter, prompt, cfg, compiled, shape)
     assert chi_square_p(counts, probs) > 1e-3
+
+
+def test_sampling_is_lossless_one_row_at_a_time(small):
+    """The same at B = 1, where most users decode (fewer samples: a coarser check)."""
+    model, drafter = small
+    cfg = SamplingConfig(temperature=1.0)
+    mx.random.seed(13)
+    probs = exact_joint(model, [3, 1], cfg)
+    counts = sample_pairs(model, drafter, [3, 1], cfg, rows=1, samples=600)
+    assert counts.sum() == 600 and chi_square_p(counts, probs) > 1e-3
 
 
 def test_biased_rule_is_detected(small, monkeypatch):
