@@ -130,8 +130,9 @@ def _get_kernel():
 
 
 def on_cuda() -> bool:
-    """True where MLX's default device is a CUDA GPU."""
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    """True where MLX's default device is a CUDA GPU (builds without `mx.cuda` have none)."""
+    cuda = getattr(mx, "cuda", None)
+    return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
 
 
 def available(rows: int, w: mx.array) -> bool:

@@ -99,3 +99,12 @@ def test_the_environment_switch_and_tile(switch, tile, want):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.split() == want.split()
     assert ("is not RxC" in done.stderr) == (tile in ("nonsense", "65x2"))
+
+
+def test_a_build_without_mx_cuda_has_no_cuda(monkeypatch):
+    """Metal and CPU builds of other MLX versions may lack mx.cuda: never an AttributeError per call."""
+    monkeypatch.delattr(mx, "cuda", raising=False)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    assert not cuda_matmul.on_cuda()
+    layer, x = Linear(16, 8), mx.random.normal((5, 16))
+    assert mx.allclose(layer(x), x @ layer.weight.T + layer.bias)
