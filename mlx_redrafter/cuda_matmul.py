@@ -18,7 +18,7 @@ and the CPU included, keeps ``x @ w.T``.
 
 import os
 import re
-import warnings
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,7 +36,8 @@ def _tile(setting: str) -> tuple:
     found = re.fullmatch(r"(\d{1,2})x(\d)", setting.strip())
     if found and 1 <= int(found[1]) <= MAX_ROWS and 1 <= int(found[2]) <= 8:
         return int(found[1]), int(found[2])
-    warnings.warn(f"MLX_REDRAFTER_ROWS_TILE={setting!r} is not RxC (rows 1-64 x columns 1-8); using 4x2")
+    print(f"mlx-redrafter: MLX_REDRAFTER_ROWS_TILE={setting!r} is not RxC (rows 1-64 x columns 1-8); "
+          "using 4x2", file=sys.stderr)
     return 4, 2
 
 

@@ -98,7 +98,8 @@ def test_the_environment_switch_and_tile(switch, tile, want):
     env = os.environ | {"MLX_REDRAFTER_ROWS_MATMUL": switch, "MLX_REDRAFTER_ROWS_TILE": tile}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.split() == want.split()
-    assert ("is not RxC" in done.stderr) == (tile in ("nonsense", "65x2"))
+    bad = tile in ("nonsense", "65x2")
+    assert ("is not RxC" in done.stderr) == bad and len(done.stderr.splitlines()) == bad  # one line
 
 
 def test_a_build_without_mx_cuda_has_no_cuda(monkeypatch):
