@@ -7,6 +7,7 @@ For each row count M, times (compiled, each call evaluated, median of --reps) a 
 fused gate/up 3072x576, down 576x1536) in fp16, through: MLX's matmul (`x @ w.T`), a batched
 one-row trick (each row a batch of MLX's gemv), and this package's kernel at several warp tilings (rows x columns per warp). Prints microseconds
 per matmul and the largest error against an fp32 reference; saves results/small-matmul-<device>.json.
+On a machine without a CUDA GPU it says so and stops: there the kernel never runs.
 """
 
 import argparse
@@ -19,7 +20,7 @@ from pathlib import Path
 import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
 
-from mlx_redrafter.cuda_matmul import rows_matmul
+from mlx_redrafter.cuda_matmul import on_cuda, rows_matmul
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 
@@ -57,6 +58,9 @@ def main():
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--out", default="results")
     args = p.parse_args()
+    if not on_cuda():
+        raise SystemExit("error: small_matmul.py compares MLX CUDA's matmul with the CUDA kernel; "
+                         f"MLX's default device here is {mx.default_device()}, where the kernel never runs")
     weights = [(mx.random.normal(s) * s[1] ** -0.5).astype(mx.float16) for s in SHAPES]
     mx.eval(weights)
     rows = [int(r) for r in args.rows.split(",")]
