@@ -7,8 +7,8 @@ about twice a plain token for launch and tiling overhead, not arithmetic. Here e
 computes two output columns for four rows (8 halves per lane per load, fp32 accumulation),
 12-16 us at those row counts; end to end the GPU step went from 2.6 to 1.8 plain tokens.
 
-Only used where ``available()`` (a CUDA GPU, fp16/bf16/fp32 weights of at most 16 MiB, K a
-multiple of 8, 2 <= M <= MAX_ROWS, and ``MLX_REDRAFTER_ROWS_MATMUL`` not ``off``); everything else, Metal
+Only used where ``available()`` (a CUDA GPU, fp16 weights of at most 16 MiB (the dtype measured
+on the GPU; bf16 and fp32 keep cuBLAS), K a multiple of 8, 2 <= M <= MAX_ROWS, and ``MLX_REDRAFTER_ROWS_MATMUL`` not ``off``); everything else, Metal
 and the CPU included, keeps ``x @ w.T``.
 
 >>> x = mx.random.normal((38, 576)).astype(mx.float16); w = mx.random.normal((960, 576)).astype(mx.float16)
@@ -97,23 +97,11 @@ _SOURCE = """
 
 _HEADER = """
 #include <cuda_fp16.h>
-#include <cuda_bf16.h>
 __device__ inline void load8(const __half* p, float* f) {
     uint4 raw = *reinterpret_cast<const uint4*>(p);
     const __half2* h = reinterpret_cast<const __half2*>(&raw);
     #pragma unroll
     for (int i = 0; i < 4; ++i) { float2 t = __half22float2(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
-}
-__device__ inline void load8(const __nv_bfloat16* p, float* f) {
-    uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-    #pragma unroll
-    for (int i = 0; i < 4; ++i) { float2 t = __bfloat1622float2(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
-}
-__device__ inline void load8(const float* p, float* f) {
-    float4 a = *reinterpret_cast<const float4*>(p);
-    float4 b = *reinterpret_cast<const float4*>(p + 4);
-    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 """
 
@@ -140,7 +128,7 @@ def available(rows: int, w: mx.array) -> bool:
     """Whether rows_matmul runs the kernel for `rows` rows against weight `w` (N, K)."""
     return (
         2 <= rows <= MAX_ROWS and w.ndim == 2 and w.shape[1] % 8 == 0 and w.nbytes <= MAX_WEIGHT_BYTES
-        and w.dtype in (mx.float16, mx.bfloat16, mx.float32) and ENABLED and on_cuda()
+        and w.dtype == mx.float16 and ENABLED and on_cuda()
     )
 
 
