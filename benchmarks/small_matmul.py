@@ -6,7 +6,8 @@ For each row count M, times (compiled, each call evaluated, median of --reps) a 
 `--layers` blocks of SmolLM2-135M's four projection shapes (fused q/k/v 960x576, o 576x576,
 fused gate/up 3072x576, down 576x1536) in fp16, through: MLX's matmul (`x @ w.T`), a batched
 one-row trick (each row a batch of MLX's gemv), and this package's kernel at several warp tilings (rows x columns per warp). Prints microseconds
-per matmul and the largest error against an fp32 reference; saves results/small-matmul-<device>.json.
+per matmul and the largest error against an fp32 reference; saves --out (default
+results/small-matmul-gpu.json; an existing file is refused, not replaced).
 On a machine without a CUDA GPU it says so and stops: there the kernel never runs.
 """
 
@@ -21,6 +22,7 @@ import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
 
 from mlx_redrafter.cuda_matmul import on_cuda, rows_matmul
+from mlx_redrafter.outputs import write_file
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 
@@ -56,8 +58,10 @@ def main():
     p.add_argument("--rows", default="1,8,16,32,38,48,64")
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--out", default="results")
+    p.add_argument("--out", type=Path, default=Path("results/small-matmul-gpu.json"))
     args = p.parse_args()
+    if args.out.exists():
+        raise SystemExit(f"error: {args.out} exists; pass another --out")
     if not on_cuda():
         raise SystemExit("error: small_matmul.py compares MLX CUDA's matmul with the CUDA kernel; "
                          f"MLX's default device here is {mx.default_device()}, where the kernel never runs")
@@ -93,10 +97,9 @@ def main():
                 row = {"rows": M, "method": name, "error": str(e)[:300]}
             print(json.dumps(row), flush=True)
             results.append(row)
-    out = Path(args.out) / f"small-matmul-{mx.default_device().type.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print("saved", out)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_file(args.out, json.dumps(results, indent=1))
+    print("saved", args.out)
 
 
 if __name__ == "__main__":

@@ -132,13 +132,22 @@ def available(rows: int, w: mx.array) -> bool:
     )
 
 
+def fits(x_rows: int, x_cols: int, x_dtype, w: mx.array) -> bool:
+    """Whether the kernel takes x (x_rows, x_cols) of x_dtype against w: `available`, and x matches w."""
+    return available(x_rows, w) and x_dtype == w.dtype and x_cols == w.shape[1]
+
+
 def rows_matmul(x: mx.array, w: mx.array, rows_per_warp: int = ROWS_PER_WARP, cols_per_warp: int = COLS_PER_WARP) -> mx.array:
-    """x (M, K) @ w (N, K).T: the kernel where `available` and x matches w (K, dtype), else MLX's matmul
-    (which also gives MLX's error for shapes that don't fit, and its type promotion)."""
+    """x (M, K) @ w (N, K).T: the kernel where it `fits`, else MLX's matmul (which also gives MLX's
+    error for shapes that don't fit, and its type promotion)."""
+    if not fits(*x.shape, x.dtype, w):
+        return x @ w.T
+    return _launch(x, w, rows_per_warp, cols_per_warp)
+
+
+def _launch(x: mx.array, w: mx.array, rows_per_warp: int = ROWS_PER_WARP, cols_per_warp: int = COLS_PER_WARP) -> mx.array:
     M, K = x.shape
     N = w.shape[0]
-    if not available(M, w) or x.dtype != w.dtype or w.shape[1] != K:
-        return x @ w.T
     rows_per_warp = min(rows_per_warp, M)
     warps = -(-N // cols_per_warp) * -(-M // rows_per_warp)
     threads = WARPS_PER_BLOCK * 32
@@ -154,7 +163,7 @@ def rows_matmul(x: mx.array, w: mx.array, rows_per_warp: int = ROWS_PER_WARP, co
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters) whose few-row calls run `rows_matmul` on a CUDA GPU.
+    """nn.Linear (same parameters) whose few-row calls run the kernel on a CUDA GPU.
 
     The base model's projections in a verify forward and the drafter's layers over W beams see a
     few dozen rows; on every other backend and row count this is nn.Linear.
@@ -162,9 +171,9 @@ class Linear(nn.Linear):
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
-        if not available(rows, self.weight):
+        if not fits(rows, x.shape[-1], x.dtype, self.weight):
             return super().__call__(x)
-        y = rows_matmul(x.reshape(rows, -1), self.weight).reshape(*x.shape[:-1], -1)
+        y = _launch(x.reshape(rows, -1), self.weight).reshape(*x.shape[:-1], -1)
         return y + self.bias if "bias" in self else y
 
 
