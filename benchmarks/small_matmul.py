@@ -6,7 +6,8 @@ For each row count M, times (compiled, each call evaluated, median of --reps) a 
 `--layers` blocks of SmolLM2-135M's four projection shapes (fused q/k/v 960x576, o 576x576,
 fused gate/up 3072x576, down 576x1536) in fp16, through: MLX's matmul (`x @ w.T`), a batched
 one-row trick (each row a batch of MLX's gemv), and this package's kernel at several warp tilings (rows x columns per warp). Prints microseconds
-per matmul and the largest error against an fp32 reference; saves --out (default
+per matmul and the largest error against an fp32 reference; then whole layer bodies (attention
+left out) with and without `cuda_matmul.fused_linear`'s fusion, microseconds per layer. Saves --out (default
 results/small-matmul-gpu.json; an existing file is refused, not replaced).
 On a machine without a CUDA GPU it says so and stops: there the kernel never runs.
 """
@@ -21,7 +22,10 @@ from pathlib import Path
 import mlx_redrafter  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
 
-from mlx_redrafter.cuda_matmul import on_cuda, rows_matmul
+import mlx.nn as nn
+
+from mlx_redrafter import cuda_matmul
+from mlx_redrafter.cuda_matmul import Linear, fused_linear, on_cuda, rows_matmul
 from mlx_redrafter.outputs import write_file
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
@@ -53,6 +57,37 @@ def chain(mm, weights, layers):
     return run
 
 
+def layer_chain(weights, layers, fuse: bool):
+    """`--layers` layer bodies without attention (norm, q/k/v, o + residual, norm, gate/up, silu * up,
+    down + residual) through `cuda_matmul.fused_linear`: one launch per projection with `fuse`, else the
+    kernel for the projections and MLX ops around them."""
+    qkv, o, gate_up, down = (Linear(1, 1, bias=False) for _ in weights)
+    for layer, w in zip((qkv, o, gate_up, down), weights):
+        layer.weight = w
+    norm1, norm2 = nn.RMSNorm(576), nn.RMSNorm(576)
+    norm1.weight = norm2.weight = mx.ones((576,), mx.float16)
+
+    def run(x):
+        cuda_matmul.FUSE = fuse  # read when the chain is traced
+        for _ in range(layers):
+            h = fused_linear(o, fused_linear(qkv, x, norm1)[:, :576], residual=x)
+            x = fused_linear(down, fused_linear(gate_up, h, norm2, glu=True), residual=h)
+        return x
+    return run
+
+
+def median_seconds(f, x, reps: int) -> float:
+    """Median wall time of f(x) evaluated, after three warm-up calls."""
+    for _ in range(3):
+        mx.eval(f(x))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(f(x))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="1,8,16,32,38,48,64")
@@ -82,21 +117,20 @@ def main():
                     xin, want = ref[w.shape]
                     got = mm(xin, w).astype(mx.float32)
                     err = max(err, (mx.abs(got - want).max() / mx.abs(want).max()).item())
-                f = mx.compile(chain(mm, weights, args.layers))
-                for _ in range(3):
-                    mx.eval(f(x))
-                times = []
-                for _ in range(args.reps):
-                    t0 = time.perf_counter()
-                    mx.eval(f(x))
-                    times.append(time.perf_counter() - t0)
-                per = statistics.median(times) / (args.layers * len(weights)) * 1e6
-                row = {"rows": M, "method": name, "us_per_matmul": round(per, 2),
-                       "chain_ms": round(statistics.median(times) * 1e3, 3), "rel_err": err}
+                seconds = median_seconds(mx.compile(chain(mm, weights, args.layers)), x, args.reps)
+                row = {"rows": M, "method": name, "us_per_matmul": round(seconds / (args.layers * len(weights)) * 1e6, 2),
+                       "chain_ms": round(seconds * 1e3, 3), "rel_err": err}
             except Exception as e:  # noqa: BLE001  (report and go on: a benchmark)
                 row = {"rows": M, "method": name, "error": str(e)[:300]}
             print(json.dumps(row), flush=True)
             results.append(row)
+        for fuse in (False, True):  # whole layer bodies: the fusion's launches saved
+            seconds = median_seconds(mx.compile(layer_chain(weights, args.layers, fuse)), x, args.reps)
+            row = {"rows": M, "method": f"layer body, {'fused' if fuse else 'unfused'}",
+                   "us_per_layer": round(seconds / args.layers * 1e6, 2)}
+            print(json.dumps(row), flush=True)
+            results.append(row)
+        cuda_matmul.FUSE = True
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_file(args.out, json.dumps(results, indent=1))
     print("saved", args.out)

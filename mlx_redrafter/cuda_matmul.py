@@ -7,9 +7,14 @@ about twice a plain token for launch and tiling overhead, not arithmetic. Here e
 computes two output columns for four rows (8 halves per lane per load, fp32 accumulation),
 12-16 us at those row counts; end to end the GPU step went from 2.6 to 1.8 plain tokens.
 
+A small model's forward is hundreds of such launches, so the kernel also takes in what surrounds
+a projection (`fused_linear`): the RMSNorm before it (the rows are read whole anyway, so their
+sum of squares is free), a bias, silu or silu(gate) * up after it, and the residual add. A layer
+is then four launches around its attention instead of nine.
+
 Only used where ``available()`` (a CUDA GPU, fp16 weights of at most 16 MiB (the dtype measured
-on the GPU; bf16 and fp32 keep cuBLAS), K a multiple of 8, 2 <= M <= MAX_ROWS, and ``MLX_REDRAFTER_ROWS_MATMUL`` not ``off``); everything else, Metal
-and the CPU included, keeps ``x @ w.T``.
+on the GPU; bf16 and fp32 keep cuBLAS), K a multiple of 8, 2 <= M <= MAX_ROWS, and ``MLX_REDRAFTER_ROWS_MATMUL`` not ``off``; ``unfused`` keeps the
+kernel but not the fusion); everything else, Metal and the CPU included, keeps MLX's ops.
 
 >>> x = mx.random.normal((38, 576)).astype(mx.float16); w = mx.random.normal((960, 576)).astype(mx.float16)
 >>> rows_matmul(x, w).shape    # == (x @ w.T).shape on every backend
@@ -19,6 +24,7 @@ and the CPU included, keeps ``x @ w.T``.
 import os
 import re
 import sys
+from typing import NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,7 +33,10 @@ MAX_ROWS = 64  # at 64 rows cuBLAS measured 15.5 us against the kernel's 17.5; 4
 # Warps of different rows read the same weights again, from L2 while they fit there: larger
 # matrices (a 7B model's) stay with cuBLAS, which reads them once.
 MAX_WEIGHT_BYTES = 16 * 2**20
-ENABLED = os.environ.get("MLX_REDRAFTER_ROWS_MATMUL", "on").lower() not in ("off", "0", "no", "false")
+_SWITCH = os.environ.get("MLX_REDRAFTER_ROWS_MATMUL", "on").lower()
+ENABLED = _SWITCH not in ("off", "0", "no", "false")
+# "unfused": the kernel for the projections alone, norms and epilogues as MLX ops (to measure the fusion)
+FUSE = ENABLED and _SWITCH != "unfused"
 
 
 def _tile(setting: str) -> tuple:
@@ -45,52 +54,92 @@ ROWS_PER_WARP, COLS_PER_WARP = _tile(os.environ.get("MLX_REDRAFTER_ROWS_TILE", "
 WARPS_PER_BLOCK = 4
 
 _SOURCE = """
-    // warp w: columns [n0, n0 + COLS) of rows [m0, m0 + ROWS); neighbouring warps share rows (L1)
+    // warp w: output columns [n0, n0 + COLS) of rows [m0, m0 + ROWS); neighbouring warps share rows (L1).
+    // With RD_GLU the weights hold gate rows then up rows: a warp reads both halves of its columns.
+    constexpr int OUT_N = RD_GLU ? N / 2 : N;
+    constexpr int WCOLS = RD_GLU ? 2 * COLS : COLS;
     const int lane = threadIdx.x & 31;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    constexpr int col_groups = (N + COLS - 1) / COLS;
+    constexpr int col_groups = (OUT_N + COLS - 1) / COLS;
     const int n0 = (warp % col_groups) * COLS;
     const int m0 = (warp / col_groups) * ROWS;
     if (m0 >= M) return;
-    float acc[COLS][ROWS];
+    float acc[WCOLS][ROWS];
+    float sq[ROWS];  // sum of x^2 per row, for RD_NORM
     #pragma unroll
-    for (int c = 0; c < COLS; ++c) {
+    for (int r = 0; r < ROWS; ++r) {
+        sq[r] = 0.0f;
         #pragma unroll
-        for (int r = 0; r < ROWS; ++r) acc[c][r] = 0.0f;
+        for (int c = 0; c < WCOLS; ++c) acc[c][r] = 0.0f;
     }
     for (int k = lane * 8; k < K; k += 256) {
-        float wv[COLS][8];
+        float wv[WCOLS][8];
         #pragma unroll
-        for (int c = 0; c < COLS; ++c) {
-            if (n0 + c < N) {
-                load8(w + (size_t)(n0 + c) * K + k, wv[c]);
+        for (int c = 0; c < WCOLS; ++c) {
+            const int n = n0 + c % COLS;
+            if (n < OUT_N) {
+                load8(w + (size_t)(c < COLS ? n : n + OUT_N) * K + k, wv[c]);
             } else {
                 #pragma unroll
                 for (int j = 0; j < 8; ++j) wv[c][j] = 0.0f;
             }
         }
+#if RD_NORM
+        float g[8];
+        load8(gamma + k, g);
+        #pragma unroll
+        for (int c = 0; c < WCOLS; ++c) {
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) wv[c][j] *= g[j];
+        }
+#endif
         #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             if (M % ROWS == 0 || m0 + r < M) {
                 float xv[8];
                 load8(x + (size_t)(m0 + r) * K + k, xv);
                 #pragma unroll
-                for (int c = 0; c < COLS; ++c) {
+                for (int j = 0; j < 8; ++j) {
+                    sq[r] += RD_NORM ? xv[j] * xv[j] : 0.0f;
                     #pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[c][r] += wv[c][j] * xv[j];
+                    for (int c = 0; c < WCOLS; ++c) acc[c][r] += wv[c][j] * xv[j];
                 }
             }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {  // xor butterflies: every lane gets the sums
+            if (RD_NORM) sq[r] += __shfl_xor_sync(0xffffffff, sq[r], o);
+            #pragma unroll
+            for (int c = 0; c < WCOLS; ++c) acc[c][r] += __shfl_xor_sync(0xffffffff, acc[c][r], o);
         }
     }
     #pragma unroll
     for (int c = 0; c < COLS; ++c) {
         #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            float v = acc[c][r];
-            #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-            if (lane == ((c * ROWS + r) & 31) && n0 + c < N && m0 + r < M)
-                out[(size_t)(m0 + r) * N + n0 + c] = static_cast<T>(v);
+            const int n = n0 + c, m = m0 + r;
+            if (lane != ((c * ROWS + r) & 31) || n >= OUT_N || m >= M) continue;
+            const float scale = RD_NORM ? rsqrtf(sq[r] / K + RD_EPS) : 1.0f;
+            float v = acc[c][r] * scale;
+#if RD_BIAS
+            v += static_cast<float>(bias[n]);
+#endif
+#if RD_GLU
+            float up = acc[c + COLS][r] * scale;
+#if RD_BIAS
+            up += static_cast<float>(bias[n + OUT_N]);
+#endif
+            v = v / (1.0f + __expf(-v)) * up;
+#elif RD_SILU
+            v = v / (1.0f + __expf(-v));
+#endif
+#if RD_RES
+            v += static_cast<float>(res[(size_t)m * OUT_N + n]);
+#endif
+            out[(size_t)m * OUT_N + n] = static_cast<T>(v);
         }
     }
 """
@@ -105,17 +154,37 @@ __device__ inline void load8(const __half* p, float* f) {
 }
 """
 
-_kernel = None
+
+class Fused(NamedTuple):
+    """What one launch does around x @ w.T: rms_norm x first (with weight gamma, eps), add a bias, then
+    silu, or silu(gate half) * up half (glu), then add a residual."""
+
+    norm: bool = False
+    eps: float = 0.0
+    bias: bool = False
+    glu: bool = False
+    silu: bool = False
+    residual: bool = False
+
+    def input_names(self) -> list:
+        return ["x", "w"] + ["gamma"] * self.norm + ["bias"] * self.bias + ["res"] * self.residual
 
 
-def _get_kernel():
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(
-            name="redrafter_rows_matmul", input_names=["x", "w"], output_names=["out"],
-            source=_SOURCE, header=_HEADER,
+PLAIN = Fused()
+_kernels = {}
+
+
+def _get_kernel(fused: Fused):
+    if fused not in _kernels:
+        flags = {"NORM": fused.norm, "BIAS": fused.bias, "GLU": fused.glu, "SILU": fused.silu, "RES": fused.residual}
+        defines = "".join(f"#define RD_{k} {int(v)}\n" for k, v in flags.items())
+        defines += f"#define RD_EPS static_cast<float>({float(fused.eps)!r})\n"
+        tag = "".join(k[0] if v else "" for k, v in flags.items()).lower()
+        _kernels[fused] = mx.fast.cuda_kernel(
+            name=f"redrafter_rows_matmul{len(_kernels)}_{tag}", input_names=fused.input_names(),
+            output_names=["out"], source=_SOURCE, header=defines + _HEADER,
         )
-    return _kernel
+    return _kernels[fused]
 
 
 def on_cuda() -> bool:
@@ -142,24 +211,85 @@ def rows_matmul(x: mx.array, w: mx.array, rows_per_warp: int = ROWS_PER_WARP, co
     error for shapes that don't fit, and its type promotion)."""
     if not fits(*x.shape, x.dtype, w):
         return x @ w.T
-    return _launch(x, w, rows_per_warp, cols_per_warp)
+    return _launch(x, w, rows_per_warp=rows_per_warp, cols_per_warp=cols_per_warp)
 
 
-def _launch(x: mx.array, w: mx.array, rows_per_warp: int = ROWS_PER_WARP, cols_per_warp: int = COLS_PER_WARP) -> mx.array:
+def _launch(x: mx.array, w: mx.array, fused: Fused = PLAIN, extra: tuple = (),
+            rows_per_warp: int = ROWS_PER_WARP, cols_per_warp: int = COLS_PER_WARP) -> mx.array:
+    """One kernel: x (M, K), w (N, K) and the `extra` inputs `fused` names (gamma (K,), bias (N,),
+    residual (M, N or N / 2)) -> (M, N), or (M, N / 2) with glu."""
     M, K = x.shape
-    N = w.shape[0]
+    N = w.shape[0] // 2 if fused.glu else w.shape[0]
     rows_per_warp = min(rows_per_warp, M)
     warps = -(-N // cols_per_warp) * -(-M // rows_per_warp)
     threads = WARPS_PER_BLOCK * 32
     grid = -(-warps * 32 // threads) * threads
-    (out,) = _get_kernel()(
-        inputs=[x, w],
-        template=[("T", w.dtype), ("M", M), ("K", K), ("N", N),
+    (out,) = _get_kernel(fused)(
+        inputs=[x, w, *extra],
+        template=[("T", w.dtype), ("M", M), ("K", K), ("N", w.shape[0]),
                   ("ROWS", rows_per_warp), ("COLS", cols_per_warp)],
         grid=(grid, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[(M, N)], output_dtypes=[w.dtype],
     )
     return out
+
+
+def _epilogue(y: mx.array, residual=None, glu: bool = False, silu: bool = False) -> mx.array:
+    if glu:
+        gate, up = mx.split(y, 2, axis=-1)
+        y = nn.silu(gate) * up
+    elif silu:
+        y = nn.silu(y)
+    return y if residual is None else residual + y
+
+
+def reference(x, w, gamma=None, eps: float = 0.0, bias=None, residual=None, glu: bool = False, silu: bool = False):
+    """What `fused_linear` computes, in MLX ops on arrays (tests compare the kernel with it)."""
+    if gamma is not None:
+        x = mx.fast.rms_norm(x, gamma, eps)
+    y = x @ w.T if bias is None else mx.addmm(bias, x, w.T)
+    return _epilogue(y, residual, glu, silu)
+
+
+def fused_linear(layer: nn.Module, x: mx.array, norm: Optional[nn.Module] = None, residual: Optional[mx.array] = None,
+                 glu: bool = False, silu: bool = False) -> mx.array:
+    """residual + act(layer(norm(x))), act none, silu or glu (silu(first half of the outputs) * second
+    half): one kernel launch where the kernel `fits` (the base model's projections in a verify, the
+    drafter's ResBlocks), else exactly these ops with any layer (quantized too) and RMSNorm.
+
+    >>> h = fused_linear(mlp.gate_up_proj, x, norm=layer.post_attention_layernorm, glu=True)   # (..., I)
+    >>> x = fused_linear(mlp.down_proj, h, residual=x)                                         # (..., H)
+    """
+    out = _fused_kernel(layer, x, norm, residual, glu, silu) if FUSE else None
+    if out is not None:
+        return out
+    y = layer(x if norm is None else norm(x))
+    return _epilogue(y, residual, glu, silu)
+
+
+def _fused_kernel(layer, x, norm, residual, glu, silu) -> Optional[mx.array]:
+    """The one launch, or None where it doesn't fit."""
+    w, K = getattr(layer, "weight", None), x.shape[-1]
+    rows = x.size // K
+    if type(layer) is not Linear or not fits(rows, K, x.dtype, w):
+        return None
+    N = w.shape[0] // 2 if glu else w.shape[0]
+    if glu and w.shape[0] % 2:
+        return None
+    if norm is not None and (type(norm) is not nn.RMSNorm or norm.weight.dtype != w.dtype or norm.weight.shape != (K,)):
+        return None
+    if residual is not None and (residual.dtype != w.dtype or residual.shape != (*x.shape[:-1], N)):
+        return None
+    extra = []
+    if norm is not None:
+        extra.append(norm.weight)
+    if "bias" in layer:
+        extra.append(layer.bias)
+    if residual is not None:
+        extra.append(residual.reshape(rows, N))
+    fused = Fused(norm is not None, float(norm.eps) if norm is not None else 0.0, "bias" in layer, glu,
+                  silu and not glu, residual is not None)
+    return _launch(x.reshape(rows, K), w, fused, tuple(extra)).reshape(*x.shape[:-1], N)
 
 
 class Linear(nn.Linear):
@@ -170,11 +300,8 @@ class Linear(nn.Linear):
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        rows = x.size // x.shape[-1]
-        if not fits(rows, x.shape[-1], x.dtype, self.weight):
-            return super().__call__(x)
-        y = _launch(x.reshape(rows, -1), self.weight).reshape(*x.shape[:-1], -1)
-        return y + self.bias if "bias" in self else y
+        out = _fused_kernel(self, x, None, None, False, False)
+        return super().__call__(x) if out is None else out
 
 
 def swap_linears(module: nn.Module, kind: type) -> nn.Module:

@@ -39,7 +39,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import validate as V
-from .cuda_matmul import Linear
+from .cuda_matmul import Linear, fused_linear
 
 MODEL_TYPE = "recurrent_drafting_drafter"
 
@@ -106,7 +106,7 @@ class ResBlock(nn.Module):
         self.linear = Linear(dim, dim)
 
     def __call__(self, x):
-        return x + nn.silu(self.linear(x))
+        return fused_linear(self.linear, x, residual=x, silu=True)  # x + silu(linear(x))
 
 
 class Drafter(nn.Module):

@@ -20,7 +20,7 @@ import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
 from . import validate as V
-from .cuda_matmul import Linear
+from .cuda_matmul import Linear, fused_linear
 from .kv_cache import KVCache, LayerKV
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2", "vicuna")
@@ -131,15 +131,17 @@ class Attention(nn.Module):
             hd, args.rope_theta, args.rope_traditional, args.rope_scaling, args.max_position_embeddings
         )
 
-    def __call__(self, x, positions, mask, cache: Optional[LayerKV], start: int):
+    def __call__(self, x, positions, mask, cache: Optional[LayerKV], start: int, norm: nn.RMSNorm):
+        """residual x + attention over norm(x) (cuda_matmul.fused_linear: one launch each side where it fits)."""
         B, n, _ = x.shape
         if "qkv_proj" in self:  # fuse_projections: one matmul, then views of its heads
-            qkv = self.qkv_proj(x).reshape(B, n, self.n_heads + 2 * self.n_kv_heads, -1)
+            qkv = fused_linear(self.qkv_proj, x, norm).reshape(B, n, self.n_heads + 2 * self.n_kv_heads, -1)
             q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=2)
         else:
-            q = self.q_proj(x).reshape(B, n, self.n_heads, -1)
-            k = self.k_proj(x).reshape(B, n, self.n_kv_heads, -1)
-            v = self.v_proj(x).reshape(B, n, self.n_kv_heads, -1)
+            normed = norm(x)
+            q = self.q_proj(normed).reshape(B, n, self.n_heads, -1)
+            k = self.k_proj(normed).reshape(B, n, self.n_kv_heads, -1)
+            v = self.v_proj(normed).reshape(B, n, self.n_kv_heads, -1)
         v = v.transpose(0, 2, 1, 3)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -148,7 +150,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(k, v, start, mask.shape[-1] if isinstance(mask, mx.array) else None)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, n, -1))
+        return fused_linear(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, n, -1), residual=x)
 
 
 class MLP(nn.Module):
@@ -159,12 +161,14 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden, dim, bias=bias)
         self.up_proj = Linear(dim, hidden, bias=bias)
 
-    def __call__(self, x):
+    def __call__(self, x, norm: nn.RMSNorm):
+        """residual x + the MLP of norm(x), as `Attention`."""
         if "gate_up_proj" in self:  # fuse_projections
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+            hidden = fused_linear(self.gate_up_proj, x, norm, glu=True)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(nn.silu(gate) * up)
+            normed = norm(x)
+            hidden = nn.silu(self.gate_proj(normed)) * self.up_proj(normed)
+        return fused_linear(self.down_proj, hidden, residual=x)
 
 
 class TransformerBlock(nn.Module):
@@ -176,8 +180,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x, positions, mask, cache, start):
-        h = x + self.self_attn(self.input_layernorm(x), positions, mask, cache, start)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = self.self_attn(x, positions, mask, cache, start, self.input_layernorm)
+        return self.mlp(h, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):

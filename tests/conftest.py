@@ -93,3 +93,32 @@ def one_line(excinfo, *needles):
     for needle in needles:
         assert needle in message, message
     return message
+
+
+def stand_in_kernel(monkeypatch, gradient: bool = True) -> list:
+    """Make `cuda_matmul` launch as on a CUDA GPU (2-64 rows), through a stand-in that computes
+    `cuda_matmul.reference` (and fails when differentiated unless `gradient`). Returns the list each
+    launch appends (rows, its `Fused` flags) to."""
+    from mlx_redrafter import cuda_matmul
+
+    calls = []
+
+    def kernel(fused, inputs, **_):
+        calls.append((inputs[0].shape[0], fused))
+
+        @mx.custom_function
+        def launch(*arrays):
+            a = dict(zip(fused.input_names(), arrays))
+            return cuda_matmul.reference(a["x"], a["w"], a.get("gamma"), fused.eps, a.get("bias"), a.get("res"),
+                                         fused.glu, fused.silu)
+
+        if not gradient:
+            @launch.vjp
+            def no_gradient(primals, cotangent, output):
+                raise RuntimeError("the CUDA kernel was differentiated")
+
+        return [launch(*inputs)]
+
+    monkeypatch.setattr(cuda_matmul, "available", lambda rows, w: 2 <= rows <= cuda_matmul.MAX_ROWS)
+    monkeypatch.setattr(cuda_matmul, "_get_kernel", lambda fused: lambda **kw: kernel(fused, **kw))
+    return calls

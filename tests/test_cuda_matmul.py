@@ -14,9 +14,10 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import tiny_config, tiny_model
+from conftest import stand_in_kernel, tiny_config, tiny_model
 from mlx_redrafter import cuda_matmul
-from mlx_redrafter.cuda_matmul import Linear, available, rows_matmul, swap_linears
+from mlx_redrafter.llama import fuse_projections
+from mlx_redrafter.cuda_matmul import Fused, Linear, available, fused_linear, reference, rows_matmul, swap_linears
 
 
 ON_CUDA = cuda_matmul.on_cuda()
@@ -54,6 +55,90 @@ def test_the_kernel_matches_an_fp32_product(rows, n, k):
     got = rows_matmul(x, w)
     assert got.dtype == mx.float16 and got.shape == (rows, n)
     assert (mx.abs(got.astype(mx.float32) - want).max() / mx.abs(want).max()).item() < 2e-3
+
+
+# (norm, bias, glu, silu, residual) as the model uses them, and a few more
+FUSIONS = [(True, False, False, False, False), (True, False, True, False, False), (False, False, False, False, True),
+           (False, True, False, True, True), (True, True, True, False, True), (False, True, False, False, False)]
+
+
+def _fusion_case(rows, n, k, norm, bias, glu, silu, residual, dtype=mx.float32):
+    out_n = n // 2 if glu else n
+    layer = Linear(k, n, bias=bias)
+    layer.weight = layer.weight * 3  # outputs of a few units: silu's curve matters
+    rms = nn.RMSNorm(k, eps=1e-5) if norm else None
+    if rms is not None:
+        rms.weight = 1 + mx.random.normal((k,)) * 0.2
+    x = mx.random.normal((rows, k)) * 2
+    res = mx.random.normal((rows, out_n)) if residual else None
+    cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
+    layer.update({name: cast(a) for name, a in layer.parameters().items()})
+    if rms is not None:
+        rms.weight = cast(rms.weight)
+    return layer, rms, cast(x), cast(res)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_fused_linear_without_the_kernel_is_the_unfused_ops(fusion):
+    """Off CUDA (and on it, for the fp32 layers the kernel leaves alone) the same ops as the layers had."""
+    norm, bias, glu, silu, residual = fusion
+    layer, rms, x, res = _fusion_case(5, 24, 16, *fusion)
+    y = layer(rms(x) if norm else x)
+    if glu:
+        y = nn.silu(y[:, :12]) * y[:, 12:]
+    elif silu:
+        y = nn.silu(y)
+    want = res + y if residual else y
+    assert mx.array_equal(fused_linear(layer, x, rms, res, glu, silu), want)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_fused_launch_gets_its_inputs_in_order(fusion, monkeypatch):
+    """Where the kernel runs (a stand-in computing `reference` here), one launch with the flags and inputs it names."""
+    norm, bias, glu, silu, residual = fusion
+    layer, rms, x, res = _fusion_case(5, 24, 16, *fusion)
+    want = fused_linear(layer, x, rms, res, glu, silu)
+    calls = stand_in_kernel(monkeypatch)
+    got = fused_linear(layer, x[None], rms, None if res is None else res[None], glu, silu)
+    assert calls == [(5, Fused(norm, 1e-5 if norm else 0.0, bias, glu, silu and not glu, residual))]
+    assert got.shape == (1, *want.shape) and mx.allclose(got[0], want, atol=1e-5)
+
+
+def test_a_layer_of_the_model_is_four_launches(monkeypatch):
+    """norm + q/k/v, o + residual, norm + gate/up + silu * up, down + residual; the same outputs."""
+    model = tiny_model(tiny_config("smollm", layers=2))
+    fuse_projections(model)  # as loading does
+    tokens = mx.random.randint(0, 64, (1, 9))
+    want = model(tokens)
+    calls = stand_in_kernel(monkeypatch)
+    got = model(tokens)
+    per_layer = [(f.norm, f.glu, f.residual) for _, f in calls]
+    assert per_layer == [(True, False, False), (False, False, True), (True, True, False), (False, False, True)] * 2
+    assert mx.allclose(got, want, atol=1e-4)
+
+
+def test_the_unfused_switch_keeps_the_kernel_but_not_the_fusion():
+    code = ("from mlx_redrafter import cuda_matmul as c; print(c.ENABLED, c.FUSE)")
+    for switch, want in (("unfused", "True False"), ("on", "True True"), ("off", "False False")):
+        env = os.environ | {"MLX_REDRAFTER_ROWS_MATMUL": switch}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert done.stdout.split() == want.split()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA backend only")
+@pytest.mark.parametrize("rows, n, k", [(2, 8, 8), (3, 66, 264), (38, 3072, 576), (41, 577, 1536)])
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_the_fused_kernel_matches_an_fp32_reference(rows, n, k, fusion):
+    norm, bias, glu, silu, residual = fusion
+    if glu and n % 2:
+        n += 1
+    layer, rms, x, res = _fusion_case(rows, n, k, *fusion, dtype=mx.float16)
+    up = lambda a: None if a is None else a.astype(mx.float32)  # noqa: E731
+    want = reference(up(x), up(layer.weight), up(rms.weight) if norm else None, 1e-5, up(layer.get("bias")),
+                     up(res), glu, silu)
+    got = fused_linear(layer, x, rms, res, glu, silu)
+    assert got.dtype == mx.float16 and got.shape == want.shape
+    assert (mx.abs(got.astype(mx.float32) - want).max() / mx.abs(want).max()).item() < 4e-3
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import tiny_config, tiny_drafter, tiny_model, word_tokenizer
+from conftest import stand_in_kernel, tiny_config, tiny_drafter, tiny_model, word_tokenizer
 from mlx_redrafter import training
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter.data import Conversation, read_conversations
@@ -242,26 +242,10 @@ def test_training_never_differentiates_the_cuda_kernel(base, tmp_path, monkeypat
     from mlx_redrafter import cuda_matmul
 
     examples = read_sequences(tiny_data(base, tmp_path / "data", n=16))
-
-    @mx.custom_function
-    def product(x, w):
-        return x @ w.T
-
-    @product.vjp
-    def no_gradient(primals, cotangent, output):
-        raise RuntimeError("the CUDA kernel was differentiated")
-
-    calls = []
-
-    def kernel(inputs, **_):
-        calls.append(inputs[0].shape[0])
-        return [product(*inputs)]
-
-    monkeypatch.setattr(cuda_matmul, "available", lambda rows, w: 2 <= rows <= cuda_matmul.MAX_ROWS)
-    monkeypatch.setattr(cuda_matmul, "_get_kernel", lambda: kernel)
+    calls = stand_in_kernel(monkeypatch, gradient=False)
     cfg = TrainConfig(head="full", exit_dim=16, batch_size=1, seq_len=16, unroll=2, max_steps=3, holdout=2)
     drafter, metrics = fit(base, examples, tmp_path / "d", cfg, progress=False)
-    assert 16 in calls and len(metrics["loss_history"]) == 3 and all(np.isfinite(metrics["loss_history"]))
+    assert 16 in [rows for rows, _ in calls] and len(metrics["loss_history"]) == 3 and all(np.isfinite(metrics["loss_history"]))
     calls.clear()
     cuda_matmul.Linear(16, 8)(mx.ones((5, 16)))
-    assert calls == [5]   # the stand-in is what a few-row call runs
+    assert calls == [(5, cuda_matmul.Fused(bias=True))]   # the stand-in is what a few-row call runs
