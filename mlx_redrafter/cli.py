@@ -2,6 +2,7 @@
 
 import pickle
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import List, Optional
@@ -382,14 +383,18 @@ def tune(
     from . import load
     from .tune import format_table, save_tuned, tune as run_tune, writable_settings_path
 
+    start = time.perf_counter()
     base, tokenizer = load(model, drafter=drafter or "auto", dtype=dtype)
     draft = getattr(base, "drafter", None)
     if draft is None:
         fail("no drafter given and none packaged for this model: pass --drafter")
     writable_settings_path(base, draft)  # before the measuring, not after it
+    loaded = time.perf_counter()
     tuned = run_tune(base, tokenizer, draft, max_tokens=max_tokens, temp=temp, seconds=seconds)
     typer.echo(format_table(tuned))
     typer.echo(f"saved {save_tuned(base, draft, tuned)}")
+    typer.echo(f"took {time.perf_counter() - start:.0f} s (loading {loaded - start:.0f} s; on a GPU the first run "
+               "also builds each setting's kernels)")
 
 
 convert_app = typer.Typer(no_args_is_help=True, help="Convert PyTorch checkpoints to MLX weights.")

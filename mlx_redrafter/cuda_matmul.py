@@ -21,6 +21,7 @@ kernel but not the fusion); everything else, Metal and the CPU included, keeps M
 (38, 960)
 """
 
+import hashlib
 import os
 import re
 import sys
@@ -179,9 +180,11 @@ def _get_kernel(fused: Fused):
         flags = {"NORM": fused.norm, "BIAS": fused.bias, "GLU": fused.glu, "SILU": fused.silu, "RES": fused.residual}
         defines = "".join(f"#define RD_{k} {int(v)}\n" for k, v in flags.items())
         defines += f"#define RD_EPS static_cast<float>({float(fused.eps)!r})\n"
-        tag = "".join(k[0] if v else "" for k, v in flags.items()).lower()
+        # MLX keeps built kernels on disk (/tmp/mlx/<version>/ptx) by name and template values, not by
+        # source: the name carries the source's hash, so an edited kernel or another eps is never a stale one
+        digest = hashlib.sha256((defines + _HEADER + _SOURCE).encode()).hexdigest()[:16]
         _kernels[fused] = mx.fast.cuda_kernel(
-            name=f"redrafter_rows_matmul{len(_kernels)}_{tag}", input_names=fused.input_names(),
+            name=f"redrafter_rows_matmul_{digest}", input_names=fused.input_names(),
             output_names=["out"], source=_SOURCE, header=defines + _HEADER,
         )
     return _kernels[fused]
@@ -280,16 +283,21 @@ def _fused_kernel(layer, x, norm, residual, glu, silu) -> Optional[mx.array]:
         return None
     if residual is not None and (residual.dtype != w.dtype or residual.shape != (*x.shape[:-1], N)):
         return None
+    bias = "bias" in layer
+    if bias and (layer.bias.dtype != w.dtype or layer.bias.shape != (w.shape[0],)):
+        return None  # (MLX's addmm would promote, or broadcast)
+    fuse_bias = bias and FUSE  # "unfused": the bias is its own op, as before the fusion
     extra = []
     if norm is not None:
         extra.append(norm.weight)
-    if "bias" in layer:
+    if fuse_bias:
         extra.append(layer.bias)
     if residual is not None:
         extra.append(residual.reshape(rows, N))
-    fused = Fused(norm is not None, float(norm.eps) if norm is not None else 0.0, "bias" in layer, glu,
+    fused = Fused(norm is not None, float(norm.eps) if norm is not None else 0.0, fuse_bias, glu,
                   silu and not glu, residual is not None)
-    return _launch(x.reshape(rows, K), w, fused, tuple(extra)).reshape(*x.shape[:-1], N)
+    out = _launch(x.reshape(rows, K), w, fused, tuple(extra)).reshape(*x.shape[:-1], N)
+    return out + layer.bias if bias and not fuse_bias else out
 
 
 class Linear(nn.Linear):

@@ -66,6 +66,8 @@ def _fusion_case(rows, n, k, norm, bias, glu, silu, residual, dtype=mx.float32):
     out_n = n // 2 if glu else n
     layer = Linear(k, n, bias=bias)
     layer.weight = layer.weight * 3  # outputs of a few units: silu's curve matters
+    if bias:
+        layer.bias = mx.random.normal((n,))  # as large as the products: a misplaced bias shows
     rms = nn.RMSNorm(k, eps=1e-5) if norm else None
     if rms is not None:
         rms.weight = 1 + mx.random.normal((k,)) * 0.2
@@ -108,6 +110,9 @@ def test_a_layer_of_the_model_is_four_launches(monkeypatch):
     """norm + q/k/v, o + residual, norm + gate/up + silu * up, down + residual; the same outputs."""
     model = tiny_model(tiny_config("smollm", layers=2))
     fuse_projections(model)  # as loading does
+    for layer in model.layers:  # norms of their own: a swapped or missing one changes the outputs
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight = 1 + mx.random.normal(norm.weight.shape) * 0.3
     tokens = mx.random.randint(0, 64, (1, 9))
     want = model(tokens)
     calls = stand_in_kernel(monkeypatch)
@@ -115,6 +120,20 @@ def test_a_layer_of_the_model_is_four_launches(monkeypatch):
     per_layer = [(f.norm, f.glu, f.residual) for _, f in calls]
     assert per_layer == [(True, False, False), (False, False, True), (True, True, False), (False, False, True)] * 2
     assert mx.allclose(got, want, atol=1e-4)
+
+
+def test_a_bias_of_another_dtype_is_left_to_mlx(monkeypatch):
+    layer = Linear(16, 8)
+    layer.weight = layer.weight.astype(mx.float16)  # the bias stays fp32: MLX promotes the output
+    calls = stand_in_kernel(monkeypatch)
+    assert layer(mx.ones((5, 16), mx.float16)).dtype == mx.float32 and calls == []
+
+
+def test_unfused_adds_the_bias_outside_the_kernel(monkeypatch):
+    layer, x = Linear(16, 8), mx.random.normal((5, 16))
+    calls = stand_in_kernel(monkeypatch)
+    monkeypatch.setattr(cuda_matmul, "FUSE", False)
+    assert mx.allclose(layer(x), x @ layer.weight.T + layer.bias, atol=1e-5) and calls == [(5, Fused())]
 
 
 def test_the_unfused_switch_keeps_the_kernel_but_not_the_fusion():
