@@ -103,7 +103,7 @@ def stand_in_kernel(monkeypatch, gradient: bool = True) -> list:
 
     calls = []
 
-    def kernel(fused, inputs, **_):
+    def kernel(fused, inputs, output_shapes, output_dtypes, **_):
         calls.append((inputs[0].shape[0], fused))
 
         @mx.custom_function
@@ -117,7 +117,9 @@ def stand_in_kernel(monkeypatch, gradient: bool = True) -> list:
             def no_gradient(primals, cotangent, output):
                 raise RuntimeError("the CUDA kernel was differentiated")
 
-        return [launch(*inputs)]
+        out = launch(*inputs)
+        assert [out.shape] == [tuple(s) for s in output_shapes] and [out.dtype] == output_dtypes  # what _launch asks for
+        return [out]
 
     monkeypatch.setattr(cuda_matmul, "available", lambda rows, w: 2 <= rows <= cuda_matmul.MAX_ROWS)
     monkeypatch.setattr(cuda_matmul, "_get_kernel", lambda fused: lambda **kw: kernel(fused, **kw))
