@@ -41,7 +41,8 @@ CANDIDATES = {
     # 32x6:64 and 16x4:16 went: the slowest by far on the H200 (1.35x against 1.55-1.72x, tune-gpu.json), and
     # each new shape's kernels are built on a GPU's first run
     "gpu": [(32, 6, 32), (32, 6, 32, 12), (32, 8, 48), (16, 6, 24), (64, 6, 48)],
-    "cpu": [(4, 4, 0, 0, 0.1), (4, 4, 0, 0, 0.2), (4, 4, 0), (4, 5, 0, 0, 0.1)],
+    # 4x4 verifying every node went: never picked in seven CPU runs (1.31x-1.35x against 1.48x-1.61x for 0.1 / 0.2)
+    "cpu": [(4, 4, 0, 0, 0.1), (4, 4, 0, 0, 0.2), (4, 5, 0, 0, 0.1)],
 }
 PROMPTS = [
     "Write a short, friendly email inviting a colleague to lunch on Friday.",
