@@ -34,10 +34,23 @@ MAX_ROWS = 64  # at 64 rows cuBLAS measured 15.5 us against the kernel's 17.5; 4
 # Warps of different rows read the same weights again, from L2 while they fit there: larger
 # matrices (a 7B model's) stay with cuBLAS, which reads them once.
 MAX_WEIGHT_BYTES = 16 * 2**20
-_SWITCH = os.environ.get("MLX_REDRAFTER_ROWS_MATMUL", "on").lower()
-ENABLED = _SWITCH not in ("off", "0", "no", "false")
-# "unfused": the kernel for the projections alone, norms and epilogues as MLX ops (to measure the fusion)
-FUSE = ENABLED and _SWITCH != "unfused"
+
+
+def _switch(setting: str) -> str:
+    """MLX_REDRAFTER_ROWS_MATMUL: on (default), off, or unfused (the kernel for the projections alone, norms
+    and epilogues as MLX ops: to measure the fusion)."""
+    value = setting.strip().lower()
+    for name, spellings in (("on", ("on", "1", "yes", "true")), ("off", ("off", "0", "no", "false")),
+                            ("unfused", ("unfused",))):
+        if value in spellings:
+            return name
+    print(f"mlx-redrafter: MLX_REDRAFTER_ROWS_MATMUL={setting!r} is not on, off or unfused; using on", file=sys.stderr)
+    return "on"
+
+
+_SWITCH = _switch(os.environ.get("MLX_REDRAFTER_ROWS_MATMUL", "on"))
+ENABLED = _SWITCH != "off"
+FUSE = _SWITCH == "on"
 
 
 def _tile(setting: str) -> tuple:

@@ -138,10 +138,13 @@ def test_unfused_adds_the_bias_outside_the_kernel(monkeypatch):
 
 def test_the_unfused_switch_keeps_the_kernel_but_not_the_fusion():
     code = ("from mlx_redrafter import cuda_matmul as c; print(c.ENABLED, c.FUSE)")
-    for switch, want in (("unfused", "True False"), ("on", "True True"), ("off", "False False")):
+    for switch, want in (("unfused", "True False"), ("on", "True True"), ("off", "False False"), ("Yes", "True True"),
+                         ("fast", "True True")):
         env = os.environ | {"MLX_REDRAFTER_ROWS_MATMUL": switch}
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert done.stdout.split() == want.split()
+        bad = switch == "fast"
+        assert ("is not on, off or unfused" in done.stderr) == bad and len(done.stderr.splitlines()) == bad
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA backend only")
