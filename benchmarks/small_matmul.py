@@ -68,11 +68,14 @@ def layer_chain(weights, layers, fuse: bool):
     norm1.weight = norm2.weight = mx.ones((576,), mx.float16)
 
     def run(x):
-        cuda_matmul.FUSE = fuse  # read when the chain is traced
-        for _ in range(layers):
-            h = fused_linear(o, fused_linear(qkv, x, norm1)[:, :576], residual=x)
-            x = fused_linear(down, fused_linear(gate_up, h, norm2, glu=True), residual=h)
-        return x
+        saved, cuda_matmul.FUSE = cuda_matmul.FUSE, fuse  # read while the chain is traced, then restored
+        try:
+            for _ in range(layers):
+                h = fused_linear(o, fused_linear(qkv, x, norm1)[:, :576], residual=x)
+                x = fused_linear(down, fused_linear(gate_up, h, norm2, glu=True), residual=h)
+            return x
+        finally:
+            cuda_matmul.FUSE = saved
     return run
 
 
@@ -130,7 +133,6 @@ def main():
                    "us_per_layer": round(seconds / args.layers * 1e6, 2)}
             print(json.dumps(row), flush=True)
             results.append(row)
-        cuda_matmul.FUSE = True
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_file(args.out, json.dumps(results, indent=1))
     print("saved", args.out)
