@@ -41,8 +41,9 @@ CANDIDATES = {
     # 32x6:64 and 16x4:16 went: the slowest by far on the H200 (1.35x against 1.55-1.72x, tune-gpu.json), and
     # each new shape's kernels are built on a GPU's first run
     "gpu": [(32, 6, 32), (32, 6, 32, 12), (32, 8, 48), (16, 6, 24), (64, 6, 48)],
-    # 4x4 verifying every node went: never picked in seven CPU runs (1.31x-1.35x against 1.48x-1.61x for 0.1 / 0.2)
-    "cpu": [(4, 4, 0, 0, 0.1), (4, 4, 0, 0, 0.2), (4, 5, 0, 0, 0.1)],
+    # 4x4 verifying every node and 4x5 @ 0.1 went: never picked in eight CPU runs (1.31x-1.44x against 1.48x-1.61x
+    # for 4x4 @ 0.1 / 0.2), and each costs a slow CPU ~7 s of `tune`'s minute
+    "cpu": [(4, 4, 0, 0, 0.1), (4, 4, 0, 0, 0.2)],
 }
 PROMPTS = [
     "Write a short, friendly email inviting a colleague to lunch on Friday.",
@@ -51,7 +52,7 @@ PROMPTS = [
     "A train leaves at 3 pm at 60 km/h. How far has it gone by 5:30 pm? Show your steps.",
 ]
 MIN_GAIN = 1.03  # a setting must beat plain decoding by this much to be used
-MIN_ROUNDS = 2  # prompts measured per phase however short the budget (a CPU round takes ~10 s)
+MIN_ROUNDS = 2  # prompts measured per phase however short the budget (a CPU round takes ~8-13 s)
 
 
 @dataclass
@@ -143,13 +144,15 @@ def first_use_notice(model, drafter) -> Optional[str]:
 def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, ...]]] = None,
          prompts: Sequence[str] = PROMPTS, max_tokens: int = 32, temp: float = 0.7, finalists: int = 2,
          seconds: float = 30.0, progress: bool = True) -> Tuned:
-    """Measure plain decoding and each candidate (W, Lb, nodes[, lookup length[, min_prob]]) greedy, then plain
-    and the `finalists` fastest sampled at `temp`; return the fastest of each (None where plain decoding wins).
+    """Measure plain decoding and each candidate (W, Lb, nodes[, lookup length[, min_prob]]) greedy, then the
+    `finalists` fastest sampled at `temp`; return the fastest of each (None where plain decoding wins).
 
     Each phase is interleaved (a round decodes one prompt with every setting in turn, the order rotated each
-    round, the prompts taken in turn) and repeated for its share of `seconds` (greedy 60%, sampled 40%; at
-    least MIN_ROUNDS rounds, so two prompts), so a drifting machine shifts all settings alike and a fast one
-    measures more rounds and prompts."""
+    round, the prompts taken in turn) and repeated within its share of `seconds` (greedy 60%, sampled 40%; a
+    round starts only if it should end within the share, but at least MIN_ROUNDS run), so a drifting machine
+    shifts all settings alike, a fast one measures more rounds and prompts, and a slow one is not kept long.
+    Sampled speeds are compared with plain greedy decoding, as `benchmark` does: a plain token costs the same
+    forward either way, and a slow CPU saves a plain run per round."""
     from .generate import encode_prompts
 
     if not (math.isfinite(seconds) and seconds >= 0):
@@ -163,7 +166,7 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, ...
         model, tokenizer, drafter, group, ids, max_tokens, sampling, budget, progress, desc)
     plain_g, *speeds = measure([None, *shapes], greedy, 0.6 * seconds, "tune greedy")
     ranked = sorted(range(len(shapes)), key=lambda i: -speeds[i])[:finalists]
-    plain_s, *best = measure([None, *(shapes[i] for i in ranked)], sampled, 0.4 * seconds, "tune sampled")
+    plain_s, best = plain_g, measure([shapes[i] for i in ranked], sampled, 0.4 * seconds, "tune sampled")
     sampled_speeds = dict(zip(ranked, best))
     rows = [{"setting": "plain", "greedy_tps": plain_g, "sampled_tps": plain_s, "greedy_ratio": 1.0, "sampled_ratio": 1.0}]
     for i, s in enumerate(shapes):
@@ -184,8 +187,9 @@ def setting_name(shape: BeamShape) -> str:
 def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]], ids, max_tokens: int,
                  sampling: SamplingConfig, seconds: float, progress: bool, desc: str) -> List[float]:
     """Tokens per second of each setting (None: plain decoding): one warm-up run each on the longest
-    prompt (on a GPU as long as a measured run, building the shapes it meets), then rounds until
-    `seconds` of decoding have passed (at least MIN_ROUNDS, or one per prompt if fewer): round r
+    prompt (on a GPU as long as a measured run, building the shapes it meets; on the CPU only when greedy,
+    as sampling traces nothing new worth a run), then rounds while the next should end within `seconds` of
+    decoding, judged by the rounds so far (at least MIN_ROUNDS, or one per prompt if fewer): round r
     decodes prompt r mod len(ids) with every setting in turn, starting from setting r mod len(shapes)."""
     from .generate import stream_generate
 
@@ -203,13 +207,14 @@ def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]
     # reach a second span and compact only after several steps, and a new shape builds kernels. On the CPU
     # a new shape is only a trace (~40 ms of a ~2 s run), and a short warm-up keeps `tune` near a minute.
     longest, warm = max(ids, key=len), max_tokens if backend.on_gpu() else min(8, max_tokens)
-    for shape in progress_bar(shapes, enabled=progress, desc=f"{desc} (warm-up)", unit="setting", leave=False):
+    warmed = shapes if backend.on_gpu() or sampling.greedy else []
+    for shape in progress_bar(warmed, enabled=progress, desc=f"{desc} (warm-up)", unit="setting", leave=False):
         run(shape, longest, warm)
     tokens, spent = [0.0] * len(shapes), [0.0] * len(shapes)
     bar = progress_bar(total=max(round(seconds, 1), 0.1), enabled=progress, desc=desc, unit="s", leave=False,
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s")
     clock, rounds, order = time.perf_counter(), 0, list(range(len(shapes)))
-    while rounds < min(MIN_ROUNDS, len(ids)) or time.perf_counter() - clock < seconds:
+    while rounds < min(MIN_ROUNDS, len(ids)) or (time.perf_counter() - clock) * (rounds + 1) / rounds <= seconds:
         for i in order[rounds % len(order):] + order[:rounds % len(order)]:
             n, s = run(shapes[i], ids[rounds % len(ids)], max_tokens, rounds)
             tokens[i], spent[i] = tokens[i] + n, spent[i] + s

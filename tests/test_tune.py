@@ -58,10 +58,11 @@ def test_tune_interleaves_every_setting_per_prompt_for_its_budget(setup, decodes
          finalists=1, seconds=0.0, progress=False)
     greedy = [c for c in calls if c[2] is None]
     sampled = [c for c in calls if c[2] is not None]
-    # however short the budget: one warm-up each, then MIN_ROUNDS (2) rounds of every setting, one prompt each
-    assert len(greedy) == 3 + 2 * 3 and len(sampled) == 2 + 2 * 2
+    # however short the budget: one warm-up each, then MIN_ROUNDS (2) rounds of every setting, one prompt each;
+    # sampled: the finalist alone (plain is compared greedy), not warmed again on the CPU
+    assert len(greedy) == 3 + 2 * 3 and len(sampled) == 2 * 1
     assert [c[0] is None for c in greedy[3:6]].count(True) == 1  # plain and both candidates in turn
-    assert [c[2] for c in sampled[2:]] == [0, 0, 1, 1]  # each round its own draws
+    assert [c[2] for c in sampled] == [0, 1] and None not in [c[0] for c in sampled]  # each round its own draws
     with pytest.raises(ValueError, match="finite"):
         tune(model, tok, drafter, candidates=[(2, 3, 0)], prompts=["t1"], seconds=float("inf"), progress=False)
 
@@ -80,8 +81,8 @@ def test_tune_rounds_rotate_settings_prompts_and_seeds(setup, decodes):
         assert [c[0] for c in calls_in_round] == settings[r % 4:] + settings[:r % 4]  # every setting, rotated
         assert {c[1] for c in calls_in_round} == {calls_in_round[0][1]}  # one prompt per round
     assert len({rounds[r][0][1] for r in range(3)}) == 3  # the next prompt each round
-    sampled = [c for c in calls if c[2] is not None][3:]
-    assert [c[2] for c in sampled[:6]] == [0, 0, 0, 1, 1, 1]  # plain and two finalists, each round its own seed
+    sampled = [c for c in calls if c[2] is not None]
+    assert [c[2] for c in sampled[:6]] == [0, 0, 1, 1, 2, 2]  # two finalists, each round its own seed
 
 
 def test_stored_choice_is_used_by_default(setup, monkeypatch):
@@ -118,3 +119,23 @@ def test_cli_refuses_a_store_it_cannot_write_before_measuring(default_model, tmp
     r = CliRunner().invoke(app, ["tune", "--model", str(model_file)])
     assert r.exit_code == 2 and r.output.startswith("error: cannot store the result in") and "tune greedy" not in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_tune_starts_no_round_it_cannot_finish_within_its_share(setup, monkeypatch):
+    """A slow machine is not kept past `seconds`: beyond MIN_ROUNDS, a round starts only if it should end in time."""
+    import time
+
+    generate = importlib.import_module("mlx_redrafter.generate")
+    calls = []
+
+    def slow(model, tokenizer, prompt, beam=None, sampling=None, **kw):
+        calls.append(sampling.greedy)
+        time.sleep(0.1)  # each decode 0.1 s: a greedy round (plain + the candidate) ~0.2 s, a sampled one ~0.1 s
+        yield from range(4)
+
+    monkeypatch.setattr(generate, "stream_generate", slow)
+    model, tok, drafter = setup
+    tune(model, tok, drafter, candidates=[(2, 3, 0)], prompts=["t1", "t2", "t3"], seconds=0.8, progress=False)
+    # greedy share 0.48 s: after two rounds (0.4 s) a third would end at ~0.6 s, so it is not started
+    assert calls[:2 + 2 * 2] == [True] * 6 and calls.count(True) == 6
+    assert calls.count(False) in (2, 3)  # sampled share 0.32 s: a fourth 0.1 s round would overrun it
