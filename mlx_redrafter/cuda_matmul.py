@@ -70,6 +70,7 @@ WARPS_PER_BLOCK = 4
 _SOURCE = """
     // warp w: output columns [n0, n0 + COLS) of rows [m0, m0 + ROWS); neighbouring warps share rows (L1).
     // With RD_GLU the weights hold gate rows then up rows: a warp reads both halves of its columns.
+    const int M = x_shape[0];  // rows at run time: one build serves every row count
     constexpr int OUT_N = RD_GLU ? N / 2 : N;
     constexpr int WCOLS = RD_GLU ? 2 * COLS : COLS;
     const int lane = threadIdx.x & 31;
@@ -109,7 +110,7 @@ _SOURCE = """
 #endif
         #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            if (M % ROWS == 0 || m0 + r < M) {
+            if (m0 + r < M) {
                 float xv[8];
                 load8(x + (size_t)(m0 + r) * K + k, xv);
                 #pragma unroll
@@ -242,7 +243,7 @@ def _launch(x: mx.array, w: mx.array, fused: Fused = PLAIN, extra: tuple = (),
     grid = -(-warps * 32 // threads) * threads
     (out,) = _get_kernel(fused)(
         inputs=[x, w, *extra],
-        template=[("T", w.dtype), ("M", M), ("K", K), ("N", w.shape[0]),
+        template=[("T", w.dtype), ("K", K), ("N", w.shape[0]),
                   ("ROWS", rows_per_warp), ("COLS", cols_per_warp)],
         grid=(grid, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[(M, N)], output_dtypes=[w.dtype],
