@@ -25,10 +25,11 @@ import hashlib
 import os
 import re
 import sys
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 MAX_ROWS = 64  # at 64 rows cuBLAS measured 15.5 us against the kernel's 17.5; 49-63 rows unmeasured
 # Warps of different rows read the same weights again, from L2 while they fit there: larger
@@ -75,8 +76,15 @@ _SOURCE = """
     constexpr int WCOLS = RD_GLU ? 2 * COLS : COLS;
     const int lane = threadIdx.x & 31;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+#if RD_ROPE
+    // columns (head h, i) and (h, i + HD / 2), the pair RoPE rotates (COLS == 2); q heads, then k, then v
+    constexpr int HALF = HD / 2;
+    constexpr int col_groups = N / 2;
+    const int n0 = ((warp % col_groups) / HALF) * HD + (warp % col_groups) % HALF;
+#else
     constexpr int col_groups = (OUT_N + COLS - 1) / COLS;
     const int n0 = (warp % col_groups) * COLS;
+#endif
     const int m0 = (warp / col_groups) * ROWS;
     if (m0 >= M) return;
     float acc[WCOLS][ROWS];
@@ -91,9 +99,13 @@ _SOURCE = """
         float wv[WCOLS][8];
         #pragma unroll
         for (int c = 0; c < WCOLS; ++c) {
-            const int n = n0 + c % COLS;
+#if RD_ROPE
+            const int n = n0 + c * HALF, col = n;
+#else
+            const int n = n0 + c % COLS, col = c < COLS ? n : n + OUT_N;
+#endif
             if (n < OUT_N) {
-                load8(w + (size_t)(c < COLS ? n : n + OUT_N) * K + k, wv[c]);
+                load8(w + (size_t)col * K + k, wv[c]);
             } else {
                 #pragma unroll
                 for (int j = 0; j < 8; ++j) wv[c][j] = 0.0f;
@@ -131,6 +143,35 @@ _SOURCE = """
             for (int c = 0; c < WCOLS; ++c) acc[c][r] += __shfl_xor_sync(0xffffffff, acc[c][r], o);
         }
     }
+#if RD_ROPE
+    // row m is token t of batch row b; lane r writes row r's pair into q_out, k_out or v_out (B, heads, SEQ, HD)
+    const int SEQ = positions_shape[1];
+    const int head = n0 / HD, i = n0 % HD;
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int m = m0 + r;
+        if (lane != (r & 31) || m >= M) continue;
+        const float scale = RD_NORM ? rsqrtf(sq[r] / K + RD_EPS) : 1.0f;
+        float a = acc[0][r] * scale, b = acc[1][r] * scale;
+#if RD_BIAS
+        a += static_cast<float>(bias[n0]);
+        b += static_cast<float>(bias[n0 + HALF]);
+#endif
+        const int batch = m / SEQ, t = m % SEQ;
+        if (head < NQ + NKV) {
+            float sn, cs;
+            sincosf(static_cast<float>(positions[m]) * inv_freq[i], &sn, &cs);
+            const float ra = a * cs - b * sn, rb = a * sn + b * cs;
+            a = ra;
+            b = rb;
+        }
+        T* dst = head < NQ ? q_out + ((size_t)(batch * NQ + head) * SEQ + t) * HD
+               : head < NQ + NKV ? k_out + ((size_t)(batch * NKV + head - NQ) * SEQ + t) * HD
+               : v_out + ((size_t)(batch * NKV + head - NQ - NKV) * SEQ + t) * HD;
+        dst[i] = static_cast<T>(a);
+        dst[i + HALF] = static_cast<T>(b);
+    }
+#else
     #pragma unroll
     for (int c = 0; c < COLS; ++c) {
         #pragma unroll
@@ -157,6 +198,7 @@ _SOURCE = """
             out[(size_t)m * OUT_N + n] = static_cast<T>(v);
         }
     }
+#endif
 """
 
 _HEADER = """
@@ -180,9 +222,14 @@ class Fused(NamedTuple):
     glu: bool = False
     silu: bool = False
     residual: bool = False
+    rope: bool = False  # outputs q, k, v (B, heads, n, D), q and k rotated (`qkv_rope`)
 
     def input_names(self) -> list:
-        return ["x", "w"] + ["gamma"] * self.norm + ["bias"] * self.bias + ["res"] * self.residual
+        return (["x", "w"] + ["gamma"] * self.norm + ["bias"] * self.bias + ["positions", "inv_freq"] * self.rope
+                + ["res"] * self.residual)
+
+    def output_names(self) -> list:
+        return ["q_out", "k_out", "v_out"] if self.rope else ["out"]
 
 
 PLAIN = Fused()
@@ -191,7 +238,8 @@ _kernels = {}
 
 def _get_kernel(fused: Fused):
     if fused not in _kernels:
-        flags = {"NORM": fused.norm, "BIAS": fused.bias, "GLU": fused.glu, "SILU": fused.silu, "RES": fused.residual}
+        flags = {"NORM": fused.norm, "BIAS": fused.bias, "GLU": fused.glu, "SILU": fused.silu, "RES": fused.residual,
+                 "ROPE": fused.rope}
         defines = "".join(f"#define RD_{k} {int(v)}\n" for k, v in flags.items())
         defines += f"#define RD_EPS static_cast<float>({float(fused.eps)!r})\n"
         # MLX keeps built kernels on disk (/tmp/mlx/<version>/ptx) by name and template values, not by
@@ -199,7 +247,7 @@ def _get_kernel(fused: Fused):
         digest = hashlib.sha256((defines + _HEADER + _SOURCE).encode()).hexdigest()[:16]
         _kernels[fused] = mx.fast.cuda_kernel(
             name=f"redrafter_rows_matmul_{digest}", input_names=fused.input_names(),
-            output_names=["out"], source=_SOURCE, header=defines + _HEADER,
+            output_names=fused.output_names(), source=_SOURCE, header=defines + _HEADER,
         )
     return _kernels[fused]
 
@@ -232,23 +280,28 @@ def rows_matmul(x: mx.array, w: mx.array, rows_per_warp: int = ROWS_PER_WARP, co
 
 
 def _launch(x: mx.array, w: mx.array, fused: Fused = PLAIN, extra: tuple = (),
-            rows_per_warp: int = ROWS_PER_WARP, cols_per_warp: int = COLS_PER_WARP) -> mx.array:
+            rows_per_warp: int = ROWS_PER_WARP, cols_per_warp: int = COLS_PER_WARP, heads: tuple = ()):
     """One kernel: x (M, K), w (N, K) and the `extra` inputs `fused` names (gamma (K,), bias (N,),
-    residual (M, N or N / 2)) -> (M, N), or (M, N / 2) with glu."""
+    residual (M, N or N / 2)) -> (M, N), or (M, N / 2) with glu; with rope, heads = (B, n, q heads,
+    k/v heads, head dim) and the outputs [q, k, v], each (B, heads, n, head dim)."""
     M, K = x.shape
     N = w.shape[0] // 2 if fused.glu else w.shape[0]
+    cols_per_warp = 2 if fused.rope else cols_per_warp  # the pair RoPE rotates
     rows_per_warp = min(rows_per_warp, M)
     warps = -(-N // cols_per_warp) * -(-M // rows_per_warp)
     threads = WARPS_PER_BLOCK * 32
     grid = -(-warps * 32 // threads) * threads
-    (out,) = _get_kernel(fused)(
-        inputs=[x, w, *extra],
-        template=[("T", w.dtype), ("K", K), ("N", w.shape[0]),
-                  ("ROWS", rows_per_warp), ("COLS", cols_per_warp)],
-        grid=(grid, 1, 1), threadgroup=(threads, 1, 1),
-        output_shapes=[(M, N)], output_dtypes=[w.dtype],
+    template = [("T", w.dtype), ("K", K), ("N", w.shape[0]), ("ROWS", rows_per_warp), ("COLS", cols_per_warp)]
+    shapes = [(M, N)]
+    if fused.rope:
+        B, n, nq, nkv, hd = heads
+        template += [("NQ", nq), ("NKV", nkv), ("HD", hd)]
+        shapes = [(B, nq, n, hd), (B, nkv, n, hd), (B, nkv, n, hd)]
+    outs = _get_kernel(fused)(
+        inputs=[x, w, *extra], template=template, grid=(grid, 1, 1), threadgroup=(threads, 1, 1),
+        output_shapes=shapes, output_dtypes=[w.dtype] * len(shapes),
     )
-    return out
+    return outs if fused.rope else outs[0]
 
 
 def _epilogue(y: mx.array, residual=None, glu: bool = False, silu: bool = False) -> mx.array:
@@ -284,22 +337,29 @@ def fused_linear(layer: nn.Module, x: mx.array, norm: Optional[nn.Module] = None
     return _epilogue(y, residual, glu, silu)
 
 
+def _takes(layer, x, norm) -> bool:
+    """Whether the kernel takes layer(norm(x)): our Linear where it `fits`, an RMSNorm and a bias of its dtype."""
+    w, K = getattr(layer, "weight", None), x.shape[-1]
+    if type(layer) is not Linear or not fits(x.size // K, K, x.dtype, w):
+        return False
+    if norm is not None and (type(norm) is not nn.RMSNorm or norm.weight.dtype != w.dtype or norm.weight.shape != (K,)):
+        return False
+    # (MLX's addmm would promote another dtype, or broadcast another shape)
+    return "bias" not in layer or (layer.bias.dtype == w.dtype and layer.bias.shape == (w.shape[0],))
+
+
 def _fused_kernel(layer, x, norm, residual, glu, silu) -> Optional[mx.array]:
     """The one launch, or None where it doesn't fit."""
-    w, K = getattr(layer, "weight", None), x.shape[-1]
-    rows = x.size // K
-    if type(layer) is not Linear or not fits(rows, K, x.dtype, w):
+    if not _takes(layer, x, norm):
         return None
+    w, K = layer.weight, x.shape[-1]
+    rows = x.size // K
     N = w.shape[0] // 2 if glu else w.shape[0]
     if glu and w.shape[0] % 2:
-        return None
-    if norm is not None and (type(norm) is not nn.RMSNorm or norm.weight.dtype != w.dtype or norm.weight.shape != (K,)):
         return None
     if residual is not None and (residual.dtype != w.dtype or residual.shape != (*x.shape[:-1], N)):
         return None
     bias = "bias" in layer
-    if bias and (layer.bias.dtype != w.dtype or layer.bias.shape != (w.shape[0],)):
-        return None  # (MLX's addmm would promote, or broadcast)
     fuse_bias = bias and FUSE  # "unfused": the bias is its own op, as before the fusion
     extra = []
     if norm is not None:
@@ -312,6 +372,53 @@ def _fused_kernel(layer, x, norm, residual, glu, silu) -> Optional[mx.array]:
                   silu and not glu, residual is not None)
     out = _launch(x.reshape(rows, K), w, fused, tuple(extra)).reshape(*x.shape[:-1], N)
     return out + layer.bias if bias and not fuse_bias else out
+
+
+def qkv_rope(layer, x: mx.array, norm, rope, positions, heads: int, kv_heads: int) -> Optional[Tuple[mx.array, ...]]:
+    """q (B, heads, n, D), k and v (B, kv_heads, n, D) from x (B, n, H): the norm, the joined q/k/v
+    projection, RoPE of q and k at positions (B, n) and the head-major layout, in one launch where the
+    kernel takes it (nn.RoPE, not traditional, over the whole head); None elsewhere, and the caller runs
+    those ops (`llama.Attention`)."""
+    if not (FUSE and isinstance(positions, mx.array) and type(rope) is nn.RoPE and not rope.traditional):
+        return None
+    B, n, K = x.shape
+    if not _takes(layer, x, norm):
+        return None
+    D = layer.weight.shape[0] // (heads + 2 * kv_heads)
+    if D * (heads + 2 * kv_heads) != layer.weight.shape[0] or rope.dims != D or D % 2 or positions.shape != (B, n):
+        return None
+    extra = ([norm.weight] if norm is not None else []) + ([layer.bias] if "bias" in layer else [])
+    extra += [positions.astype(mx.int32), _inv_freq(float(rope.base), float(rope.scale), D)]
+    fused = Fused(norm is not None, float(norm.eps) if norm is not None else 0.0, "bias" in layer, rope=True)
+    return tuple(_launch(x.reshape(B * n, K), layer.weight, fused, tuple(extra), heads=(B, n, heads, kv_heads, D)))
+
+
+_INV_FREQ = {}
+
+
+def _inv_freq(base: float, scale: float, dims: int) -> mx.array:
+    """scale * base^(-2i / dims) for i < dims / 2 (fp32): the angle per position of mx.fast.rope's pair i."""
+    key = (base, scale, dims)
+    if key not in _INV_FREQ:
+        _INV_FREQ[key] = mx.array(scale * base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims), dtype=mx.float32)
+    return _INV_FREQ[key]
+
+
+def reference_qkv_rope(x, w, gamma, eps: float, bias, positions, inv_freq, heads: int, kv_heads: int):
+    """What `qkv_rope` computes, in MLX ops on arrays: x (B, n, H) -> q, k, v (B, heads, n, D)."""
+    B, n, _ = x.shape
+    qkv = reference(x, w, gamma, eps, bias).reshape(B, n, heads + 2 * kv_heads, -1).transpose(0, 2, 1, 3)
+    q, k, v = mx.split(qkv, [heads, heads + kv_heads], axis=1)
+    return rotate(q, positions, inv_freq), rotate(k, positions, inv_freq), v
+
+
+def rotate(x: mx.array, positions: mx.array, inv_freq: mx.array) -> mx.array:
+    """x (B, heads, n, D) with each pair (i, i + D / 2) rotated by positions (B, n) * inv_freq[i]: RoPE as
+    `qkv_rope`'s kernel computes it (tests compare it with mx.fast.rope)."""
+    theta = positions[:, None, :, None].astype(mx.float32) * inv_freq
+    cos, sin = mx.cos(theta), mx.sin(theta)
+    a, b = mx.split(x.astype(mx.float32), 2, axis=-1)
+    return mx.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x.dtype)
 
 
 class Linear(nn.Linear):

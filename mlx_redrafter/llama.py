@@ -20,7 +20,7 @@ import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
 from . import validate as V
-from .cuda_matmul import Linear, fused_linear
+from .cuda_matmul import Linear, fused_linear, qkv_rope
 from .kv_cache import KVCache, LayerKV
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2", "vicuna")
@@ -134,6 +134,18 @@ class Attention(nn.Module):
     def __call__(self, x, positions, mask, cache: Optional[LayerKV], start: int, norm: nn.RMSNorm):
         """residual x + attention over norm(x) (cuda_matmul.fused_linear: one launch each side where it fits)."""
         B, n, _ = x.shape
+        fused = None
+        if "qkv_proj" in self and "q_norm" not in self:  # one launch for all of it where the kernel runs
+            fused = qkv_rope(self.qkv_proj, x, norm, self.rope, positions, self.n_heads, self.n_kv_heads)
+        q, k, v = fused or self._qkv(x, positions, norm)
+        if cache is not None:
+            k, v = cache.write(k, v, start, mask.shape[-1] if isinstance(mask, mx.array) else None)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return fused_linear(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, n, -1), residual=x)
+
+    def _qkv(self, x, positions, norm):
+        """q (B, heads, n, D), k and v (B, kv heads, n, D): projections, q/k norms (Qwen3), RoPE."""
+        B, n, _ = x.shape
         if "qkv_proj" in self:  # fuse_projections: one matmul, then views of its heads
             qkv = fused_linear(self.qkv_proj, x, norm).reshape(B, n, self.n_heads + 2 * self.n_kv_heads, -1)
             q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=2)
@@ -142,15 +154,9 @@ class Attention(nn.Module):
             q = self.q_proj(normed).reshape(B, n, self.n_heads, -1)
             k = self.k_proj(normed).reshape(B, n, self.n_kv_heads, -1)
             v = self.v_proj(normed).reshape(B, n, self.n_kv_heads, -1)
-        v = v.transpose(0, 2, 1, 3)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(self.rope, q, positions)
-        k = apply_rope(self.rope, k, positions)
-        if cache is not None:
-            k, v = cache.write(k, v, start, mask.shape[-1] if isinstance(mask, mx.array) else None)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return fused_linear(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, n, -1), residual=x)
+        return apply_rope(self.rope, q, positions), apply_rope(self.rope, k, positions), v.transpose(0, 2, 1, 3)
 
 
 class MLP(nn.Module):

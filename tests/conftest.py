@@ -109,6 +109,10 @@ def stand_in_kernel(monkeypatch, gradient: bool = True) -> list:
         @mx.custom_function
         def launch(*arrays):
             a = dict(zip(fused.input_names(), arrays))
+            if fused.rope:
+                (B, heads, n, _), (_, kv_heads, _, _) = output_shapes[:2]
+                return cuda_matmul.reference_qkv_rope(a["x"].reshape(B, n, -1), a["w"], a.get("gamma"), fused.eps,
+                                                      a.get("bias"), a["positions"], a["inv_freq"], heads, kv_heads)
             return cuda_matmul.reference(a["x"], a["w"], a.get("gamma"), fused.eps, a.get("bias"), a.get("res"),
                                          fused.glu, fused.silu)
 
@@ -117,9 +121,11 @@ def stand_in_kernel(monkeypatch, gradient: bool = True) -> list:
             def no_gradient(primals, cotangent, output):
                 raise RuntimeError("the CUDA kernel was differentiated")
 
-        out = launch(*inputs)
-        assert [out.shape] == [tuple(s) for s in output_shapes] and [out.dtype] == output_dtypes  # what _launch asks for
-        return [out]
+        outs = launch(*inputs)
+        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        assert [o.shape for o in outs] == [tuple(s) for s in output_shapes]  # what _launch asks MLX for
+        assert [o.dtype for o in outs] == list(output_dtypes)
+        return outs
 
     monkeypatch.setattr(cuda_matmul, "available", lambda rows, w: 2 <= rows <= cuda_matmul.MAX_ROWS)
     monkeypatch.setattr(cuda_matmul, "_get_kernel", lambda fused: lambda **kw: kernel(fused, **kw))

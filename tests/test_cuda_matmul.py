@@ -16,8 +16,9 @@ from mlx.utils import tree_flatten
 
 from conftest import stand_in_kernel, tiny_config, tiny_model
 from mlx_redrafter import cuda_matmul
-from mlx_redrafter.llama import fuse_projections
-from mlx_redrafter.cuda_matmul import Fused, Linear, available, fused_linear, reference, rows_matmul, swap_linears
+from mlx_redrafter.llama import apply_rope, fuse_projections
+from mlx_redrafter.cuda_matmul import (Fused, Linear, available, fused_linear, reference, rotate, rows_matmul,
+                                      swap_linears)
 
 
 ON_CUDA = cuda_matmul.on_cuda()
@@ -120,6 +121,51 @@ def test_a_layer_of_the_model_is_four_launches(monkeypatch):
     per_layer = [(f.norm, f.glu, f.residual) for _, f in calls]
     assert per_layer == [(True, False, False), (False, False, True), (True, True, False), (False, False, True)] * 2
     assert mx.allclose(got, want, atol=1e-4)
+
+
+def test_rotate_is_mlx_rope():
+    """The kernel's RoPE formula (`rotate`, pairs (i, i + D / 2)) against mx.fast.rope at per-token positions."""
+    x, positions = mx.random.normal((2, 3, 7, 64)), mx.random.randint(0, 4000, (2, 7))
+    rope = nn.RoPE(64, base=100000.0, scale=0.5)
+    want = apply_rope(rope, x.transpose(0, 2, 1, 3), positions)
+    got = rotate(x, positions, cuda_matmul._inv_freq(100000.0, 0.5, 64))
+    assert mx.allclose(got, want, atol=2e-3)
+
+
+def test_a_tree_forward_is_four_launches_with_rope_in_the_first(monkeypatch):
+    """With per-token positions (a verify), the q/k/v launch also rotates q and k and lays out the heads."""
+    model = tiny_model(tiny_config("smollm", layers=2))
+    fuse_projections(model)
+    tokens, positions = mx.random.randint(0, 64, (2, 5)), mx.array([[3, 4, 4, 5, 6], [9, 10, 11, 11, 12]])
+    want = model(tokens, positions=positions, mask=mx.tril(mx.ones((5, 5), mx.bool_)))
+    calls = stand_in_kernel(monkeypatch)
+    got = model(tokens, positions=positions, mask=mx.tril(mx.ones((5, 5), mx.bool_)))
+    flags = [(f.norm, f.rope, f.glu, f.residual) for _, f in calls]
+    assert flags == [(True, True, False, False), (False, False, False, True), (True, False, True, False),
+                     (False, False, False, True)] * 2
+    assert mx.allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA backend only")
+@pytest.mark.parametrize("B, n, heads, kv_heads, dim, bias", [(1, 38, 9, 3, 64, False), (2, 5, 4, 2, 32, True),
+                                                             (1, 2, 2, 1, 128, False)])
+def test_the_qkv_rope_kernel_matches_an_fp32_reference(B, n, heads, kv_heads, dim, bias):
+    k = 576
+    layer = Linear(k, (heads + 2 * kv_heads) * dim, bias=bias)
+    if bias:
+        layer.bias = mx.random.normal(layer.bias.shape)
+    layer.update({name: a.astype(mx.float16) for name, a in layer.parameters().items()})
+    rms = nn.RMSNorm(k)
+    rms.weight = (1 + mx.random.normal((k,)) * 0.2).astype(mx.float16)
+    rope = nn.RoPE(dim, base=100000.0)
+    x, positions = mx.random.normal((B, n, k)).astype(mx.float16), mx.random.randint(0, 3000, (B, n))
+    got = cuda_matmul.qkv_rope(layer, x, rms, rope, positions, heads, kv_heads)
+    up = lambda a: None if a is None else a.astype(mx.float32)  # noqa: E731
+    want = cuda_matmul.reference_qkv_rope(up(x), up(layer.weight), up(rms.weight), 1e-5, up(layer.get("bias")),
+                                          positions, cuda_matmul._inv_freq(100000.0, 1.0, dim), heads, kv_heads)
+    for g, w in zip(got, want):
+        assert g.dtype == mx.float16 and g.shape == w.shape
+        assert (mx.abs(g.astype(mx.float32) - w).max() / mx.abs(w).max()).item() < 4e-3
 
 
 def test_a_bias_of_another_dtype_is_left_to_mlx(monkeypatch):
