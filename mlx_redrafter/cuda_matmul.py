@@ -379,7 +379,8 @@ def qkv_rope(layer, x: mx.array, norm, rope, positions, heads: int, kv_heads: in
     projection, RoPE of q and k at positions (B, n) and the head-major layout, in one launch where the
     kernel takes it (nn.RoPE, not traditional, over the whole head); None elsewhere, and the caller runs
     those ops (`llama.Attention`)."""
-    if not (FUSE and isinstance(positions, mx.array) and type(rope) is nn.RoPE and not rope.traditional):
+    if not (FUSE and isinstance(positions, mx.array) and mx.issubdtype(positions.dtype, mx.integer)
+            and type(rope) is nn.RoPE and not rope.traditional):
         return None
     B, n, K = x.shape
     if not _takes(layer, x, norm):

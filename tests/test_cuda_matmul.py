@@ -12,7 +12,7 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from conftest import stand_in_kernel, tiny_config, tiny_model
 from mlx_redrafter import cuda_matmul
@@ -147,25 +147,48 @@ def test_a_tree_forward_is_four_launches_with_rope_in_the_first(monkeypatch):
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA backend only")
-@pytest.mark.parametrize("B, n, heads, kv_heads, dim, bias", [(1, 38, 9, 3, 64, False), (2, 5, 4, 2, 32, True),
-                                                             (1, 2, 2, 1, 128, False)])
-def test_the_qkv_rope_kernel_matches_an_fp32_reference(B, n, heads, kv_heads, dim, bias):
+@pytest.mark.parametrize("B, n, heads, kv_heads, dim, bias, norm, scale", [
+    (1, 38, 9, 3, 64, False, True, 1.0), (1, 45, 9, 3, 64, False, True, 1.0), (2, 5, 4, 2, 32, True, True, 1.0),
+    (1, 2, 2, 1, 128, False, False, 0.5), (1, 7, 4, 4, 16, True, False, 0.25)])
+def test_the_qkv_rope_kernel_matches_an_fp32_reference(B, n, heads, kv_heads, dim, bias, norm, scale):
     k = 576
     layer = Linear(k, (heads + 2 * kv_heads) * dim, bias=bias)
     if bias:
         layer.bias = mx.random.normal(layer.bias.shape)
     layer.update({name: a.astype(mx.float16) for name, a in layer.parameters().items()})
-    rms = nn.RMSNorm(k)
-    rms.weight = (1 + mx.random.normal((k,)) * 0.2).astype(mx.float16)
-    rope = nn.RoPE(dim, base=100000.0)
+    rms = nn.RMSNorm(k) if norm else None
+    if norm:
+        rms.weight = (1 + mx.random.normal((k,)) * 0.2).astype(mx.float16)
+    rope = nn.RoPE(dim, base=100000.0, scale=scale)
     x, positions = mx.random.normal((B, n, k)).astype(mx.float16), mx.random.randint(0, 3000, (B, n))
     got = cuda_matmul.qkv_rope(layer, x, rms, rope, positions, heads, kv_heads)
+    assert got is not None  # the kernel took it
     up = lambda a: None if a is None else a.astype(mx.float32)  # noqa: E731
-    want = cuda_matmul.reference_qkv_rope(up(x), up(layer.weight), up(rms.weight), 1e-5, up(layer.get("bias")),
-                                          positions, cuda_matmul._inv_freq(100000.0, 1.0, dim), heads, kv_heads)
+    want = cuda_matmul.reference_qkv_rope(up(x), up(layer.weight), up(rms.weight) if norm else None, 1e-5,
+                                          up(layer.get("bias")), positions, cuda_matmul._inv_freq(100000.0, scale, dim),
+                                          heads, kv_heads)
     for g, w in zip(got, want):
         assert g.dtype == mx.float16 and g.shape == w.shape
         assert (mx.abs(g.astype(mx.float32) - w).max() / mx.abs(w).max()).item() < 4e-3
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on MLX's CUDA backend only")
+def test_a_tree_forward_on_the_kernel_matches_mlx_ops(monkeypatch):
+    """fp16 on the GPU: the fused launches against the same forward with the fusion off."""
+    model = tiny_model(tiny_config("smollm", layers=2, hidden_size=64))
+    fuse_projections(model)
+    model.update(tree_map(lambda a: a.astype(mx.float16), model.parameters()))
+    tokens, positions = mx.random.randint(0, 64, (2, 6)), mx.array([[3, 4, 4, 5, 6, 7], [9, 10, 11, 11, 12, 13]])
+    mask = mx.tril(mx.ones((6, 6), mx.bool_))
+    got = model(tokens, positions=positions, mask=mask)
+    monkeypatch.setattr(cuda_matmul, "FUSE", False)
+    want = model(tokens, positions=positions, mask=mask)
+    assert (mx.abs(got - want).max() / mx.abs(want).max()).item() < 1e-2
+
+
+def test_float_positions_are_left_to_mlx():
+    layer, x = Linear(16, 48), mx.random.normal((1, 5, 16))
+    assert cuda_matmul.qkv_rope(layer, x, None, nn.RoPE(8), mx.arange(5.0)[None], 2, 2) is None
 
 
 def test_a_bias_of_another_dtype_is_left_to_mlx(monkeypatch):
