@@ -19,6 +19,7 @@ def pooled(files):
     for f in files:
         per_prompt = json.load(open(f))["per_prompt"]
         for name, runs in per_prompt.items():
+            assert len(runs) == len(per_prompt[PLAIN]), f"{f}: {name} has {len(runs)} prompts, plain {len(per_prompt[PLAIN])}"
             rows.setdefault(name, []).extend(dict(r, plain_tps=p["tps"]) for r, p in zip(runs, per_prompt[PLAIN]))
     return rows
 

@@ -376,7 +376,7 @@ def tune(
     max_tokens: int = typer.Option(32, "--max-tokens", min=8, max=512, help="Tokens per measured prompt."),
     temp: float = typer.Option(0.7, "--temp", min=1e-5, max=10.0, help="Temperature of the sampled measurements."),
     seconds: float = typer.Option(30.0, "--seconds", min=1.0, max=3600.0,
-                                  help="Decoding time to measure for, after warm-ups (at least one round; no round that would overrun): more rounds, less noise."),
+                                  help="Decoding time to measure for, after warm-ups (at least two rounds; beyond those, no round that would overrun): more rounds, less noise."),
     dtype: str = typer.Option("auto", "--dtype"),
 ):
     """Measure the draft settings on this machine and keep the fastest (generate uses them by default)."""

@@ -71,7 +71,7 @@ WARPS_PER_BLOCK = 4
 _SOURCE = """
     // warp w: output columns [n0, n0 + COLS) of rows [m0, m0 + ROWS); neighbouring warps share rows (L1).
     // With RD_GLU the weights hold gate rows then up rows: a warp reads both halves of its columns.
-    const int M = x_shape[0];  // rows at run time: one build serves every row count
+    const int M = x_shape[0];  // rows at run time: one build serves every row count >= ROWS (fewer: own builds)
     constexpr int OUT_N = RD_GLU ? N / 2 : N;
     constexpr int WCOLS = RD_GLU ? 2 * COLS : COLS;
     const int lane = threadIdx.x & 31;

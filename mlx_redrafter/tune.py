@@ -39,7 +39,7 @@ from .sampling import SamplingConfig
 # was slower end to end on the CPU; on a GPU, where a verified node costs little, tune decides.
 CANDIDATES = {
     # 32x6:64 and 16x4:16 went (1.35x against 1.55-1.72x on the H200), then 32x6:32+12 and 32x8:48 (never picked in
-    # four H200 runs, and 32x6:32+12 the slowest of five in all four: h200-rows-matmul/, h200-qkv-rope/tune-*); each shape's kernels are built on a
+    # four interleaved H200 runs, and 32x6:32+12 the slowest of five in all four: h200-rows-matmul/, h200-qkv-rope/tune-*); each shape's kernels are built on a
     # GPU's first run, and fewer settings measure more rounds in the same time
     "gpu": [(32, 6, 32), (16, 6, 24), (64, 6, 48)],
     # 4x4 verifying every node and 4x5 @ 0.1 went: never picked in eight CPU runs (1.31x-1.44x against 1.48x-1.61x
@@ -53,7 +53,7 @@ PROMPTS = [
     "A train leaves at 3 pm at 60 km/h. How far has it gone by 5:30 pm? Show your steps.",
 ]
 MIN_GAIN = 1.03  # a setting must beat plain decoding by this much to be used
-MIN_ROUNDS = 2  # prompts measured per phase however short the budget (a CPU round takes ~8-13 s)
+MIN_ROUNDS = 2  # rounds (prompts) per phase however short the budget (a CPU round takes ~8-13 s)
 
 
 @dataclass
@@ -152,8 +152,9 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, ...
     round, the prompts taken in turn) and repeated within its share of `seconds` (greedy 60%, sampled 40%; a
     round starts only if it should end within the share, but at least MIN_ROUNDS run), so a drifting machine
     shifts all settings alike, a fast one measures more rounds and prompts, and a slow one is not kept long.
-    Sampled speeds are compared with plain greedy decoding, as `benchmark` does: a plain token costs the same
-    forward either way, and a slow CPU saves a plain run per round."""
+    On the CPU the sampled phase leaves plain decoding out and compares with its greedy speed, as `benchmark`
+    does (a plain token is the same forward either way): that saves a slow machine a plain run per round, at
+    the price of plain drifting between the phases. A GPU round is cheap, so there plain runs in both."""
     from .generate import encode_prompts
 
     if not (math.isfinite(seconds) and seconds >= 0):
@@ -167,9 +168,12 @@ def tune(model, tokenizer, drafter, candidates: Optional[Sequence[Tuple[int, ...
         model, tokenizer, drafter, group, ids, max_tokens, sampling, budget, progress, desc)
     plain_g, *speeds = measure([None, *shapes], greedy, 0.6 * seconds, "tune greedy")
     ranked = sorted(range(len(shapes)), key=lambda i: -speeds[i])[:finalists]
-    plain_s, best = plain_g, measure([shapes[i] for i in ranked], sampled, 0.4 * seconds, "tune sampled")
+    with_plain = backend.on_gpu()
+    measured = measure(([None] if with_plain else []) + [shapes[i] for i in ranked], sampled, 0.4 * seconds, "tune sampled")
+    plain_s, best = (measured[0], measured[1:]) if with_plain else (plain_g, measured)
     sampled_speeds = dict(zip(ranked, best))
-    rows = [{"setting": "plain", "greedy_tps": plain_g, "sampled_tps": plain_s, "greedy_ratio": 1.0, "sampled_ratio": 1.0}]
+    rows = [{"setting": "plain", "greedy_tps": plain_g, "sampled_tps": plain_s if with_plain else None,
+             "greedy_ratio": 1.0, "sampled_ratio": 1.0 if with_plain else None}]
     for i, s in enumerate(shapes):
         rows.append({"setting": setting_name(s), "greedy_tps": speeds[i], "greedy_ratio": speeds[i] / plain_g,
                      "sampled_tps": sampled_speeds.get(i), "sampled_ratio": sampled_speeds[i] / plain_s if i in sampled_speeds else None})
@@ -188,8 +192,8 @@ def setting_name(shape: BeamShape) -> str:
 def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]], ids, max_tokens: int,
                  sampling: SamplingConfig, seconds: float, progress: bool, desc: str) -> List[float]:
     """Tokens per second of each setting (None: plain decoding): one warm-up run each on the longest
-    prompt (on a GPU as long as a measured run, building the shapes it meets; on the CPU only when greedy,
-    as sampling traces nothing new worth a run), then rounds while the next should end within `seconds` of
+    prompt (on a GPU as long as a measured run, building the shapes it meets; on the CPU only when greedy),
+    then rounds while the next should end within `seconds` of
     decoding, judged by the rounds so far (at least MIN_ROUNDS, or one per prompt if fewer): round r
     decodes prompt r mod len(ids) with every setting in turn, starting from setting r mod len(shapes)."""
     from .generate import stream_generate
@@ -206,7 +210,9 @@ def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]
 
     # On a GPU the warm-up is as long as a measured run: its cache (slack 256 slots, ~38 written a step) can
     # reach a second span and compact only after several steps, and a new shape builds kernels. On the CPU
-    # a new shape is only a trace (~40 ms of a ~2 s run), and a short warm-up keeps `tune` near a minute.
+    # a new shape is only a trace (~40 ms of a ~2 s run), and a short warm-up keeps `tune` near a minute; the
+    # sampled phase is not warmed there (its decoders trace again in their first run, which costs speculation
+    # ~1%, where a warm-up would cost ~1.3 s a setting).
     longest, warm = max(ids, key=len), max_tokens if backend.on_gpu() else min(8, max_tokens)
     warmed = shapes if backend.on_gpu() or sampling.greedy else []
     for shape in progress_bar(warmed, enabled=progress, desc=f"{desc} (warm-up)", unit="setting", leave=False):
@@ -215,7 +221,7 @@ def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]
     bar = progress_bar(total=max(round(seconds, 1), 0.1), enabled=progress, desc=desc, unit="s", leave=False,
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s")
     clock, rounds, order = time.perf_counter(), 0, list(range(len(shapes)))
-    while rounds < min(MIN_ROUNDS, len(ids)) or (time.perf_counter() - clock) * (rounds + 1) / rounds <= seconds:
+    while rounds < min(MIN_ROUNDS, len(ids)) or (time.perf_counter() - clock) * (rounds + 1) / rounds < seconds:
         for i in order[rounds % len(order):] + order[:rounds % len(order)]:
             n, s = run(shapes[i], ids[rounds % len(ids)], max_tokens, rounds)
             tokens[i], spent[i] = tokens[i] + n, spent[i] + s
@@ -233,5 +239,7 @@ def format_table(tuned: Tuned) -> str:
     pick = lambda s: "plain decoding" if s is None else (  # noqa: E731
         f"{s.width} x {s.length}, {s.nodes or 'all'} nodes" + (f", lookup {s.lookup_length}" if s.lookup_length else "")
         + (f", nodes of p >= {s.min_prob:g}" if s.min_prob else ""))
+    if tuned.rows[0]["sampled_tps"] is None and any(r["sampled_tps"] for r in tuned.rows):
+        lines.append("(T>0 speeds are compared with plain greedy decoding)")
     lines.append(f"greedy: {pick(tuned.greedy)}; sampling: {pick(tuned.sampled)}")
     return "\n".join(lines)

@@ -180,15 +180,23 @@ def test_a_tree_forward_on_the_kernel_matches_mlx_ops(monkeypatch):
     model.update(tree_map(lambda a: a.astype(mx.float16), model.parameters()))
     tokens, positions = mx.random.randint(0, 64, (2, 6)), mx.array([[3, 4, 4, 5, 6, 7], [9, 10, 11, 11, 12, 13]])
     mask = mx.tril(mx.ones((6, 6), mx.bool_))
+    launched, real = [], cuda_matmul._get_kernel
+    monkeypatch.setattr(cuda_matmul, "_get_kernel", lambda fused: launched.append(fused) or real(fused))
     got = model(tokens, positions=positions, mask=mask)
+    assert sum(f.rope for f in launched) == 2  # each layer's q/k/v went through the RoPE launch
     monkeypatch.setattr(cuda_matmul, "FUSE", False)
     want = model(tokens, positions=positions, mask=mask)
     assert (mx.abs(got - want).max() / mx.abs(want).max()).item() < 1e-2
 
 
-def test_float_positions_are_left_to_mlx():
-    layer, x = Linear(16, 48), mx.random.normal((1, 5, 16))
-    assert cuda_matmul.qkv_rope(layer, x, None, nn.RoPE(8), mx.arange(5.0)[None], 2, 2) is None
+def test_float_positions_are_left_to_mlx(monkeypatch):
+    layer, x = Linear(16, 48), mx.random.normal((1, 5, 16)).astype(mx.float16)
+    layer.weight = layer.weight.astype(mx.float16)
+    layer.bias = layer.bias.astype(mx.float16)
+    calls = stand_in_kernel(monkeypatch)
+    assert cuda_matmul.qkv_rope(layer, x, None, nn.RoPE(8), mx.arange(5.0)[None], 2, 2) is None and calls == []
+    assert cuda_matmul.qkv_rope(layer, x, None, nn.RoPE(8), mx.arange(5)[None], 2, 2) is not None  # integers: taken
+    assert [f.rope for _, f in calls] == [True]
 
 
 def test_a_bias_of_another_dtype_is_left_to_mlx(monkeypatch):

@@ -8,8 +8,9 @@ import pytest
 from conftest import tiny_config, tiny_drafter, tiny_model, word_tokenizer
 from mlx_redrafter.generate import chosen_shape, stream_generate
 from mlx_redrafter.beam_search import BeamShape
+from mlx_redrafter import backend
 from mlx_redrafter.sampling import SamplingConfig
-from mlx_redrafter.tune import Tuned, first_use_notice, load_tuned, save_tuned, settings_path, tune
+from mlx_redrafter.tune import Tuned, first_use_notice, format_table, load_tuned, save_tuned, settings_path, tune
 
 VOCAB = 16
 
@@ -23,13 +24,20 @@ def setup(tmp_path, monkeypatch):
     return model, tok, tiny_drafter(model, "apple", seed=3, scale=3.0)
 
 
-def test_tune_measures_every_setting_and_round_trips(setup):
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """tune's CPU policy (no sampled warm-up, plain measured greedy only), whichever device runs the tests."""
+    monkeypatch.setattr(backend, "on_gpu", lambda: False)
+
+
+def test_tune_measures_every_setting_and_round_trips(setup, on_cpu):
     model, tok, drafter = setup
     tuned = tune(model, tok, drafter, candidates=[(2, 3, 0), (1, 2, 0, 4), (2, 3, 0, 0, 0.2)], prompts=["t1 t2 t3"],
                  max_tokens=8, finalists=1, seconds=0.2, progress=False)
     assert [r["setting"] for r in tuned.rows] == ["plain", "2x3:0", "1x2:0+4", "2x3:0@0.2"]
     assert all(r["greedy_tps"] > 0 for r in tuned.rows)
-    assert sum(r["sampled_tps"] is not None for r in tuned.rows) == 2  # plain + one finalist
+    assert [r["sampled_tps"] is not None for r in tuned.rows].count(True) == 1  # one finalist (plain: greedy only)
+    assert "compared with plain greedy" in format_table(tuned)
     assert tuned.greedy in (None, BeamShape(2, 3, True, 0), BeamShape(1, 2, True, 0, lookup_length=4),
                             BeamShape(2, 3, True, 0, min_prob=0.2))
     path = save_tuned(model, drafter, tuned)
@@ -51,7 +59,7 @@ def decodes(monkeypatch):
     return calls
 
 
-def test_tune_interleaves_every_setting_per_prompt_for_its_budget(setup, decodes):
+def test_tune_interleaves_every_setting_per_prompt_for_its_budget(setup, decodes, on_cpu):
     model, tok, drafter = setup
     calls = decodes
     tune(model, tok, drafter, candidates=[(2, 3, 0), (1, 2, 0)], prompts=["t1 t2", "t3 t4"], max_tokens=8,
@@ -67,12 +75,12 @@ def test_tune_interleaves_every_setting_per_prompt_for_its_budget(setup, decodes
         tune(model, tok, drafter, candidates=[(2, 3, 0)], prompts=["t1"], seconds=float("inf"), progress=False)
 
 
-def test_tune_rounds_rotate_settings_prompts_and_seeds(setup, decodes):
+def test_tune_rounds_rotate_settings_prompts_and_seeds(setup, decodes, on_cpu):
     model, tok, drafter = setup
     calls = decodes
     candidates = [(2, 3, 0), (1, 2, 0), (2, 2, 0)]
     tune(model, tok, drafter, candidates=candidates, prompts=["t1 t2", "t3 t4", "t5 t6"], max_tokens=8, finalists=2,
-         seconds=3.0, progress=False)
+         seconds=5.0, progress=False)
     settings = [None] + [BeamShape(w, lb, True, n) for w, lb, n in candidates]
     greedy = [c for c in calls if c[2] is None][len(settings):]  # after one warm-up each
     rounds = [greedy[k:k + 4] for k in range(0, len(greedy) - len(greedy) % 4, 4)]
@@ -121,7 +129,7 @@ def test_cli_refuses_a_store_it_cannot_write_before_measuring(default_model, tmp
     assert len(r.output.strip().splitlines()) == 1
 
 
-def test_tune_starts_no_round_it_cannot_finish_within_its_share(setup, monkeypatch):
+def test_tune_starts_no_round_it_cannot_finish_within_its_share(setup, monkeypatch, on_cpu):
     """A slow machine is not kept past `seconds`: beyond MIN_ROUNDS, a round starts only if it should end in time."""
     import time
 
@@ -139,3 +147,14 @@ def test_tune_starts_no_round_it_cannot_finish_within_its_share(setup, monkeypat
     # greedy share 0.48 s: after two rounds (0.4 s) a third would end at ~0.6 s, so it is not started
     assert calls[:2 + 2 * 2] == [True] * 6 and calls.count(True) == 6
     assert calls.count(False) in (2, 3)  # sampled share 0.32 s: a fourth 0.1 s round would overrun it
+
+
+def test_on_a_gpu_tune_warms_the_sampled_phase_and_measures_plain_in_it(setup, decodes, monkeypatch):
+    """A GPU round is cheap: the sampled phase warms its settings (new kernels) and runs plain beside them."""
+    monkeypatch.setattr(backend, "on_gpu", lambda: True)
+    model, tok, drafter = setup
+    tuned = tune(model, tok, drafter, candidates=[(2, 3, 0), (1, 2, 0)], prompts=["t1 t2", "t3 t4"], max_tokens=8,
+                 finalists=1, seconds=0.0, progress=False)
+    sampled = [c for c in decodes if c[2] is not None]
+    assert len(sampled) == 2 + 2 * 2 and [c[0] is None for c in sampled[2:4]].count(True) == 1
+    assert tuned.rows[0]["sampled_tps"] > 0 and tuned.rows[0]["sampled_ratio"] == 1.0
