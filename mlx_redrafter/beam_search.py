@@ -9,6 +9,7 @@ Lb - 1.) Worked example, W = 2, Lb = 3, g0 = 7:
     result tokens (2, 3) = [[7, 3, 9], [7, 3, 4]], both starting with g0
 """
 
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
 
@@ -42,6 +43,14 @@ class BeamShape:
     min_prob: float = 0.0
 
     def __post_init__(self):
+        counts = {"width": self.width, "length": self.length, "nodes": self.nodes, "lookup_length": self.lookup_length}
+        for name, value in counts.items():  # a float or a string here fails deep inside MLX otherwise
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if isinstance(self.min_prob, bool) or not isinstance(self.min_prob, numbers.Real):
+            raise ValueError(f"min_prob must be a number, got {self.min_prob!r}")
+        if not isinstance(self.lookup, bool):
+            raise ValueError(f"lookup must be True or False, got {self.lookup!r}")
         if self.tree not in ("ranked", "beams"):
             raise ValueError(f"tree must be 'ranked' or 'beams', got {self.tree!r}")
         if self.nodes < 0:

@@ -483,8 +483,10 @@ def load(
     path = default_model_path() if path_or_hf_repo is None else resolve(str(path_or_hf_repo))
     if path.is_dir():
         weights, config, tokenizer = _load_directory(path)
-    elif path.suffix == ".gguf":
+    elif path.suffix == ".gguf" and path.is_file():
         weights, config, tokenizer = _load_gguf_file(path)
+    elif path.suffix == ".gguf":  # a fifo or a device would be read forever
+        raise ValueError(f"{path} is not a regular file: name the .gguf file itself")
     else:
         raise ValueError(f"{path}: expected a model directory or a .gguf file")
     model = build_model(config, weights, str(path))

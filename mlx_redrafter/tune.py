@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -74,6 +75,7 @@ class Tuned:
 
     @classmethod
     def from_json(cls, data: dict) -> "Tuned":
+        """Raises ValueError, KeyError or TypeError on anything but what `to_json` writes."""
         shape = lambda d: None if d is None else BeamShape(**d)  # noqa: E731
         return cls(shape(data["greedy"]), shape(data["sampled"]), str(data["machine"]), list(data.get("rows", [])))
 
@@ -95,13 +97,31 @@ def settings_path(model, drafter) -> Path:
     return home() / "tuned" / f"{key}.json"
 
 
+_SAID_DAMAGED = set()  # settings files already named as damaged in this process
+
+
 def load_tuned(model, drafter) -> Optional[Tuned]:
-    """The stored choice for this machine, model and drafter, or None (a damaged file counts as none)."""
+    """The stored choice for this machine, model and drafter, or None: none stored, or a damaged file
+    (named once per process on stderr: the built-in settings are used until `tune` runs again)."""
     path = settings_path(model, drafter)
     try:
-        return Tuned.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        text = path.read_text()
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as e:
+        return _damaged(path, getattr(e, "strerror", None) or "not text")
+    try:
+        return Tuned.from_json(json.loads(text))
+    except (ValueError, KeyError, TypeError) as e:
+        return _damaged(path, str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+
+
+def _damaged(path: Path, why: str) -> None:
+    if path not in _SAID_DAMAGED:
+        _SAID_DAMAGED.add(path)
+        print(f"note: ignoring the tuned settings in {path} ({why}); built-in settings in use until "
+              "`mlx-redrafter tune` measures them again", file=sys.stderr)
+    return None
 
 
 def writable_settings_path(model, drafter) -> Path:
@@ -115,6 +135,9 @@ def writable_settings_path(model, drafter) -> Path:
         raise ValueError(f"cannot store the result in {path.parent} ({e.strerror}): {fix}") from None
     if not os.access(path.parent, os.W_OK):
         raise ValueError(f"cannot store the result in {path.parent} (not writable): {fix}")
+    if path.is_symlink() or (path.exists() and not path.is_file()):  # not a file tune wrote: never replaced
+        raise ValueError(f"cannot store the result as {path}: something other than a settings file is there; "
+                         f"remove it or {fix}")
     return path
 
 

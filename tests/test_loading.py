@@ -72,6 +72,15 @@ def test_missing_path_is_one_line_error():
         load("./nowhere")
 
 
+def test_a_gguf_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
+    import os
+
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)  # reading it would wait forever for a writer
+    with pytest.raises(ValueError, match="is not a regular file: name the .gguf file itself"):
+        load(fifo)
+
+
 def test_directory_without_config(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(FileNotFoundError, match="has no config.json"):

@@ -10,7 +10,8 @@ from mlx_redrafter.generate import chosen_shape, stream_generate
 from mlx_redrafter.beam_search import BeamShape
 from mlx_redrafter import backend
 from mlx_redrafter.sampling import SamplingConfig
-from mlx_redrafter.tune import Tuned, first_use_notice, format_table, load_tuned, save_tuned, settings_path, tune
+from mlx_redrafter.tune import (Tuned, first_use_notice, format_table, load_tuned, save_tuned, settings_path, tune,
+                                writable_settings_path)
 
 VOCAB = 16
 
@@ -115,6 +116,33 @@ def test_damaged_file_falls_back_and_notice_is_shown_once(setup):
     assert chosen_shape(model, drafter, SamplingConfig()) is not None  # the built-in default
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "", '"just a string"',
+                                  json.dumps({"greedy": {"width": 4.5, "length": 4}, "sampled": None, "machine": "m"}),
+                                  json.dumps({"greedy": {"width": 4, "length": 4.7}, "sampled": None, "machine": "m"}),
+                                  json.dumps({"greedy": {"width": 4, "length": 4, "lookup": "yes"}, "sampled": None,
+                                              "machine": "m"})])
+def test_a_damaged_settings_file_is_named_once_and_generation_goes_on(setup, capsys, text):
+    """A settings file that is not what `tune` writes (a float width once crashed generate deep in MLX)."""
+    model, tok, drafter = setup
+    path = settings_path(model, drafter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    out = list(stream_generate(model, tok, [1, 2, 3], drafter=drafter, max_tokens=6))
+    assert out[-1].generation_tokens == 6
+    assert load_tuned(model, drafter) is None
+    said = capsys.readouterr().err
+    assert said.count(f"ignoring the tuned settings in {path}") == 1 and "mlx-redrafter tune" in said
+
+
+def test_something_at_the_settings_path_that_tune_did_not_write_is_refused(setup):
+    model, tok, drafter = setup
+    path = settings_path(model, drafter)
+    path.mkdir(parents=True)  # a folder where the settings file would go
+    with pytest.raises(ValueError, match="something other than a settings file is there; remove it"):
+        writable_settings_path(model, drafter)
+    assert path.is_dir()
+
+
 def test_cli_refuses_a_store_it_cannot_write_before_measuring(default_model, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -158,3 +186,10 @@ def test_on_a_gpu_tune_warms_the_sampled_phase_and_measures_plain_in_it(setup, d
     sampled = [c for c in decodes if c[2] is not None]
     assert len(sampled) == 2 + 2 * 2 and [c[0] is None for c in sampled[2:4]].count(True) == 1
     assert tuned.rows[0]["sampled_tps"] > 0 and tuned.rows[0]["sampled_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("kw", [dict(width=4.5), dict(length=4.7), dict(nodes="8"), dict(lookup_length=2.0),
+                                dict(width=True), dict(lookup="yes"), dict(min_prob="0.1")])
+def test_beam_settings_of_the_wrong_type_are_refused_in_words(kw):
+    with pytest.raises(ValueError, match="must be"):
+        BeamShape(**{"width": 4, "length": 4, **kw})
