@@ -238,7 +238,8 @@ def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]
     # ~1%, where a warm-up would cost ~1.3 s a setting).
     longest, warm = max(ids, key=len), max_tokens if backend.on_gpu() else min(8, max_tokens)
     warmed = shapes if backend.on_gpu() or sampling.greedy else []
-    for shape in progress_bar(warmed, enabled=progress, desc=f"{desc} (warm-up)", unit="setting", leave=False):
+    for shape in progress_bar(warmed, enabled=progress and bool(warmed), desc=f"{desc} (warm-up)", unit="setting",
+                              leave=False):
         run(shape, longest, warm)
     tokens, spent = [0.0] * len(shapes), [0.0] * len(shapes)
     bar = progress_bar(total=max(round(seconds, 1), 0.1), enabled=progress, desc=desc, unit="s", leave=False,
@@ -249,7 +250,12 @@ def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]
             n, s = run(shapes[i], ids[rounds % len(ids)], max_tokens, rounds)
             tokens[i], spent[i] = tokens[i] + n, spent[i] + s
         rounds += 1
-        bar.update(min(time.perf_counter() - clock, bar.total) - bar.n)
+        elapsed = time.perf_counter() - clock
+        planned = elapsed / rounds * min(MIN_ROUNDS, len(ids))  # the compulsory rounds may outlast the budget
+        if planned > bar.total:
+            bar.reset(total=round(planned, 1))
+        bar.update(min(elapsed, bar.total) - bar.n)
+        bar.refresh()  # at once: a round takes seconds, and a reset bar would show 0 until the next
     bar.close()
     return [max(t, 1.0) / max(s, 1e-9) for t, s in zip(tokens, spent)]  # an answer that ends at once still gets a speed
 
