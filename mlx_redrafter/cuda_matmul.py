@@ -348,6 +348,12 @@ def _takes(layer, x, norm) -> bool:
     return "bias" not in layer or (layer.bias.dtype == w.dtype and layer.bias.shape == (w.shape[0],))
 
 
+def _norm_and_bias(layer, norm, bias: bool) -> Tuple[dict, list]:
+    """`Fused`'s norm, eps and bias fields, and their inputs in the kernel's order (gamma, then bias)."""
+    flags = {"norm": norm is not None, "eps": float(norm.eps) if norm is not None else 0.0, "bias": bias}
+    return flags, ([norm.weight] if norm is not None else []) + ([layer.bias] if bias else [])
+
+
 def _fused_kernel(layer, x, norm, residual, glu, silu) -> Optional[mx.array]:
     """The one launch, or None where it doesn't fit."""
     if not _takes(layer, x, norm):
@@ -361,15 +367,10 @@ def _fused_kernel(layer, x, norm, residual, glu, silu) -> Optional[mx.array]:
         return None
     bias = "bias" in layer
     fuse_bias = bias and FUSE  # "unfused": the bias is its own op, as before the fusion
-    extra = []
-    if norm is not None:
-        extra.append(norm.weight)
-    if fuse_bias:
-        extra.append(layer.bias)
+    flags, extra = _norm_and_bias(layer, norm, fuse_bias)
     if residual is not None:
         extra.append(residual.reshape(rows, N))
-    fused = Fused(norm is not None, float(norm.eps) if norm is not None else 0.0, fuse_bias, glu,
-                  silu and not glu, residual is not None)
+    fused = Fused(**flags, glu=glu, silu=silu and not glu, residual=residual is not None)
     out = _launch(x.reshape(rows, K), w, fused, tuple(extra)).reshape(*x.shape[:-1], N)
     return out + layer.bias if bias and not fuse_bias else out
 
@@ -388,9 +389,9 @@ def qkv_rope(layer, x: mx.array, norm, rope, positions, heads: int, kv_heads: in
     D = layer.weight.shape[0] // (heads + 2 * kv_heads)
     if D * (heads + 2 * kv_heads) != layer.weight.shape[0] or rope.dims != D or D % 2 or positions.shape != (B, n):
         return None
-    extra = ([norm.weight] if norm is not None else []) + ([layer.bias] if "bias" in layer else [])
+    flags, extra = _norm_and_bias(layer, norm, "bias" in layer)
     extra += [positions.astype(mx.int32), _inv_freq(float(rope.base), float(rope.scale), D)]
-    fused = Fused(norm is not None, float(norm.eps) if norm is not None else 0.0, "bias" in layer, rope=True)
+    fused = Fused(**flags, rope=True)
     return tuple(_launch(x.reshape(B * n, K), layer.weight, fused, tuple(extra), heads=(B, n, heads, kv_heads, D)))
 
 

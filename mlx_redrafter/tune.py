@@ -236,8 +236,9 @@ def _interleaved(model, tokenizer, drafter, shapes: Sequence[Optional[BeamShape]
     # a new shape is only a trace (~40 ms of a ~2 s run), and a short warm-up keeps `tune` near a minute; the
     # sampled phase is not warmed there (its decoders trace again in their first run, which costs speculation
     # ~1%, where a warm-up would cost ~1.3 s a setting).
-    longest, warm = max(ids, key=len), max_tokens if backend.on_gpu() else min(8, max_tokens)
-    warmed = shapes if backend.on_gpu() or sampling.greedy else []
+    gpu = backend.on_gpu()
+    longest, warm = max(ids, key=len), max_tokens if gpu else min(8, max_tokens)
+    warmed = shapes if gpu or sampling.greedy else []
     for shape in progress_bar(warmed, enabled=progress and bool(warmed), desc=f"{desc} (warm-up)", unit="setting",
                               leave=False):
         run(shape, longest, warm)
