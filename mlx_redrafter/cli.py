@@ -54,6 +54,11 @@ def fail(message: str):
     raise typer.Exit(2)
 
 
+def or_packaged(drafter: Optional[str]) -> str:
+    """--drafter left out: the model's packaged drafter ("auto"). An empty one is passed on, and refused."""
+    return "auto" if drafter is None else drafter
+
+
 SEED_MAX = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 
 
@@ -143,7 +148,7 @@ def generate(
     shape = None  # explicit settings are checked before the model loads
     if any(v is not None for v in (beam_width, beam_length, nodes, lookup_length, min_prob)) or tree != "ranked" or not lookup:
         shape = default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length, min_prob)
-    base, tokenizer = load(model, drafter=None if autoregressive else (drafter or "auto"), dtype=dtype)
+    base, tokenizer = load(model, drafter=None if autoregressive else or_packaged(drafter), dtype=dtype)
     draft = getattr(base, "drafter", None)
     if draft is None and not autoregressive:
         typer.echo(
@@ -322,7 +327,7 @@ def eval_drafter(
     from .evaluate import eval_drafter as run_eval
 
     ws, ls = grid_widths(widths, "--widths"), grid_lengths(lengths, "--lengths")
-    result = run_eval(model, drafter=drafter or "auto", prompts=prompts, limit=limit, every=every, widths=ws,
+    result = run_eval(model, drafter=or_packaged(drafter), prompts=prompts, limit=limit, every=every, widths=ws,
                       lengths=ls, lookup=lookup, nodes=nodes, tree=tree, lookup_length=lookup_length, max_tokens=max_tokens, decode=decode,
                       temperature=temperature, seed=seed, out=out, force=force, dtype=dtype)
     typer.echo(result.table())
@@ -362,7 +367,7 @@ def benchmark(
     sweep = grid_widths(sweep_widths, "--sweep-widths") if sweep_widths else None
     lengths = grid_lengths(sweep_lengths, "--sweep-lengths") if sweep_widths else ()
     tag = tag or default_tag()
-    result = run_benchmark(model, drafter=drafter or "auto", prompts=prompts, limit=limit, every=every,
+    result = run_benchmark(model, drafter=or_packaged(drafter), prompts=prompts, limit=limit, every=every,
                            max_tokens=max_tokens, beam=default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length, min_prob),
                            temp=temp, mlx_lm_speculative=not no_mlx_lm_spec, sweep_widths=sweep, sweep_lengths=lengths,
                            sweep_limit=sweep_limit, out=out, tag=tag, force=force, dtype=dtype,
@@ -387,7 +392,7 @@ def tune(
     from .tune import format_table, save_tuned, tune as run_tune, writable_settings_path
 
     start = time.perf_counter()
-    base, tokenizer = load(model, drafter=drafter or "auto", dtype=dtype)
+    base, tokenizer = load(model, drafter=or_packaged(drafter), dtype=dtype)
     draft = getattr(base, "drafter", None)
     if draft is None:
         fail("no drafter given and none packaged for this model: pass --drafter")
@@ -501,7 +506,7 @@ def serve(
         fail(f"--log-level must be debug, info, warning or error, got {log_level!r}")
     check_port(host, port)  # before the model loads
     defaults = SamplingConfig(temperature=temp, top_p=top_p or 1.0, top_k=top_k)
-    base, tokenizer = load(model, drafter=drafter or "auto", dtype=dtype)
+    base, tokenizer = load(model, drafter=or_packaged(drafter), dtype=dtype)
     if getattr(base, "drafter", None) is None:
         typer.echo("note: no drafter for this model: decoding plainly", err=True)
     served = Served.named(model, model=base, tokenizer=tokenizer, default_max_tokens=max_tokens, defaults=defaults)
@@ -531,7 +536,7 @@ def chat(
 
     check_seed(seed)
     sampling = SamplingConfig(temperature=temp, top_p=top_p or 1.0, top_k=top_k, seed=seed)
-    base, tokenizer = load(model, drafter=drafter or "auto", dtype=dtype)
+    base, tokenizer = load(model, drafter=or_packaged(drafter), dtype=dtype)
     if getattr(base, "drafter", None) is None:
         typer.echo("note: no drafter for this model: decoding plainly", err=True)
     Chat(base, tokenizer, max_tokens, sampling, verbose, system_prompt).run()

@@ -120,6 +120,8 @@ def test_a_reader_that_goes_away_ends_generation_quietly(model_dir):
 def test_an_empty_model_or_drafter_path_is_named(model_dir):
     error_line(["generate", "-m", "", "-p", "t3"], "the model path is empty")
     error_line(["generate", "-m", model_dir, "-d", " ", "-p", "t3"], "the drafter path is empty")
+    for command in (["generate", "-p", "t3"], ["eval-drafter"], ["benchmark"]):
+        error_line([*command, "-m", model_dir, "-d", ""], "the drafter path is empty")  # not the packaged one
 
 
 def test_ctrl_c_during_generation_keeps_the_text(model_dir):
