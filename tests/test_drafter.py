@@ -94,23 +94,24 @@ def test_beam_search_is_exhaustive_when_wide(base, variant):
     np.testing.assert_allclose(np.array(logprobs.sum(axis=1)), [b[0] for b in best], atol=1e-4)
 
 
-def test_quantized_storage_round_trip(tmp_path):
-    """8-bit storage: over 3x smaller than fp32, weights within one quantization step, ids exact."""
+@pytest.mark.parametrize("bits, smaller", [(8, 3), (4, 5)])
+def test_quantized_storage_round_trip(tmp_path, bits, smaller):
+    """8-bit (4-bit) storage: over 3x (5x) smaller than fp32, weights within one quantization step, ids exact."""
     from mlx_redrafter.drafter import DrafterConfig, init_drafter
 
     base = tiny_model(tiny_config(vocab_size=20, hidden_size=64))
     config = DrafterConfig(vocab_size=20, hidden_size=64, exit_dim=64, num_draft_layers=1, draft_vocab_size=12)
     d = init_drafter(config, base, mx.arange(12) + 8)
     save_drafter(d, tmp_path / "full")
-    save_drafter(d, tmp_path / "q8", bits=8)
+    save_drafter(d, tmp_path / "q", bits=bits)
     size = lambda name: (tmp_path / name / "model.safetensors").stat().st_size  # noqa: E731
-    assert size("q8") * 3 < size("full")
-    assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"] == {"group_size": 64, "bits": 8}
-    loaded = load_drafter(tmp_path / "q8", base)
+    assert size("q") * smaller < size("full")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"] == {"group_size": 64, "bits": bits}
+    loaded = load_drafter(tmp_path / "q", base)
     assert mx.array_equal(loaded.draft_to_token, d.draft_to_token)
     for (k, want), (_, got) in zip(tree_flatten(d.parameters()), tree_flatten(loaded.parameters())):
         if want.ndim == 2:
-            step = (np.array(want).max(axis=1) - np.array(want).min(axis=1)) / 255
+            step = (np.array(want).max(axis=1) - np.array(want).min(axis=1)) / (2**bits - 1)
             assert np.all(np.abs(np.array(got) - np.array(want)) <= step[:, None]), k
         else:
             assert mx.array_equal(got, want), k
