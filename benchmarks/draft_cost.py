@@ -110,7 +110,7 @@ def main():
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    model, tok = load(args.model, drafter=args.drafter or find_drafter(args.model), dtype=args.dtype)
+    model, tok = load(args.model, drafter=find_drafter(args.model) if args.drafter is None else args.drafter, dtype=args.dtype)
     prompts = [encode_prompt(tok, t) for t in prompt_texts(args.prompts)[: max(1, args.e2e)]]
     prompt = prompts[0]
     results = {"machine": backend.machine(), "settings": {}}

@@ -123,7 +123,7 @@ def main():
         raise SystemExit(f"error: --settings {args.settings!r}: each is plain or TREE:WxL[:NODES][+LOOKUP_LENGTH][@MIN_PROB], "
                          "e.g. ranked:32x6:32")
 
-    model, tok, config = load(args.model, drafter=args.drafter or "auto", return_config=True, dtype=args.dtype)
+    model, tok, config = load(args.model, drafter="auto" if args.drafter is None else args.drafter, return_config=True, dtype=args.dtype)
     drafter = model.drafter
     if drafter is None:
         raise SystemExit("error: no drafter: pass --drafter")

@@ -67,7 +67,7 @@ def main():
     args = p.parse_args()
     out = args.out or f"results/ttft-reuse-{'gpu' if backend.on_gpu() else 'cpu'}.json"
     check_new_files([out], args.force)
-    model, tokenizer = load(args.model, drafter=args.drafter or "auto")
+    model, tokenizer = load(args.model, drafter="auto" if args.drafter is None else args.drafter)
     turn2, history = long_chat(model, tokenizer, args.context, args.reply_tokens, args.prompts)
     fresh, reuse = [], []
     for i in range(args.repeats + 1):  # the first round warms both paths up and is not counted

@@ -295,8 +295,7 @@ def train(
                               gen_temp=gen_temp, config=cfg, resume=resume, data_only=data_only, save_bits=save_bits,
                               dtype=dtype, command=command_line("train", ctx.params, INIT_KEEPS if init else ()))
     except TrainingInterrupted as e:
-        typer.echo(f"\n{e}", err=True)
-        raise typer.Exit(130)
+        interrupted(str(e))
     if world().is_main:  # under mlx.launch, rank 0 reports
         typer.echo(result.summary())
 
@@ -505,7 +504,7 @@ def serve(
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         fail(f"--log-level must be debug, info, warning or error, got {log_level!r}")
     check_port(host, port)  # before the model loads
-    defaults = SamplingConfig(temperature=temp, top_p=top_p or 1.0, top_k=top_k)
+    defaults = SamplingConfig(temperature=temp, top_p=top_p, top_k=top_k)
     base, tokenizer = load(model, drafter=or_packaged(drafter), dtype=dtype)
     if getattr(base, "drafter", None) is None:
         typer.echo("note: no drafter for this model: decoding plainly", err=True)
@@ -535,7 +534,7 @@ def chat(
     from .sampling import SamplingConfig
 
     check_seed(seed)
-    sampling = SamplingConfig(temperature=temp, top_p=top_p or 1.0, top_k=top_k, seed=seed)
+    sampling = SamplingConfig(temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
     base, tokenizer = load(model, drafter=or_packaged(drafter), dtype=dtype)
     if getattr(base, "drafter", None) is None:
         typer.echo("note: no drafter for this model: decoding plainly", err=True)

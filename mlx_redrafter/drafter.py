@@ -323,6 +323,9 @@ def read_config(config_file: Path) -> dict:
     return read_json_object(config_file, "a drafter config", "restore or re-create the drafter")
 
 
+EMPTY_DRAFTER_PATH = "the drafter path is empty: name a drafter folder, or leave it out for the model's own"
+
+
 def load_drafter(path, base=None, dtype=None) -> Drafter:
     """Load a drafter directory (config.json + *.safetensors); check it against `base`.
 
@@ -332,6 +335,8 @@ def load_drafter(path, base=None, dtype=None) -> Drafter:
     >>> drafter = mr.load_drafter("path/to/drafter", model)
     >>> mr.generate(model, tokenizer, "Hi", drafter=drafter)   # or: model.drafter = drafter
     """
+    if isinstance(path, str) and not path.strip():  # Path("") would be the working directory
+        raise ValueError(EMPTY_DRAFTER_PATH)
     path = source = Path(path)
     if not (path / "config.json").exists() and (path / "drafter" / "config.json").exists():
         path = path / "drafter"  # a `mlx-redrafter train` output directory

@@ -23,7 +23,7 @@ from mlx_lm.tokenizer_utils import load as load_hf_tokenizer
 from mlx_lm.utils import dequantize_model
 
 from . import backend
-from .drafter import Drafter, check_config_against_base, load_drafter
+from .drafter import EMPTY_DRAFTER_PATH, Drafter, check_config_against_base, load_drafter
 from .gguf import load_gguf
 from .gguf_tokenizer import build_tokenizer
 from .cuda_matmul import Linear, swap_linears
@@ -478,7 +478,7 @@ def load(
     """
     for value, fix in ((path_or_hf_repo, "the model path is empty: name a model folder, a .gguf file or a Hub id, "
                                          "or leave it out for the default model"),
-                       (drafter, "the drafter path is empty: name a drafter folder, or leave it out for the model's own")):
+                       (drafter, EMPTY_DRAFTER_PATH)):
         if isinstance(value, (str, Path)) and not str(value).strip():
             raise ValueError(fix)
     if isinstance(drafter, str) and drafter == AUTO:

@@ -57,8 +57,9 @@ case $phase in
                             --extra-data "$work/data-sampled-rest") ;;
         sampled-all-feat) args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15
                             --extra-data "$work/data-sampled-rest") ;;
-        # next, each fits one session beside a sampled-all data run: a draft vocabulary of 8192 (94.7% of response
-        # tokens against 89.4%) stored 4-bit to stay under 10 MB, and a fourth epoch of the shipped recipe
+        # next, one per session (sampled replies to all turns, ~9-13 minutes, then ~5-7 minutes of training alone):
+        # a draft vocabulary of 8192 (94.7% of response tokens against 89.4%) stored 4-bit to stay under 10 MB,
+        # and a fourth epoch of the shipped recipe
         v8k-feat)     args=(--head reduced --draft-vocab 8192 --exit-dim 1152 --epochs 3 --save-bits 4 --feature-layers 4,15
                             --extra-data "$work/data-sampled-rest") ;;
         feat-4ep)     args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 4 --save-bits 8 --feature-layers 4,15

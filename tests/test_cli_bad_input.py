@@ -124,6 +124,13 @@ def test_an_empty_model_or_drafter_path_is_named(model_dir):
         error_line([*command, "-m", model_dir, "-d", ""], "the drafter path is empty")  # not the packaged one
 
 
+@pytest.mark.parametrize("command", ["serve", "chat"])
+def test_top_p_zero_is_refused_as_generate_refuses_it(model_dir, command):
+    """`--top-p 0` silently meant 1.0 (no nucleus cut at all) in serve and chat."""
+    assert "top-p must be in (0, 1]" in error_line(["generate", "-m", model_dir, "-p", "t3", "--top-p", "0"])
+    assert "top-p must be in (0, 1]" in error_line([command, "-m", model_dir, "--top-p", "0"])
+
+
 def test_ctrl_c_during_generation_keeps_the_text(model_dir):
     """A real SIGINT to the command: the text so far stays on stdout, one line on stderr, exit 130."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -115,3 +115,18 @@ def test_quantized_storage_round_trip(tmp_path, bits, smaller):
             assert np.all(np.abs(np.array(got) - np.array(want)) <= step[:, None]), k
         else:
             assert mx.array_equal(got, want), k
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_drafter_path_is_refused_not_read_as_the_working_directory(empty, tmp_path, monkeypatch):
+    """Path("") is ".": inside a train --out folder it would load ./drafter without a word."""
+    import mlx_redrafter as mr
+    from mlx_redrafter.serving import Worker
+
+    base = tiny_model(tiny_config(vocab_size=20, hidden_size=64))
+    save_drafter(tiny_drafter(base), tmp_path / "drafter")
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: load_drafter(empty, base), lambda: Worker(base, None, drafter=empty),
+                 lambda: next(mr.stream_generate(base, None, [1, 2], drafter=empty))):
+        with pytest.raises(ValueError, match="the drafter path is empty"):
+            call()

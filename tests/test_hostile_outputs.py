@@ -592,3 +592,40 @@ def test_ctrl_c_or_an_error_under_a_progress_bar_starts_its_own_line(tmp_path, m
         r = runner.invoke(app, ["train", "--out", str(tmp_path / f"run{code}"), "--prompts", str(tmp_path / "p.jsonl")])
         assert r.exit_code == code, r.output
         assert line in r.stderr.splitlines() and "distillation data" in r.stderr, repr(r.stderr)
+
+
+def _screen(text: str) -> list:
+    """What a terminal shows for `text`: newline, carriage return, cursor up (ESC [ A) and plain characters."""
+    rows, row, col, i = [[]], 0, 0, 0
+    while i < len(text):
+        if text.startswith("\x1b[A", i):
+            row, i = max(row - 1, 0), i + 3
+            continue
+        ch, i = text[i], i + 1
+        if ch == "\n":
+            row, col = row + 1, 0
+            rows.extend([] for _ in range(row + 1 - len(rows)))
+        elif ch == "\r":
+            col = 0
+        else:
+            line = rows[row]
+            line.extend(" " for _ in range(col + 1 - len(line)))
+            line[col], col = ch, col + 1
+    return ["".join(r).rstrip() for r in rows]
+
+
+def test_closing_nested_bars_leaves_the_cursor_at_the_start_of_a_fresh_line():
+    """An outer bar and an inner leave=False bar, both live: the next message is a line of its own."""
+    import io
+
+    from mlx_redrafter.progress import close_bars, progress
+
+    stream = io.StringIO()
+    outer = progress(total=4, desc="settings", file=stream)
+    inner = progress(total=8, desc="prompts", file=stream, leave=False)
+    outer.update(1), inner.update(3), outer.refresh(), inner.refresh()
+    close_bars()
+    stream.write("error: stopped\n")
+    shown = _screen(stream.getvalue())
+    assert "error: stopped" in shown, shown
+    assert any(line.startswith("settings") for line in shown) and not any("prompts" in line for line in shown), shown
