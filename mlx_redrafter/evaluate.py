@@ -58,15 +58,21 @@ def greedy_references(model, tokenizer, prompts: Sequence[str], max_tokens: int,
 
 
 def replay_acceptance(model, drafter, references: Sequence[tuple], shape: BeamShape, progress: bool = True) -> Dict:
-    """Accepted tokens per step along greedy references (module docstring); same result as `acceptance`.
+    """Accepted tokens per step along greedy references (module docstring); same result as `acceptance`."""
+    accepted = [a for _, _, a in replay_steps(model, drafter, references, shape, progress)]
+    return summary(shape, len(references), sum(len(r) for _, r in references), accepted)
+
+
+def replay_steps(model, drafter, references: Sequence[tuple], shape: BeamShape, progress: bool = True):
+    """Yield (reference index k, position j, accepted a) for each replayed step: the step commits
+    reference[j] (the base model's token) and the next a reference tokens, drafted.
 
     Each step builds the decoder's own tree and applies its acceptance rule (`draft_tree.accept`)
     with the reference as the base model's choice at every node on it.
     """
     decoder = Decoder(model, drafter, shape, SamplingConfig())
-    accepted: List[int] = []
-    tokens = 0
-    for prompt, reference in progress_bar(references, progress, desc=f"W={shape.width} Lb={shape.length}", leave=False):
+    for k, (prompt, reference) in enumerate(progress_bar(references, progress, desc=f"W={shape.width} Lb={shape.length}",
+                                                         leave=False)):
         context = list(prompt) + list(reference)
         hidden = drafter.base_features(model, mx.array([context]))[1][0]
         # padded to the live decoder's history buckets: a compiled tree graph is built per shape
@@ -78,10 +84,8 @@ def replay_acceptance(model, drafter, references: Sequence[tuple], shape: BeamSh
             L = shape.emit_length
             truth = mx.array([(context[at + 1: at + L] + [-1] * L)[:L]])
             a = int(accept(tree, mx.take_along_axis(truth, tree.depth, axis=1)).count[0])
-            accepted.append(a)
+            yield k, j, a
             j += a + 1
-        tokens += len(reference)
-    return summary(shape, len(references), tokens, accepted)
 
 
 def summary(shape: BeamShape, prompts: int, tokens: int, accepted: List[int], temperature: float = 0.0) -> Dict:
