@@ -287,7 +287,7 @@ def train(
                       unroll=unroll, seq_len=seq_len, batch_size=batch_size, epochs=epochs, lr=lr,
                       kl_weight=kl_weight, kl_top_k=kl_top_k, seed=seed, holdout=holdout, checkpoint_every=checkpoint_every,
                       max_steps=max_steps, init=str(init) if init else None,
-                      feature_layers=parse_grid(feature_layers, "--feature-layers", 0) if feature_layers else None)
+                      feature_layers=parse_grid(feature_layers, "--feature-layers", 0) if feature_layers is not None else None)
     try:
         result = run_training(out, model, prompts=prompts, data=data, extra_data=extra_data or (),
                               num_prompts=num_prompts, all_turns=all_turns,

@@ -18,6 +18,7 @@ and each resumes its own shards.
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -177,20 +178,27 @@ def make_distillation_data(model, tokenizer, conversations: List[Conversation], 
     return out
 
 
+MAX_SHARDS = 1 << 20  # 500 M prompts at the smallest shard: past it a manifest is not ours
+SHARD_NAME = re.compile(r"shard-\d{5,}\.npz")
+
+
 def missing_shards(data_dir: Path) -> List[str]:
     """The shards the manifest promises that are not in `data_dir` (another machine's rank wrote them)."""
     manifest = read_json_object(data_dir / "manifest.json", "a data manifest", "use another --data directory")
     try:
-        n = -(-int(manifest["prompts"]) // shard_size(DataConfig(**manifest["config"])))
+        size = shard_size(DataConfig(**manifest["config"]))
+        n = -(-int(manifest["prompts"]) // size) if size >= 1 else -1
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{data_dir / 'manifest.json'} is not a data manifest: use another --data directory") from None
+        n = -1
+    if not 0 <= n <= MAX_SHARDS:
+        raise ValueError(f"{data_dir / 'manifest.json'} is not a data manifest: use another --data directory")
     return [f"shard-{k:05d}.npz" for k in range(n) if not (data_dir / f"shard-{k:05d}.npz").exists()]
 
 
 def complete_shards(data_dir) -> List[Path]:
     """The shards of a finished data directory; else one line saying what is missing."""
     data_dir = Path(data_dir)
-    shards = sorted(data_dir.glob("shard-*.npz"))
+    shards = sorted(p for p in data_dir.glob("shard-*.npz") if SHARD_NAME.fullmatch(p.name))  # not a .tmp.npz
     if not shards:
         raise FileNotFoundError(f"no distillation data in {data_dir}: run `mlx-redrafter train` with --prompts first")
     missing = missing_shards(data_dir) if (data_dir / "manifest.json").exists() else []

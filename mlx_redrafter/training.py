@@ -296,6 +296,17 @@ def save_checkpoint(path: Path, drafter, optimizer, step: int, extra: dict):
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
 
 
+def check_resumable(checkpoint: Path, saved, asked, step: int, total: int):
+    """--resume continues the checkpoint's own drafter to the run's end: refuse other shapes and a finished run."""
+    differ = [f"{k} {getattr(saved, k)} (asked: {getattr(asked, k)})" for k in vars(asked) if getattr(saved, k) != getattr(asked, k)]
+    if differ:
+        raise ValueError(f"{checkpoint} holds a drafter with {', '.join(differ)}: resume it with its own settings, "
+                         "or train the new shape in another --out folder")
+    if step >= total:
+        raise ValueError(f"{checkpoint} is at step {step}, and this run ends at step {total}: it is finished; "
+                         "raise --epochs or --max-steps to train on, or use another --out folder")
+
+
 def load_checkpoint(path: Path, base, optimizer):
     drafter = load_drafter(path / "drafter", base, dtype=mx.float32)
     from .loading import read_safetensors
@@ -346,6 +357,7 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     step = 0
     if resume and world.is_main and checkpoint.exists():
         drafter, step = load_checkpoint(checkpoint, base, optimizer)
+        check_resumable(checkpoint, drafter.config, dcfg, step, total)
     else:
         drafter = start_from or init_drafter(dcfg, base, vocab_map)
         cast(drafter, mx.float32)
@@ -508,6 +520,19 @@ def check_inputs(base, cfg: TrainConfig, extra_data: List[Path]):
     check_config_against_base(drafter_config(base, cfg), base)
 
 
+def sequences_for(base, data_dir: Path) -> List[tuple]:
+    """A data folder's examples, refused when a token id is past the base model's vocabulary (another model's data)."""
+    from .distill import read_sequences
+
+    examples = read_sequences(data_dir)
+    vocab = base.args.vocab_size
+    biggest = max((int(t.max()) for t, _ in examples if len(t)), default=-1)
+    if biggest >= vocab:
+        raise ValueError(f"{data_dir} holds token id {biggest}, past the base model's vocabulary of {vocab}: it was made "
+                         "with another model's tokenizer; use data made with this --model")
+    return examples
+
+
 def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_data=(), num_prompts: int = 4000,
           all_turns: bool = False, responses: str = "model", max_new_tokens: int = 256, gen_batch_size: int = 32,
           gen_temp: float = 0.0, config: Optional[TrainConfig] = None, resume: bool = False, data_only: bool = False,
@@ -537,7 +562,7 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_dat
     >>> mr.generate(model, tokenizer, "Hi!", drafter=run.drafter)
     """
     from .data import conversations
-    from .distill import DataConfig, make_distillation_data, read_sequences
+    from .distill import DataConfig, make_distillation_data
     from .loading import is_default_model, model_for
 
     if responses not in ("model", "dataset"):
@@ -547,9 +572,12 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_dat
     if config is not None and options:
         raise TypeError(f"pass either config=TrainConfig(...) or its fields ({', '.join(options)}), not both")
     cfg = config or TrainConfig(**options)
-    out = Path(out)
-    data_dir = Path(data) if data else out / "data"
-    extra_data = unique_dirs(extra_data, data_dir)
+    out = Path(out).expanduser()  # `--out=~/run` reaches us unexpanded: data, checkpoint and drafter all go there
+    data_dir = Path(data).expanduser() if data else out / "data"
+    extra_data = unique_dirs([Path(d).expanduser() for d in extra_data], data_dir)
+    if resume and not (out / "checkpoint").is_dir() and not (data_dir / "manifest.json").exists():
+        raise ValueError(f"--resume: {out} holds no checkpoint and {data_dir} no data to continue: name the "
+                         "interrupted run's folder, or drop --resume to start a new run")
     if out.exists() and not resume and (out / "checkpoint").exists():
         raise ValueError(f"{out} already holds a training run: continue it with --resume (in Python: resume=True), "
                          "or choose another output folder")
@@ -559,15 +587,16 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_dat
     check_location(out, sources)  # before any work: never the cwd, home, a source
     base, tokenizer, _ = model_for(model, tokenizer, drafter=None, dtype=dtype)
     check_inputs(base, cfg, extra_data)  # before the (long) data generation, and before OUT is made
+    chats = conversations(prompts, num_prompts, all_turns)  # a bad prompt file leaves no OUT behind
     if current_world().is_main:  # under mlx.launch rank 0 claims and writes the run's folder
         claim_dir(out, sources, what="train")  # new, empty, or one this package wrote
     started = time.perf_counter()
     dcfg = DataConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=gen_temp, responses=responses)
-    make_distillation_data(base, tokenizer, conversations(prompts, num_prompts, all_turns), data_dir, dcfg, progress)
+    make_distillation_data(base, tokenizer, chats, data_dir, dcfg, progress)
     data_seconds = round(time.perf_counter() - started, 1)
     if data_only:
         return TrainResult(out, data_dir, data_seconds)
-    examples, extra = ([e for d in dirs for e in read_sequences(d) if len(e[0]) > e[1] + 1]
+    examples, extra = ([e for d in dirs for e in sequences_for(base, d) if len(e[0]) > e[1] + 1]
                        for dirs in ([data_dir], extra_data))
     record = {**({"command": command} if command else {}), "data_seconds": data_seconds,
               "data_tokens": int(sum(len(t) - p for t, p in examples + extra)), "responses": responses,

@@ -150,3 +150,9 @@ def test_ctrl_c_during_generation_keeps_the_text(model_dir):
     words = text.split()
     assert len(words) >= 3 and all(w.startswith("t") for w in words) and text.endswith("\n")
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+
+
+def test_an_empty_feature_layers_list_is_refused(tmp_path):
+    """`--feature-layers ""` silently meant the default layout."""
+    error_line(["train", "--out", tmp_path / "run", "--feature-layers", ""], "--feature-layers needs integers >= 0")
+    assert not (tmp_path / "run").exists()

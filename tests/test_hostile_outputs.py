@@ -488,7 +488,7 @@ def test_ctrl_c_in_train_exits_130_with_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loading, "load", lambda *a, **k: (None, None))
     monkeypatch.setattr(distill, "make_distillation_data", lambda *a, **k: None)
-    monkeypatch.setattr(distill, "read_sequences", lambda *a, **k: [])
+    monkeypatch.setattr(training, "sequences_for", lambda *a, **k: [])
     monkeypatch.setattr(training, "fit", interrupted)
     monkeypatch.setattr(training, "check_inputs", lambda *a, **k: None)  # no base model here to check against
     (tmp_path / "p.jsonl").write_text('{"prompt": "t3 t4"}\n')
@@ -629,3 +629,26 @@ def test_closing_nested_bars_leaves_the_cursor_at_the_start_of_a_fresh_line():
     shown = _screen(stream.getvalue())
     assert "error: stopped" in shown, shown
     assert any(line.startswith("settings") for line in shown) and not any("prompts" in line for line in shown), shown
+
+
+def test_resume_with_nothing_to_resume_is_refused_and_out_is_expanded(tmp_path, monkeypatch):
+    """`--out=~/run --resume` (the shell leaves ~ alone after =): a typo'd folder started a new run silently,
+    and ~ was expanded for the folder but not for its data."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    r = runner.invoke(app, ["train", "--out=~/nothing", "--resume"])
+    assert r.exit_code == 2, r.output
+    assert f"--resume: {tmp_path / 'nothing'} holds no checkpoint and {tmp_path / 'nothing' / 'data'} no data" in r.stderr
+    assert not (tmp_path / "nothing").exists() and not Path("~").exists()
+
+
+def test_a_bad_prompt_file_leaves_no_output_folder(tmp_path, monkeypatch):
+    """The prompt file was read after OUT was made, so each bad one left OUT/.mlx-redrafter behind."""
+    import mlx_redrafter.loading as loading
+    import mlx_redrafter.training as training
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(training, "check_inputs", lambda *a, **k: None)  # no base model here to check against
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--prompts", str(tmp_path / "bad.jsonl")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: "), r.output
+    assert not (tmp_path / "run").exists()

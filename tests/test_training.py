@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -249,3 +250,46 @@ def test_training_never_differentiates_the_cuda_kernel(base, tmp_path, monkeypat
     calls.clear()
     cuda_matmul.Linear(16, 8)(mx.ones((5, 16)))
     assert calls == [(5, cuda_matmul.Fused(bias=True))]   # the stand-in is what a few-row call runs
+
+
+def test_resume_refuses_a_finished_run_and_another_shape(base, tmp_path):
+    """--resume of a finished run rewrote its metrics as NaN; of another shape it trained the old one silently."""
+    examples = read_sequences(tiny_data(base, tmp_path / "data", n=16))
+    cfg = TrainConfig(head="full", exit_dim=16, num_draft_layers=1, batch_size=8, max_steps=2)
+    fit(base, examples, tmp_path / "run", cfg, progress=False)
+    before = (tmp_path / "run" / "drafter" / "config.json").read_text()
+    with pytest.raises(ValueError, match="is at step 2, and this run ends at step 2: it is finished"):
+        fit(base, examples, tmp_path / "run", cfg, resume=True, progress=False)
+    with pytest.raises(ValueError, match="num_draft_layers 1 \\(asked: 2\\)"):
+        fit(base, examples, tmp_path / "run", replace(cfg, num_draft_layers=2, max_steps=4), resume=True, progress=False)
+    assert (tmp_path / "run" / "drafter" / "config.json").read_text() == before
+
+
+def test_a_shard_left_half_written_is_not_read_as_a_shard(base, tmp_path):
+    data = tiny_data(base, tmp_path / "data", n=16)
+    (data / "shard-00000.tmp.npz").write_bytes(b"cut off by a kill")
+    assert len(read_sequences(data)) == 16
+
+
+@pytest.mark.parametrize("manifest", [{"prompts": 10**15}, {"config": {"batch_size": 0, "shard_size": 0}}])
+def test_a_manifest_promising_absurd_shards_is_refused_at_once(base, tmp_path, manifest):
+    """10**15 prompts checked 10**15 paths (no end); shard size 0 divided by zero."""
+    data = tiny_data(base, tmp_path / "data", n=16)
+    m = json.loads((data / "manifest.json").read_text())
+    m.update(manifest if "prompts" in manifest else {"config": {**m["config"], **manifest["config"]}})
+    (data / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="is not a data manifest"):
+        read_sequences(data)
+
+
+def test_data_from_another_vocabulary_is_refused_before_training(base, tmp_path):
+    """Token ids past the base model's vocabulary crashed MLX (a segfault) or raised IndexError."""
+    data = tiny_data(base, tmp_path / "data", n=16)
+    shard = sorted(data.glob("shard-*.npz"))[0]
+    with np.load(shard) as z:
+        arrays = dict(z)
+    arrays["tokens"] = arrays["tokens"].astype(np.int32)
+    arrays["tokens"][-1] = VOCAB + 5
+    np.savez(shard, **arrays)
+    with pytest.raises(ValueError, match=f"holds token id {VOCAB + 5}, past the base model's vocabulary of {VOCAB}"):
+        training.sequences_for(base, data)
