@@ -53,6 +53,11 @@ class World:
             return tree
         return tree_map(lambda a: self.all_sum(a if self.is_main else mx.zeros_like(a)), tree)
 
+    def agree(self, ok: bool) -> bool:
+        """Rank 0's verdict on every rank, so that a refusal stops all of them (not rank 0 alone, the rest
+        waiting forever in the next collective)."""
+        return ok if self.size == 1 else bool(self.broadcast(mx.array(int(ok))).item())
+
     def barrier(self):
         """Return once every rank has come here (a collective that cannot finish earlier)."""
         if self.size > 1:

@@ -296,15 +296,28 @@ def save_checkpoint(path: Path, drafter, optimizer, step: int, extra: dict):
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
 
 
-def check_resumable(checkpoint: Path, saved, asked, step: int, total: int):
-    """--resume continues the checkpoint's own drafter to the run's end: refuse other shapes and a finished run."""
+def resume_refusal(checkpoint: Path, saved, asked, step: int, total: int) -> Optional[str]:
+    """Why --resume cannot continue this checkpoint (None: it can): another drafter shape, or a run
+    past its end (a run at its end is written again, with the metrics its checkpoint kept)."""
     differ = [f"{k} {getattr(saved, k)} (asked: {getattr(asked, k)})" for k in vars(asked) if getattr(saved, k) != getattr(asked, k)]
     if differ:
-        raise ValueError(f"{checkpoint} holds a drafter with {', '.join(differ)}: resume it with its own settings, "
-                         "or train the new shape in another --out folder")
-    if step >= total:
-        raise ValueError(f"{checkpoint} is at step {step}, and this run ends at step {total}: it is finished; "
-                         "raise --epochs or --max-steps to train on, or use another --out folder")
+        return (f"{checkpoint} holds a drafter with {', '.join(differ)}: resume it with its own settings, "
+                "or train the new shape in another --out folder")
+    if step > total:
+        return (f"{checkpoint} is at step {step}, past this run's end at step {total}: raise --epochs or "
+                "--max-steps to train on, or use another --out folder")
+    return None
+
+
+def progress_state(meta: dict, history: list, kept: dict, start_time: float) -> dict:
+    """What a checkpoint keeps beside the weights: the final metrics' steps and the training time so far."""
+    return {**meta, "tail": tail_of(history) or kept["tail"],
+            "wall_seconds": round(kept["wall_seconds"] + time.perf_counter() - start_time, 1)}
+
+
+def tail_of(history: list) -> list:
+    """The last 10% of steps' (loss, accuracies): what the final metrics average."""
+    return history[-max(1, len(history) // 10):]
 
 
 def load_checkpoint(path: Path, base, optimizer):
@@ -313,9 +326,14 @@ def load_checkpoint(path: Path, base, optimizer):
     from .validate import integer, read_json_object
 
     optimizer.state = tree_unflatten(list(read_safetensors([path / "optimizer.safetensors"]).items()))
-    state = path / "state.json"
-    fix = "restore it, or train without --resume"
-    return drafter, integer(str(state), "step", read_json_object(state, "a training state", fix).get("step"), 0, 1 << 62)
+    state = read_json_object(path / "state.json", "a training state", "restore it, or train without --resume")
+    step = integer(str(path / "state.json"), "step", state.get("step"), 0, 1 << 62)
+    try:  # the metrics of the steps before it (a run resumed at its end has no steps of its own)
+        kept = {"tail": [(float(loss), [float(a) for a in accs]) for loss, accs in state.get("tail", [])],
+                "wall_seconds": float(state.get("wall_seconds", 0.0))}
+    except (TypeError, ValueError):
+        kept = {"tail": [], "wall_seconds": 0.0}
+    return drafter, step, kept
 
 
 def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False, progress: bool = True,
@@ -354,13 +372,15 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
         counts = response_token_counts(examples, dcfg.vocab_size)
         vocab_map = start_from.draft_to_token if start_from else frequent_tokens(counts, dcfg.draft_vocab_size)
         coverage = vocabulary_coverage(counts, vocab_map)
-    step = 0
+    step, refusal, kept = 0, None, {"tail": [], "wall_seconds": 0.0}
     if resume and world.is_main and checkpoint.exists():
-        drafter, step = load_checkpoint(checkpoint, base, optimizer)
-        check_resumable(checkpoint, drafter.config, dcfg, step, total)
+        drafter, step, kept = load_checkpoint(checkpoint, base, optimizer)
+        refusal = resume_refusal(checkpoint, drafter.config, dcfg, step, total)
     else:
         drafter = start_from or init_drafter(dcfg, base, vocab_map)
         cast(drafter, mx.float32)
+    if not world.agree(refusal is None):
+        raise ValueError(refusal or "rank 0 cannot resume this run: see its message")
     step = shared_start(world, drafter, optimizer, step)
     token_to_draft = None
     if dcfg.draft_vocab_size:
@@ -395,18 +415,19 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=" ".join(f"{a:.2f}" for a in accs.tolist()), refresh=False)
                 bar.update(1)
                 if world.is_main and (step % cfg.checkpoint_every == 0 or step == total):
-                    save_checkpoint(checkpoint, drafter, optimizer, step, meta)
+                    save_checkpoint(checkpoint, drafter, optimizer, step, progress_state(meta, history, kept, start_time))
                 if step >= total:
                     break
     except KeyboardInterrupt:
         if world.is_main:
-            save_checkpoint(checkpoint, drafter, optimizer, step, meta)
+            save_checkpoint(checkpoint, drafter, optimizer, step, progress_state(meta, history, kept, start_time))
         bar.close()
         raise
     bar.close()
-    tail = history[-max(1, len(history) // 10):] or [(float("nan"), [float("nan")] * cfg.unroll)]
+    tail = tail_of(history) if history else kept["tail"] or [(float("nan"), [float("nan")] * cfg.unroll)]
     metrics = {
-        "steps": step, "examples": len(examples), "wall_seconds": round(time.perf_counter() - start_time, 1),
+        "steps": step, "examples": len(examples),
+        "wall_seconds": round(kept["wall_seconds"] + time.perf_counter() - start_time, 1),  # over every resume
         "final_loss": float(np.mean([h[0] for h in tail])),
         "final_top1_per_position": np.mean([h[1] for h in tail], axis=0).round(4).tolist(),
         "draft_vocab_coverage": round(coverage, 4),
@@ -575,7 +596,8 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_dat
     out = Path(out).expanduser()  # `--out=~/run` reaches us unexpanded: data, checkpoint and drafter all go there
     data_dir = Path(data).expanduser() if data else out / "data"
     extra_data = unique_dirs([Path(d).expanduser() for d in extra_data], data_dir)
-    if resume and not (out / "checkpoint").is_dir() and not (data_dir / "manifest.json").exists():
+    nothing = resume and not (out / "checkpoint").is_dir() and not (data_dir / "manifest.json").exists()
+    if not current_world().agree(not nothing):  # rank 0's disk decides
         raise ValueError(f"--resume: {out} holds no checkpoint and {data_dir} no data to continue: name the "
                          "interrupted run's folder, or drop --resume to start a new run")
     if out.exists() and not resume and (out / "checkpoint").exists():
@@ -590,6 +612,7 @@ def train(out, model=None, tokenizer=None, prompts=None, *, data=None, extra_dat
     chats = conversations(prompts, num_prompts, all_turns)  # a bad prompt file leaves no OUT behind
     if current_world().is_main:  # under mlx.launch rank 0 claims and writes the run's folder
         claim_dir(out, sources, what="train")  # new, empty, or one this package wrote
+    current_world().barrier()  # no rank writes data into OUT before rank 0 has claimed it
     started = time.perf_counter()
     dcfg = DataConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=gen_temp, responses=responses)
     make_distillation_data(base, tokenizer, chats, data_dir, dcfg, progress)

@@ -1,6 +1,7 @@
 """Distillation data, training (learning, resume, Ctrl-C) and evaluation, on tiny models."""
 
 import gzip
+import shutil
 import json
 from dataclasses import replace
 
@@ -252,17 +253,23 @@ def test_training_never_differentiates_the_cuda_kernel(base, tmp_path, monkeypat
     assert calls == [(5, cuda_matmul.Fused(bias=True))]   # the stand-in is what a few-row call runs
 
 
-def test_resume_refuses_a_finished_run_and_another_shape(base, tmp_path):
+def test_resume_at_the_end_keeps_the_metrics_and_refuses_another_shape(base, tmp_path):
     """--resume of a finished run rewrote its metrics as NaN; of another shape it trained the old one silently."""
     examples = read_sequences(tiny_data(base, tmp_path / "data", n=16))
     cfg = TrainConfig(head="full", exit_dim=16, num_draft_layers=1, batch_size=8, max_steps=2)
-    fit(base, examples, tmp_path / "run", cfg, progress=False)
+    _, first = fit(base, examples, tmp_path / "run", cfg, progress=False)
     before = (tmp_path / "run" / "drafter" / "config.json").read_text()
-    with pytest.raises(ValueError, match="is at step 2, and this run ends at step 2: it is finished"):
-        fit(base, examples, tmp_path / "run", cfg, resume=True, progress=False)
     with pytest.raises(ValueError, match="num_draft_layers 1 \\(asked: 2\\)"):
         fit(base, examples, tmp_path / "run", replace(cfg, num_draft_layers=2, max_steps=4), resume=True, progress=False)
+    with pytest.raises(ValueError, match="is at step 2, past this run's end at step 1"):
+        fit(base, examples, tmp_path / "run", replace(cfg, max_steps=1), resume=True, progress=False)
     assert (tmp_path / "run" / "drafter" / "config.json").read_text() == before
+    shutil.rmtree(tmp_path / "run" / "drafter")  # as if stopped after the last checkpoint, before the drafter
+    for _ in range(2):  # ... and again once finished: the same steps and metrics, the training time kept
+        _, metrics = fit(base, examples, tmp_path / "run", cfg, resume=True, progress=False)
+        for key in ("steps", "final_loss", "final_top1_per_position", "heldout_top1_per_position"):
+            assert metrics[key] == first[key], key
+        assert metrics["wall_seconds"] >= first["wall_seconds"]
 
 
 def test_a_shard_left_half_written_is_not_read_as_a_shard(base, tmp_path):
