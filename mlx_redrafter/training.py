@@ -424,10 +424,10 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
         bar.close()
         raise
     bar.close()
-    tail = tail_of(history) if history else kept["tail"] or [(float("nan"), [float("nan")] * cfg.unroll)]
+    done = progress_state({}, history, kept, start_time)  # this run's steps and time, and those before a resume
+    tail = done["tail"] or [(float("nan"), [float("nan")] * cfg.unroll)]
     metrics = {
-        "steps": step, "examples": len(examples),
-        "wall_seconds": round(kept["wall_seconds"] + time.perf_counter() - start_time, 1),  # over every resume
+        "steps": step, "examples": len(examples), "wall_seconds": done["wall_seconds"],
         "final_loss": float(np.mean([h[0] for h in tail])),
         "final_top1_per_position": np.mean([h[1] for h in tail], axis=0).round(4).tolist(),
         "draft_vocab_coverage": round(coverage, 4),
