@@ -324,6 +324,17 @@ def read_config(config_file: Path) -> dict:
 
 
 EMPTY_DRAFTER_PATH = "the drafter path is empty: name a drafter folder, or leave it out for the model's own"
+AUTO = "auto"  # a model's own drafter: `model.drafter`
+
+
+def drafter_from(model, drafter):
+    """The drafter `drafter` names for `model`: "auto" is `model.drafter` (None where it has none), a
+    folder (str or Path) is loaded, anything else (a Drafter, None) is returned as it is."""
+    if isinstance(drafter, str) and drafter == AUTO:
+        return getattr(model, "drafter", None)
+    if isinstance(drafter, (str, Path)):
+        return load_drafter(drafter, model)
+    return drafter
 
 
 def load_drafter(path, base=None, dtype=None) -> Drafter:
@@ -337,7 +348,7 @@ def load_drafter(path, base=None, dtype=None) -> Drafter:
     """
     if isinstance(path, str) and not path.strip():  # Path("") would be the working directory
         raise ValueError(EMPTY_DRAFTER_PATH)
-    path = source = Path(path)
+    path = source = Path(path).expanduser()
     if not (path / "config.json").exists() and (path / "drafter" / "config.json").exists():
         path = path / "drafter"  # a `mlx-redrafter train` output directory
     config_file = path / "config.json"

@@ -9,7 +9,6 @@
 
 import time
 from collections import OrderedDict
-from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Union
 
@@ -268,12 +267,9 @@ def stream_generate(
         if name not in _REFUSED and name not in _IGNORED:
             raise TypeError(f"stream_generate() got an unexpected keyword argument {name!r}")
     sampling = sampling_from(sampling, temp, top_p, top_k, seed)
-    if isinstance(drafter, str) and drafter == AUTO:
-        drafter = getattr(model, "drafter", None)
-    elif isinstance(drafter, (str, Path)):  # a drafter directory: loaded for this call only
-        from .drafter import load_drafter
+    from .drafter import drafter_from
 
-        drafter = load_drafter(drafter, model)
+    drafter = drafter_from(model, drafter)  # a drafter directory: loaded for this call only
     if not speculative:
         drafter = None
     ids, max_tokens = fit_context(encode_prompt(tokenizer, prompt, chat_template), max_tokens,

@@ -23,7 +23,7 @@ from mlx_lm.tokenizer_utils import load as load_hf_tokenizer
 from mlx_lm.utils import dequantize_model
 
 from . import backend
-from .drafter import EMPTY_DRAFTER_PATH, Drafter, check_config_against_base, load_drafter
+from .drafter import AUTO, EMPTY_DRAFTER_PATH, Drafter, check_config_against_base, drafter_from, load_drafter
 from .gguf import load_gguf
 from .gguf_tokenizer import build_tokenizer
 from .cuda_matmul import Linear, swap_linears
@@ -442,7 +442,6 @@ def find_drafter(model: Optional[str] = None, drafter: Optional[str] = None) -> 
     return candidate if (candidate / "config.json").exists() else None
 
 
-AUTO = "auto"
 
 
 def load(
@@ -537,13 +536,9 @@ def model_for(model=None, tokenizer=None, drafter=AUTO, dtype=None):
         return model, tokenizer, getattr(model, "drafter", None)
     if tokenizer is None:
         raise TypeError("a loaded model needs its tokenizer: pass both, as mr.load() returns them")
-    if isinstance(drafter, str) and drafter == AUTO:
-        return model, tokenizer, getattr(model, "drafter", None)
-    if drafter is None or isinstance(drafter, Drafter):
-        if drafter is not None:
-            check_config_against_base(drafter.config, model)
-        return model, tokenizer, drafter
-    return model, tokenizer, load_drafter(Path(drafter).expanduser(), model)
+    if isinstance(drafter, Drafter):
+        check_config_against_base(drafter.config, model)
+    return model, tokenizer, drafter_from(model, drafter)
 
 
 def parameter_count(model: nn.Module, unpacked: bool = False) -> int:

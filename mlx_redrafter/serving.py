@@ -15,7 +15,6 @@ import collections
 import logging
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from .beam_search import BeamShape
@@ -63,10 +62,10 @@ class Job:
 class Worker:
     def __init__(self, model, tokenizer, queue_size: int = 16, prompt_cache_size: int = 4, drafter="auto",
                  max_batch: int = 4):
-        if isinstance(drafter, (str, Path)) and drafter != "auto":  # a folder: loaded once, here, not per request
-            from .drafter import load_drafter
+        if not (isinstance(drafter, str) and drafter == "auto"):  # "auto" is read per request; a folder loaded once, here
+            from .drafter import drafter_from
 
-            drafter = load_drafter(drafter, model)
+            drafter = drafter_from(model, drafter)
         self.model, self.tokenizer, self.drafter, self.max_batch = model, tokenizer, drafter, max_batch
         self.prompt_cache = PromptCache(prompt_cache_size)
         self.capacity = queue_size + max_batch  # waiting plus those decoding
