@@ -136,12 +136,13 @@ def make_distillation_data(model, tokenizer, conversations: List[Conversation], 
     existing = out / "manifest.json"
     if out.is_dir() and any(out.iterdir()) and not existing.exists():
         raise ValueError(f"{out} holds files mlx-redrafter did not write (no manifest.json): use a new --data folder")
-    out.mkdir(parents=True, exist_ok=True)
     manifest = data_manifest(cfg, conversations)
     if existing.exists():
         old = read_json_object(existing, "a data manifest", "use another --data directory")
         if {k: old.get(k) for k in manifest} != manifest:
             raise ValueError(f"{out} holds data made with other settings or prompts: use another --data directory")
+    world.barrier()  # every rank has checked OUT before any writes there (rank 0's half-written manifest is no stranger's file)
+    out.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         write_file(existing, json.dumps(manifest, indent=2))
     sampling = SamplingConfig(temperature=cfg.temperature)
