@@ -269,6 +269,7 @@ def train(
     lr: float = typer.Option(1e-3, "--lr", min=0.0),
     kl_weight: float = typer.Option(0.0, "--kl-weight", min=0.0, help="Weight of the KL term to the base model's top-k distribution."),
     kl_top_k: int = typer.Option(32, "--kl-top-k", min=1),
+    position_decay: float = typer.Option(1.0, "--position-decay", min=0.0, max=1.0, help="Loss weight decay**k for drafted position k (1: all alike; 0.8 weighs the first positions, which gate the rest, more)."),
     seed: int = typer.Option(0, "--seed", help="Random seed, 0 .. 2**64 - 1."),
     holdout: int = typer.Option(0, "--holdout", min=0, help="Examples kept out of training; their per-position top-1 accuracy is reported."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1),
@@ -285,7 +286,7 @@ def train(
     check_seed(seed)
     cfg = TrainConfig(num_draft_layers=layers, exit_dim=exit_dim, head=head, draft_vocab_size=draft_vocab,
                       unroll=unroll, seq_len=seq_len, batch_size=batch_size, epochs=epochs, lr=lr,
-                      kl_weight=kl_weight, kl_top_k=kl_top_k, seed=seed, holdout=holdout, checkpoint_every=checkpoint_every,
+                      kl_weight=kl_weight, kl_top_k=kl_top_k, position_decay=position_decay, seed=seed, holdout=holdout, checkpoint_every=checkpoint_every,
                       max_steps=max_steps, init=str(init) if init else None,
                       feature_layers=parse_grid(feature_layers, "--feature-layers", 0) if feature_layers is not None else None)
     try:

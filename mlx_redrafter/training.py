@@ -67,6 +67,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     kl_weight: float = 0.0
     kl_top_k: int = 32
+    position_decay: float = 1.0  # drafted position k's loss counts decay**k (k = 0 first): earlier positions gate later ones
     seed: int = 0
     holdout: int = 0  # examples kept out of training and scored at the end
     checkpoint_every: int = 200
@@ -79,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"--head must be shared, full or reduced, got {self.head!r}")
         if self.unroll < 1 or self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
             raise ValueError("unroll, batch size and epochs must be >= 1 and lr > 0")
+        if not 0 < self.position_decay <= 1:
+            raise ValueError(f"--position-decay must lie in (0, 1], got {self.position_decay}")
         self.init = None if self.init is None else str(self.init)
         if self.feature_layers is not None:
             layers = sorted(set(int(i) for i in self.feature_layers))
@@ -262,7 +265,7 @@ def drafter_sums(drafter, base, hidden, embeds, targets, valid, cfg: TrainConfig
                 idx = mx.maximum(idx, 0)
             nll = nll + cfg.kl_weight * -(probs * mx.take_along_axis(logprobs, idx, axis=-1)).sum(axis=-1)
         okf = ok.astype(mx.float32)
-        total = total + (nll * okf).sum()
+        total = total + (nll * okf).sum() * cfg.position_decay ** k
         hits.append(((logits.argmax(axis=-1) == target) * okf).sum())
         counts.append(okf.sum())
     return total, mx.stack(hits), mx.stack(counts)

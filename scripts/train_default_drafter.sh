@@ -66,12 +66,18 @@ case $phase in
                             --extra-data "$work/data-sampled-rest") ;;
         init-sampled) args=(--init "${INIT:?INIT=the drafter to continue}" --epochs 1 --lr 3e-4 --save-bits 8
                             --extra-data "$work/data-sampled-rest") ;;
+        # KL to the base's top-32 and per-position loss weights (0.8**k), each beside sampled-feat on the same data
+        # (EXTRA="--extra-data WORK/data-sampled-rest" for all 61k turns)
+        feat-kl)      args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15
+                            --kl-weight 1.0) ;;
+        feat-decay)   args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15
+                            --position-decay 0.8) ;;
         # the data-size curve: the first K shards of data-sampled (scripts/data_subset.py makes data-size-K)
         size-*)       args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8) ;;
         *) echo "unknown variant $v"; exit 2 ;;
       esac
       data_dir=$work/data-model; [ "$v" = gt ] && data_dir=$work/data-dataset
-      case $v in sampled*|init-sampled|v8k-feat|feat-4ep) data_dir=$work/data-sampled ;; size-*) data_dir=$work/data-$v ;; esac
+      case $v in sampled*|init-sampled|v8k-feat|feat-*) data_dir=$work/data-sampled ;; size-*) data_dir=$work/data-$v ;; esac
       if [ -f "$work/$v/drafter/config.json" ] && [ -z "${FORCE:-}" ]; then   # finished: kept unless FORCE=1
         [ -n "${RESUME:-}" ] || echo "$v: finished in $work/$v, kept (FORCE=1 trains it again)"; continue
       fi

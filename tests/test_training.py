@@ -300,3 +300,24 @@ def test_data_from_another_vocabulary_is_refused_before_training(base, tmp_path)
     np.savez(shard, **arrays)
     with pytest.raises(ValueError, match=f"holds token id {VOCAB + 5}, past the base model's vocabulary of {VOCAB}"):
         training.sequences_for(base, data)
+
+
+def test_position_decay_weighs_each_drafted_positions_loss(base):
+    """--position-decay d: position k's loss counts d**k. Position 1's loss alone is the 2-step sum
+    less the 1-step sum (the first step is the same computation), so decay 0.5 gives first + half of it."""
+    drafter = tiny_drafter(base, "apple")
+    H, N = base.args.hidden_size, 6
+    mx.random.seed(7)
+    hidden, embeds = mx.random.normal((N, H)), mx.random.normal((2, N, H))
+    targets = mx.random.randint(0, VOCAB, (2, N))
+    valid = mx.array([[True] * N, [True, False] * (N // 2)])
+
+    def total(unroll, decay):
+        cfg = TrainConfig(unroll=unroll, position_decay=decay)
+        return training.drafter_sums(drafter, base, hidden, embeds, targets, valid, cfg, None, None)[0].item()
+
+    first, both = total(1, 1.0), total(2, 1.0)
+    assert both > first > 0
+    assert total(2, 0.5) == pytest.approx(first + 0.5 * (both - first), rel=1e-5)
+    with pytest.raises(ValueError, match="position-decay"):
+        TrainConfig(position_decay=0.0)
