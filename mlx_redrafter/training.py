@@ -196,12 +196,22 @@ def steps_per_epoch(examples, cfg: TrainConfig) -> int:
     return len(examples) // cfg.batch_size
 
 
+TEACHER_ROWS = 4096  # full-vocabulary logits for a batch's ~60k rows would take ~12 GB at once
+
+
 def teacher_top_k(base, hidden: mx.array, k: int):
-    """The base model's top-k next-token distribution for hidden states (..., H), renormalized."""
-    logits = base.logits(hidden).astype(mx.float32)
-    idx = mx.argpartition(-logits, k - 1, axis=-1)[..., :k]
-    top = mx.take_along_axis(logits, idx, axis=-1)
-    return idx, mx.softmax(top, axis=-1)
+    """The base model's top-k next-token distribution for hidden states (..., H), renormalized;
+    computed TEACHER_ROWS rows at a time (a constant, outside the gradient)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    parts = []
+    for i in range(0, flat.shape[0], TEACHER_ROWS):
+        logits = base.logits(flat[i:i + TEACHER_ROWS]).astype(mx.float32)
+        idx = mx.argpartition(-logits, k - 1, axis=-1)[..., :k]
+        top = mx.take_along_axis(logits, idx, axis=-1)
+        parts.append((idx, mx.softmax(top, axis=-1)))
+        mx.eval(parts[-1])
+    shape = (*hidden.shape[:-1], k)
+    return (mx.concatenate([p[0] for p in parts]).reshape(shape), mx.concatenate([p[1] for p in parts]).reshape(shape))
 
 
 def base_inputs(base, drafter, batch: Batch, cfg: TrainConfig, with_teacher: bool = True):
