@@ -5,6 +5,11 @@ two-stage one (each beam's top W, then the top W of those W x W), the selection 
 same sizes, and a plain one-token forward for scale.
 
     python benchmarks/draft_cost.py [--settings ranked:32x6:32,ranked:4x4] [--repeats 200] [--e2e 8 --max-tokens 128]
+        [--head-products 4096,8192]
+
+--head-products V,... also times the draft head's product alone (W rows x E against V x E) in the model's
+dtype and kept quantized (MLX's quantized_matmul at 8 and 4 bits): what a wider draft vocabulary, or a head
+left packed at run time, would cost.
 
 --e2e N also times whole steps (`Decoder.run`, pipelined) with each selection, interleaved over the
 first N prompts (both select the same nodes, so tokens per step are the same and the step time is the speed).
@@ -62,6 +67,21 @@ def timed(fn, repeats: int) -> dict:
     return {"each_ms": 1000 * each, "queued_ms": 1000 * queued}
 
 
+def head_products(E: int, vocabs, rows, dtype, repeats: int) -> dict:
+    """ms per product (rows, E) x (V, E)^T: dense in dtype, and packed 8- and 4-bit (groups of 64)."""
+    out = {}
+    for V in vocabs:
+        for M in rows:
+            x, w = mx.random.normal((M, E)).astype(dtype), (0.02 * mx.random.normal((V, E))).astype(dtype)
+            fns = {"dense": lambda: x @ w.T}
+            for bits in (8, 4):
+                packed = mx.quantize(w, 64, bits)
+                fns[f"{bits}-bit"] = lambda p=packed, b=bits: mx.quantized_matmul(x, *p, transpose=True, group_size=64, bits=b)
+            out[f"{M}x{E}x{V}"] = row = {name: timed(fn, repeats)["each_ms"] for name, fn in fns.items()}
+            print(f"  head product {M:>3} x {E} x {V:>5}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row.items()))
+    return out
+
+
 def with_selection(fn, work):
     beam_search.top_beams = fn  # read when a compiled graph is traced: set around every use
     try:
@@ -108,12 +128,13 @@ def main():
     p.add_argument("--dtype", default="auto")
     p.add_argument("--e2e", type=int, default=0, help="also time whole steps over this many prompts")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--head-products", help="draft vocabulary sizes V,... whose head product to time alone")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     model, tok = load(args.model, drafter=find_drafter(args.model) if args.drafter is None else args.drafter, dtype=args.dtype)
     prompts = [encode_prompt(tok, t) for t in prompt_texts(args.prompts)[: max(1, args.e2e)]]
     prompt = prompts[0]
-    results = {"machine": backend.machine(), "settings": {}}
+    results = {"machine": backend.machine(), "drafter": getattr(model.drafter, "source", "default"), "settings": {}}
     one = mx.array([prompt[-1:]])
     plain = timed(lambda: model.logits(model(one, model.make_cache())[:, -1]), args.repeats)
     results["one_token_forward_no_cache"] = plain
@@ -134,6 +155,11 @@ def main():
         if args.e2e:
             row["end_to_end"] = end_to_end(model, prompts, shape, args.max_tokens)
         results["settings"][text] = row
+    if args.head_products:
+        widths = sorted({parse_setting(t, lookup=True).width for t in args.settings.split(",")})
+        results["head_products_ms"] = head_products(model.drafter.config.exit_dim or model.args.hidden_size,
+                                                    [int(v) for v in args.head_products.split(",")], widths,
+                                                    model.model.norm.weight.dtype, args.repeats)
     out = args.out or Path(f"results/draft-cost-{'gpu' if backend.on_gpu() else 'cpu'}.json")
     write_file(out, json.dumps(results, indent=2))
     print(f"saved {out}")
