@@ -427,7 +427,7 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
                 history.append((loss.item(), accs.tolist()))
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=" ".join(f"{a:.2f}" for a in accs.tolist()), refresh=False)
                 bar.update(1)
-                if world.is_main and (step % cfg.checkpoint_every == 0 or step == total):
+                if world.is_main and step % cfg.checkpoint_every == 0 and step < total:
                     save_checkpoint(checkpoint, drafter, optimizer, step, progress_state(meta, history, kept, start_time))
                 if step >= total:
                     break
@@ -437,7 +437,9 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
         bar.close()
         raise
     bar.close()
-    done = progress_state({}, history, kept, start_time)  # this run's steps and time, and those before a resume
+    done = progress_state(meta, history, kept, start_time)  # this run's steps and time, and those before a resume
+    if world.is_main and history:  # the last checkpoint keeps the very time the metrics report
+        save_checkpoint(checkpoint, drafter, optimizer, step, done)
     tail = done["tail"] or [(float("nan"), [float("nan")] * cfg.unroll)]
     metrics = {
         "steps": step, "examples": len(examples), "wall_seconds": done["wall_seconds"],
