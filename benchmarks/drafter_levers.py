@@ -6,7 +6,7 @@
         [--temp 0.7] [--sampled-every 4] [--sampled-shapes 4x4] [--sampled-drafters shipped,sampled] \\
         [--out results/drafter-levers.json]
 
-A shape is WxL[:NODES][+LOOKUP_LENGTH]; each is counted with and without the context-lookup beam
+A shape is WxL[:NODES][+LOOKUP_LENGTH][*LOOKUP_BEAMS]; each is counted with and without the context-lookup beam
 (greedy; without it the lookup length changes nothing, so such a shape is counted once) and with
 it (sampled). Prints a Markdown table (drafters by settings) and saves every row as JSON.
 """
@@ -55,7 +55,7 @@ def main():
         try:
             text and parse_shape(text, True)  # a bad shape fails here, not after an hour of counting
         except ValueError:
-            raise SystemExit(f"error: a shape is WxL[:NODES][+LOOKUP_LENGTH] (e.g. 4x4, 32x6:32+12), got {text!r}") from None
+            raise SystemExit(f"error: a shape is WxL[:NODES][+LOOKUP_LENGTH][*LOOKUP_BEAMS] (e.g. 4x4, 32x6:32+12, 4x4*2), got {text!r}") from None
 
     model, tokenizer = load(args.model, drafter=None, dtype=args.dtype)
     drafters = {}
@@ -74,7 +74,7 @@ def main():
     rows = []
     for name, drafter in drafters.items():
         for lookup in (False, True):  # without lookup its length changes nothing: each shape once
-            shapes = dict.fromkeys(replace(parse_shape(t, True), lookup=False, lookup_length=0) if not lookup
+            shapes = dict.fromkeys(replace(parse_shape(t, True), lookup=False, lookup_length=0, lookup_beams=1) if not lookup
                                    else parse_shape(t, True) for t in args.shapes.split(","))
             for shape in shapes:
                 r = replay_acceptance(model, drafter, references, shape)

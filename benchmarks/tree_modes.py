@@ -38,12 +38,15 @@ from mlx_redrafter.sampling import SamplingConfig
 
 
 def parse_setting(text: str, lookup: bool) -> BeamShape:
-    """TREE:WxLb[:NODES][+LOOKUP_LENGTH][@MIN_PROB], e.g. ranked:32x6:32+12 or ranked:4x4@0.15."""
+    """TREE:WxLb[:NODES][+LOOKUP_LENGTH][*LOOKUP_BEAMS][@MIN_PROB], e.g. ranked:32x6:32+12, ranked:4x4@0.15
+    or ranked:32x6:32+0*4 (four lookup beams of Lb - 1 tokens)."""
     text, _, min_prob = text.partition("@")
+    text, _, beams = text.partition("*")
     text, _, lookup_length = text.partition("+")
     tree, shape, *nodes = text.split(":")
     w, length = (int(v) for v in shape.split("x"))
-    return BeamShape(w, length, lookup, int(nodes[0]) if nodes else 0, tree, int(lookup_length or 0), float(min_prob or 0))
+    return BeamShape(w, length, lookup, int(nodes[0]) if nodes else 0, tree, int(lookup_length or 0), float(min_prob or 0),
+                     int(beams or 1))
 
 
 def named_drafter(spec: str, model_path, model, option: str):

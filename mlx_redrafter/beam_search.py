@@ -20,6 +20,7 @@ from . import backend
 
 MAX_WIDTH = 128  # beams: past this the tree costs more than it can accept, and memory grows as W x V
 MAX_LENGTH = 16  # tokens per beam, g0 included
+MAX_LOOKUP_BEAMS = 8  # copies of earlier occurrences, each lookup_depth more verified nodes per step
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class BeamShape:
 
     >>> mr.generate(model, tokenizer, "Hi", beam=mr.BeamShape(width=8, length=5, nodes=16))
     >>> mr.BeamShape(4, 4, lookup=False, tree="beams")   # Apple's final beams, no context lookup
+    >>> mr.BeamShape(32, 6, nodes=32, lookup_beams=4)    # four copies from the context, not one
     """
 
     width: int = 4  # W: beams kept
@@ -41,9 +43,12 @@ class BeamShape:
     # drafted nodes whose prefix probability (the drafter's) is below this are not verified (0: the whole
     # budget). The host reads each step's draft to cut them (a sync): for the CPU, where every verified node costs.
     min_prob: float = 0.0
+    # context-lookup beams, each copying another earlier occurrence (lookup.py): more verified nodes, no drafter work
+    lookup_beams: int = 1
 
     def __post_init__(self):
-        counts = {"width": self.width, "length": self.length, "nodes": self.nodes, "lookup_length": self.lookup_length}
+        counts = {"width": self.width, "length": self.length, "nodes": self.nodes, "lookup_length": self.lookup_length,
+                  "lookup_beams": self.lookup_beams}
         for name, value in counts.items():  # a float or a string here fails deep inside MLX otherwise
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
@@ -65,11 +70,20 @@ class BeamShape:
         if self.lookup_length and not self.lookup:
             raise ValueError("a lookup length needs the context-lookup beam: drop --no-lookup (lookup=False) "
                              "or the lookup length")
+        if not 1 <= self.lookup_beams <= MAX_LOOKUP_BEAMS:
+            raise ValueError(f"lookup beams must be in 1..{MAX_LOOKUP_BEAMS}, got {self.lookup_beams}")
+        if self.lookup_beams > 1 and not self.lookup:
+            raise ValueError("lookup beams need the context lookup: drop --no-lookup (lookup=False) or the lookup beams")
 
     @property
     def lookup_depth(self) -> int:
         """Nodes of the lookup beam (Lb - 1 dead ones when lookup is off: its length is then 0)."""
         return self.lookup_length or self.length - 1
+
+    @property
+    def lookup_nodes(self) -> int:
+        """Tree nodes of the lookup beams (`lookup_depth` dead ones when lookup is off)."""
+        return self.lookup_beams * self.lookup_depth
 
     @property
     def emit_length(self) -> int:
@@ -88,19 +102,20 @@ DEFAULT_SHAPE = {"gpu": (32, 6, 32, 0, 0.0), "cpu": (4, 4, 0, 0, 0.1)}
 
 def default_shape(width: Optional[int] = None, length: Optional[int] = None, lookup: bool = True,
                   nodes: Optional[int] = None, tree: str = "ranked", lookup_length: Optional[int] = None,
-                  min_prob: Optional[float] = None) -> BeamShape:
-    """The default settings for the current device, with any of W, Lb, nodes, lookup length and
-    min_prob given overriding them.
+                  min_prob: Optional[float] = None, lookup_beams: Optional[int] = None) -> BeamShape:
+    """The default settings for the current device, with any of W, Lb, nodes, lookup length,
+    min_prob and lookup beams given overriding them.
 
     >>> mr.default_shape()                 # BeamShape(32, 6, nodes=32) on a GPU, (4, 4, min_prob=0.1) on the CPU
     >>> mr.default_shape(length=5)         # the device's default with Lb = 5
     >>> mr.default_shape(lookup_length=12) # ... with a 12-token context-lookup beam
     >>> mr.default_shape(min_prob=0)       # ... verifying every drafted node of the budget
+    >>> mr.default_shape(lookup_beams=2)   # ... with two context-lookup beams
     """
     w, lb, n, ll, mp = DEFAULT_SHAPE["gpu" if backend.on_gpu() else "cpu"]
     return BeamShape(width or w, length or lb, lookup, n if nodes is None else nodes, tree,
                      (ll if lookup else 0) if lookup_length is None else lookup_length,
-                     mp if min_prob is None else min_prob)
+                     mp if min_prob is None else min_prob, lookup_beams or 1)
 
 
 class DraftLevels(NamedTuple):

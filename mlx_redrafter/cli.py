@@ -11,7 +11,7 @@ import typer
 
 import click
 
-from .beam_search import DEFAULT_SHAPE, MAX_LENGTH, MAX_WIDTH, BeamShape, default_shape
+from .beam_search import DEFAULT_SHAPE, MAX_LENGTH, MAX_LOOKUP_BEAMS, MAX_WIDTH, BeamShape, default_shape
 from .interrupts import sigint_flag
 from .progress import close_bars
 
@@ -23,6 +23,8 @@ NODES_HELP = (f"Drafted prefixes verified per step, the most probable first; 0 =
               f"(default: {_GPU_N or 'all'} on a GPU, {_CPU_N or 'all'} on the CPU).")
 LOOKUP_LENGTH_HELP = (f"Tokens the context-lookup beam proposes; 0 = beam length - 1 "
                       f"(default: {_GPU_LL or 'L - 1'} on a GPU, {_CPU_LL or 'L - 1'} on the CPU).")
+LOOKUP_BEAMS_HELP = ("Context-lookup beams, each copying what followed another earlier occurrence of the "
+                     "context's end (default: 1).")
 MIN_PROB_HELP = (f"Verify only the drafted nodes whose prefix the drafter gives at least this probability; "
                  f"0 = every node of the budget (default: {_GPU_MP or 0} on a GPU, {_CPU_MP or 0} on the CPU).")
 TREE_HELP = "ranked: the most probable prefixes of every depth; beams: Apple's final W beams only."
@@ -38,6 +40,10 @@ def nodes_option():
 
 def lookup_length_option(default=None):
     return typer.Option(default, "--lookup-length", min=0, max=MAX_LENGTH, help=LOOKUP_LENGTH_HELP)
+
+
+def lookup_beams_option():
+    return typer.Option(None, "--lookup-beams", min=1, max=MAX_LOOKUP_BEAMS, help=LOOKUP_BEAMS_HELP)
 
 
 def min_prob_option():
@@ -125,6 +131,7 @@ def generate(
     tree: str = tree_option(),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     lookup_length: Optional[int] = lookup_length_option(),
+    lookup_beams: Optional[int] = lookup_beams_option(),
     min_prob: Optional[float] = min_prob_option(),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate (and at most up to the model's context window)."),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", min=1, help="Use only the prompt's last N tokens (a prompt longer than the context window is refused without it)."),
@@ -146,8 +153,8 @@ def generate(
         prompt = read_stdin_prompt()
     sampling = SamplingConfig(temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
     shape = None  # explicit settings are checked before the model loads
-    if any(v is not None for v in (beam_width, beam_length, nodes, lookup_length, min_prob)) or tree != "ranked" or not lookup:
-        shape = default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length, min_prob)
+    if any(v is not None for v in (beam_width, beam_length, nodes, lookup_length, min_prob, lookup_beams)) or tree != "ranked" or not lookup:
+        shape = default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length, min_prob, lookup_beams)
     base, tokenizer = load(model, drafter=None if autoregressive else or_packaged(drafter), dtype=dtype)
     draft = getattr(base, "drafter", None)
     if draft is None and not autoregressive:
@@ -349,6 +356,7 @@ def benchmark(
     tree: str = tree_option(),
     lookup: bool = typer.Option(BeamShape.lookup, "--lookup/--no-lookup", help="Also verify a beam copied from earlier in the context."),
     lookup_length: Optional[int] = lookup_length_option(),
+    lookup_beams: Optional[int] = lookup_beams_option(),
     min_prob: Optional[float] = min_prob_option(),
     temp: float = typer.Option(0.7, "--temp", min=0.0, help="Temperature of the sampled ReDrafter run."),
     sweep_widths: str = typer.Option("", "--sweep-widths", help="Also sweep these beam widths (e.g. 1,2,4)."),
@@ -368,7 +376,7 @@ def benchmark(
     lengths = grid_lengths(sweep_lengths, "--sweep-lengths") if sweep_widths else ()
     tag = tag or default_tag()
     result = run_benchmark(model, drafter=or_packaged(drafter), prompts=prompts, limit=limit, every=every,
-                           max_tokens=max_tokens, beam=default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length, min_prob),
+                           max_tokens=max_tokens, beam=default_shape(beam_width, beam_length, lookup, nodes, tree, lookup_length, min_prob, lookup_beams),
                            temp=temp, mlx_lm_speculative=not no_mlx_lm_spec, sweep_widths=sweep, sweep_lengths=lengths,
                            sweep_limit=sweep_limit, out=out, tag=tag, force=force, dtype=dtype,
                            prefill_tokens=prefill_tokens)

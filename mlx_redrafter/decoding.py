@@ -82,7 +82,7 @@ class Decoder:
         depth = shape.length - 1
         final_beams = shape.tree == "beams"
         self.budget = shape.width * depth if final_beams or not shape.nodes else min(shape.nodes, shape.width * depth)
-        self.nodes = 1 + self.budget + shape.lookup_depth
+        self.nodes = 1 + self.budget + shape.lookup_nodes
         self.span_step = device_span_step()
         self.slack = self.span_step if slack is None else slack
         # the weights are inputs, not constants of the trace: a model or drafter updated in place is seen
@@ -189,7 +189,7 @@ class Decoder:
 def _draft_tree(drafter, model, shape: BeamShape, budget: int, final_beams: bool, hidden, g0, history, lengths):
     levels = draft_levels(drafter, model, hidden, g0, shape)
     if shape.lookup:
-        proposal, found = propose_on_device(history, lengths, g0, shape.lookup_depth)
+        proposal, found = propose_on_device(history, lengths, g0, shape.lookup_depth, beams=shape.lookup_beams)
     else:
         proposal, found = levels.tokens[:, :, 0], mx.zeros(g0.shape, mx.bool_)
     return ranked_tree(levels, g0, proposal, found, budget, final_beams)

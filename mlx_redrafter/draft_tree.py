@@ -32,8 +32,8 @@ RANK_TIE_BREAK = 1e-3  # per depth: a child always ranks strictly below its pare
 
 
 class DraftTree(NamedTuple):
-    """N = 1 + budget + Dl nodes per row (fewer after `trim`); node 0 is g0, nodes past the budget the lookup beam
-    (Dl = `BeamShape.lookup_depth`, D unless the lookup beam reaches further; L = max(D, Dl) + 1).
+    """N = 1 + budget + K * Dl nodes per row (fewer after `trim`); node 0 is g0, nodes past the budget the K
+    lookup beams (Dl = `BeamShape.lookup_depth`, D unless the lookup beam reaches further; L = max(D, Dl) + 1).
 
     tokens (B, N) int32, parents (B, N) int32 (the root is its own parent),
     depth (B, N) int32, live (B, N) bool (False: padding or alias, never accepted),
@@ -53,7 +53,8 @@ class DraftTree(NamedTuple):
 
 def ranked_tree(levels: DraftLevels, g0: mx.array, lookup: mx.array, found: mx.array, budget: int,
                 final_beams: bool = False) -> DraftTree:
-    """The verified tree (module docstring). g0 (B,); lookup (B, Dl) proposal, used where found (B,).
+    """The verified tree (module docstring). g0 (B,); lookup (B, K, Dl) proposals (or one, (B, Dl)),
+    each used where found (B, K) (or (B,)).
 
     final_beams: only the prefixes of the final W beams (Apple's tree), budget W * D.
     """
@@ -76,12 +77,15 @@ def ranked_tree(levels: DraftLevels, g0: mx.array, lookup: mx.array, found: mx.a
     parents = mx.concatenate([mx.zeros((B, 1), mx.int32), parents], axis=1)
     depth = mx.concatenate([mx.zeros((B, 1), mx.int32), depth], axis=1)
     live = mx.concatenate([mx.ones((B, 1), mx.bool_), live], axis=1)
-    tokens, parents, depth, live = _add_lookup(tokens, parents, depth, live, lookup, found)
-    hops = _hops(parents, max(D, lookup.shape[1]) + 1)
+    if lookup.ndim == 2:
+        lookup, found = lookup[:, None], found[:, None]
+    for k in range(lookup.shape[1]):  # a later beam may repeat an earlier one's prefix: an alias of its nodes
+        tokens, parents, depth, live = _add_lookup(tokens, parents, depth, live, lookup[:, k], found[:, k])
+    hops = _hops(parents, max(D, lookup.shape[2]) + 1)
     nodes = mx.arange(tokens.shape[1])
     ancestors = (hops[:, :, :, None] == nodes).any(axis=2)
     score = mx.concatenate([mx.zeros((B, 1)), mx.take_along_axis(flat_scores, top, axis=-1),
-                            mx.zeros((B, lookup.shape[1]))], axis=1)
+                            mx.zeros((B, lookup.shape[1] * lookup.shape[2]))], axis=1)
     return DraftTree(tokens, parents, depth, live, ancestors, hops, score)
 
 

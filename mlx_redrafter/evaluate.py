@@ -94,6 +94,7 @@ def summary(shape: BeamShape, prompts: int, tokens: int, accepted: List[int], te
     return {
         "width": shape.width, "length": shape.length, "lookup": shape.lookup, "nodes": shape.nodes, "tree": shape.tree,
         "lookup_length": shape.lookup_length if shape.lookup else 0,
+        "lookup_beams": shape.lookup_beams,
         "prompts": prompts, "temperature": temperature,
         "steps": len(accepted), "tokens": tokens,
         "tokens_per_step": tokens / steps,
@@ -150,7 +151,7 @@ def as_list(values) -> List[int]:
 
 
 def setting_label(row: Dict) -> str:
-    """A result row's setting in a few characters: "4x4 +lookup", "32x6 32 nodes +lookup 12"."""
+    """A result row's setting in a few characters: "4x4 +lookup", "32x6 32 nodes +lookup 12 x2" (two lookup beams)."""
     label = f"{row['width']}x{row['length']}"
     if row.get("nodes"):
         label += f" {row['nodes']} nodes"
@@ -158,6 +159,7 @@ def setting_label(row: Dict) -> str:
         label += " beams"
     label += " +lookup" if row.get("lookup") else ""
     label += f" {row['lookup_length']}" if row.get("lookup_length") else ""
+    label += f" x{row['lookup_beams']}" if row.get("lookup_beams", 1) > 1 else ""
     return label + (f" T={row['temperature']:g}" if row.get("temperature") else "")
 
 

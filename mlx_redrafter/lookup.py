@@ -13,7 +13,10 @@ model's. Worked example, n_max = 2, Lb = 4:
 
 The longest suffix (n <= n_max tokens, g0 included) that occurred before wins,
 its latest occurrence first; past the end of the context the copy repeats
-itself, as a loop would. It runs on the device, for every row at once, so the
+itself, as a loop would. With K beams (`BeamShape.lookup_beams`) the next
+occurrences in that order propose too, each copy unlike the ones before it
+(in the example, K = 2: 9 occurred only once before, so the second beam is
+not found; after [5 8 9 4 5 8 9 7 5 8], g0 = 9, it is [4 5 8] after [7 5 8]). It runs on the device, for every row at once, so the
 step never waits for the host (tests/test_lookup.py holds a plain-Python
 reference it is checked against).
 """
@@ -21,17 +24,36 @@ reference it is checked against).
 import mlx.core as mx
 
 
-def propose_on_device(history: mx.array, lengths: mx.array, g0: mx.array, length: int, n_max: int = 4):
-    """`ContextLookup.propose` for a batch, on the device, with fixed shapes.
+def propose_on_device(history: mx.array, lengths: mx.array, g0: mx.array, length: int, n_max: int = 4,
+                      beams: int = 1):
+    """`beams` context-lookup proposals for a batch, on the device, with fixed shapes.
 
     history (B, T): each row's committed tokens in [0, lengths[b]) (anything after is ignored);
-    g0 (B,). Returns (proposal (B, length) int32, found (B,) bool); rows without a match
-    propose garbage with found False.
+    g0 (B,). Returns (proposals (B, beams, length) int32, found (B, beams) bool), best first;
+    a proposal not found is garbage.
     """
     B, T = history.shape
-    n_max = min(n_max, T)
-    end = mx.arange(T)[None]  # where an earlier occurrence of the suffix ends
-    lengths = lengths[:, None]
+    score = _match_scores(history, lengths[:, None], g0, min(n_max, T))
+    start = mx.arange(T)[None] + 1  # a copy starts after the occurrence
+    span = mx.maximum(lengths[:, None] - start + 1, 1)  # history[start:] + [g0], repeated past its end
+    offset = mx.arange(length)[None, None] % span[:, :, None]  # (B, T, length)
+    copied = mx.take_along_axis(history, mx.minimum(start[:, :, None] + offset, T - 1).reshape(B, -1), axis=1)
+    copies = mx.where(offset == span[:, :, None] - 1, g0[:, None, None], copied.reshape(B, T, length))
+    proposals, found = [], []
+    for _ in range(beams):
+        best = mx.argmax(score, axis=1).astype(mx.int32)
+        copy = mx.take_along_axis(copies, best[:, None, None], axis=1)[:, 0]  # (B, length)
+        proposals.append(copy)
+        found.append(score.max(axis=1) >= 0)
+        score = mx.where((copies == copy[:, None]).all(axis=-1), -1, score)  # the next one copies something else
+    return mx.stack(proposals, axis=1).astype(mx.int32), mx.stack(found, axis=1)
+
+
+def _match_scores(history: mx.array, lengths: mx.array, g0: mx.array, n_max: int) -> mx.array:
+    """(B, T): for each end of an earlier occurrence of the context's suffix, matched length * T + end
+    (longest first, then latest), -1 where none ends."""
+    B, T = history.shape
+    end = mx.arange(T)[None]
     run = mx.ones((B, T), mx.bool_)
     matched = mx.zeros((B, T), mx.int32)
     for k in range(n_max):  # suffix token k back from g0 against history[end - k]
@@ -39,10 +61,4 @@ def propose_on_device(history: mx.array, lengths: mx.array, g0: mx.array, length
         shifted = mx.pad(history[:, : T - k], [(0, 0), (k, 0)], constant_values=-1) if k else history
         run = run & (shifted == tail) & (end >= k) & (lengths >= k)
         matched = mx.where(run, k + 1, matched)
-    score = mx.where((end <= lengths - 2) & (matched > 0), matched * T + end, -1)
-    start = mx.argmax(score, axis=1, keepdims=True).astype(mx.int32) + 1
-    found = score.max(axis=1) >= 0
-    span = mx.maximum(lengths - start + 1, 1)  # history[start:] + [g0], repeated past its end
-    offset = mx.arange(length)[None] % span
-    copied = mx.take_along_axis(history, mx.minimum(start + offset, T - 1), axis=1)
-    return mx.where(offset == span - 1, g0[:, None], copied).astype(mx.int32), found
+    return mx.where((end <= lengths - 2) & (matched > 0), matched * T + end, -1)

@@ -98,7 +98,7 @@ def run_benchmark(model, tokenizer, config, drafter, prompts: List[str], max_tok
             runs[name].append(fn(tokenizer, ids[i], max_tokens))
     return {"machine": machine(), "dtype": str(model.model.norm.weight.dtype), "max_tokens": max_tokens,
             "prompts": len(ids), "beam": [shape.width, shape.length], "lookup": shape.lookup,
-            "lookup_length": shape.lookup_length, "min_prob": shape.min_prob, "time": time.strftime("%Y-%m-%d %H:%M"),
+            "lookup_length": shape.lookup_length, "lookup_beams": shape.lookup_beams, "min_prob": shape.min_prob, "time": time.strftime("%Y-%m-%d %H:%M"),
             "summary": summarize(runs),
             "per_prompt_tps": {k: [r["tps"] for r in v] for k, v in runs.items()}}
 
@@ -166,6 +166,7 @@ def markdown(result: Dict) -> str:
              f"max {result['max_tokens']} tokens, beam W x Lb = {result['beam'][0]} x {result['beam'][1]}"
              + (" + context lookup" if result.get("lookup") else "")
              + (f" of {result['lookup_length']} tokens" if result.get("lookup_length") else "")
+             + (f" x {result['lookup_beams']} beams" if result.get("lookup_beams", 1) > 1 else "")
              + (f", drafted nodes of probability >= {result['min_prob']} verified" if result.get("min_prob") else ""), "",
              "| method | tokens/s (median) | IQR | speedup vs mlx-lm | tokens/step | peak GB | identical to mlx-lm |",
              "|---|---|---|---|---|---|---|"]
@@ -228,6 +229,7 @@ class BenchmarkResult:
     summary: Dict[str, dict]
     per_prompt_tps: Dict[str, List[float]]
     lookup_length: int = 0  # the context-lookup beam's length (0: Lb - 1)
+    lookup_beams: int = 1  # `BeamShape.lookup_beams`
     min_prob: float = 0.0  # `BeamShape.min_prob`
     sweep: Optional[List[dict]] = None  # ReDrafter greedy over W x Lb: width, length, median_tps, speedup, tokens_per_step
     prefill: Optional[dict] = None  # a long prompt's prefill tokens/s, ours against mlx-lm's (`run_prefill`)

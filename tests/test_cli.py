@@ -26,6 +26,8 @@ def test_generate_default_model_with_packaged_drafter(default_model):
     assert text(plain.output) == text(r.output)  # same text (notes go to stderr)
     long_lookup = run("generate", "-p", "What is the capital of France?", "-n", "20", "--lookup-length", "9")
     assert long_lookup.exit_code == 0 and text(long_lookup.output) == text(plain.output)
+    lookup_beams = run("generate", "-p", "What is the capital of France?", "-n", "20", "--lookup-beams", "3")
+    assert lookup_beams.exit_code == 0 and text(lookup_beams.output) == text(plain.output)
     for min_prob in ("0", "0.5"):  # every drafted node of the budget, and only the likely ones
         cut = run("generate", "-p", "What is the capital of France?", "-n", "20", "--min-prob", min_prob)
         assert cut.exit_code == 0 and text(cut.output) == text(plain.output)
@@ -36,6 +38,9 @@ def test_bad_input_gives_one_line_errors():
     assert r.exit_code == 2 and r.output.strip() == "error: model not found: ./no/such/model is neither a local path nor a Hub id (org/name)"
     r = run("generate", "-p", "hi", "--beam-width", "0")
     assert r.exit_code == 2 and "--beam-width" in r.output
+    r = run("generate", "-p", "hi", "--lookup-beams", "2", "--no-lookup")
+    assert r.exit_code == 2 and r.output.strip() == ("error: lookup beams need the context lookup: drop --no-lookup "
+                                                     "(lookup=False) or the lookup beams")
     r = run("generate", "-p", "hi", "--dtype", "float8")
     assert r.exit_code == 2 and "unknown dtype 'float8'" in r.output
     r = run("eval-drafter", "--widths", "a,b")

@@ -39,9 +39,10 @@ def tokens_of(model, tok, prompt, max_tokens, drafter=None, shape=None, sampling
     nodes=st.integers(0, 12),
     lookup_length=st.sampled_from([0, 1, 3, 9]),
     min_prob=st.sampled_from([0.0, 0.05, 0.3, 0.9]),
+    lookup_beams=st.sampled_from([1, 1, 2, 4]),
 )
 def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, prompt, max_tokens, eos_at, lookup, tree, nodes,
-                                    lookup_length, min_prob):
+                                    lookup_length, min_prob, lookup_beams):
     model = BASES[base_seed]
     tok = word_tokenizer(VOCAB)
     tok._eos_token_ids = set()
@@ -50,7 +51,7 @@ def test_greedy_equals_plain_greedy(base_seed, drafter_seed, variant, W, Lb, pro
         tok._eos_token_ids = {plain[eos_at]}  # EOS lands wherever it lands, mid-step too
         plain, _ = tokens_of(model, tok, prompt, max_tokens)
     drafter = tiny_drafter(model, variant, seed=drafter_seed, scale=3.0)
-    shape = BeamShape(W, Lb, lookup, nodes, tree, lookup_length if lookup else 0, min_prob)
+    shape = BeamShape(W, Lb, lookup, nodes, tree, lookup_length if lookup else 0, min_prob, lookup_beams if lookup else 1)
     spec, responses = tokens_of(model, tok, prompt, max_tokens, drafter, shape)
     assert spec == plain
     assert responses[-1].finish_reason == plain_reason(plain, tok, max_tokens)
@@ -160,13 +161,15 @@ def small():
                                                   (SamplingConfig(temperature=1.5, top_k=6, top_p=0.95), False, BeamShape(2, 3)),
                                                   (SamplingConfig(temperature=1.0), True, BeamShape(2, 3)),
                                                   (SamplingConfig(temperature=1.0), False, BeamShape(2, 3, lookup_length=5)),
-                                                  (SamplingConfig(temperature=1.0), False, BeamShape(3, 3, min_prob=0.2))])
+                                                  (SamplingConfig(temperature=1.0), False, BeamShape(3, 3, min_prob=0.2)),
+                                                  (SamplingConfig(temperature=1.0), True, BeamShape(2, 3, lookup_length=4, lookup_beams=3))])
 def test_sampling_is_lossless(small, cfg, compiled, shape):
     """Also with the tree forward compiled (the GPU default), whose draws go through mx.random.state,
-    with a lookup beam longer than the drafter's (a prompt that repeats, so that it matches), and with
-    the tree cut to the drafter's likelier nodes (a different tree each step)."""
+    with a lookup beam longer than the drafter's (a prompt that repeats, so that it matches), with
+    the tree cut to the drafter's likelier nodes (a different tree each step), and with three lookup
+    beams (a prompt whose suffix occurred before with different continuations)."""
     model, drafter = small
-    prompt = [3, 1, 3, 1, 3, 1] if shape.lookup_length else [3, 1]
+    prompt = [3, 1, 3, 2, 3, 0, 3, 1, 3] if shape.lookup_beams > 1 else [3, 1, 3, 1, 3, 1] if shape.lookup_length else [3, 1]
     mx.random.seed(11)
     probs = exact_joint(model, prompt, cfg)
     counts = sample_pairs(model, drafter, prompt, cfg, compiled, shape)
@@ -262,3 +265,13 @@ def test_a_lookup_length_needs_the_lookup_beam():
         BeamShape(4, 4, lookup=False, lookup_length=8)
     assert BeamShape(4, 4, lookup_length=8).emit_length == 9 and BeamShape(4, 6, lookup_length=3).emit_length == 6
     assert BeamShape(4, 4, lookup=False).lookup_depth == 3
+
+
+def test_lookup_beams_need_the_lookup_and_count_their_nodes():
+    with pytest.raises(ValueError, match="lookup beams need the context lookup"):
+        BeamShape(4, 4, lookup=False, lookup_beams=2)
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="lookup beams must be in 1..8"):
+            BeamShape(4, 4, lookup_beams=bad)
+    assert BeamShape(4, 4, lookup_beams=3, lookup_length=5).lookup_nodes == 15
+    assert BeamShape(4, 4, lookup=False).lookup_nodes == 3
