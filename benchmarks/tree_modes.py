@@ -9,8 +9,8 @@ prompt by prompt, every setting warmed first, greedy (checked identical) and sam
                               `cuda_matmul`'s few-row kernel; the same where that kernel is not used)
         [--other-drafter NAME=DIR]   (each setting also with a second drafter, interleaved)
 
-A setting is `plain` (this package's own decoding without a drafter) or TREE:WxL[:NODES][+LOOKUP_LENGTH][@MIN_PROB] (NODES 0 or absent: every node of the beam search;
-LOOKUP_LENGTH: tokens the context-lookup beam proposes, absent: L - 1; MIN_PROB: drafted nodes the
+A setting is `plain` (this package's own decoding without a drafter) or TREE:WxL[:NODES][+LOOKUP_LENGTH][*LOOKUP_BEAMS][@MIN_PROB] (NODES 0 or absent: every node of the beam search;
+LOOKUP_LENGTH: tokens the context-lookup beam proposes, absent: L - 1; LOOKUP_BEAMS: how many lookup copies, absent: 1; MIN_PROB: drafted nodes the
 drafter gives a lower prefix probability are not verified, `BeamShape.min_prob`).
 """
 
