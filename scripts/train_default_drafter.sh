@@ -70,8 +70,10 @@ case $phase in
         # (EXTRA="--extra-data WORK/data-sampled-rest" for all 61k turns)
         feat-kl)      args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15
                             --kl-weight 1.0) ;;
-        feat-decay)   args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15
-                            --position-decay 0.8) ;;
+        # feat-decay-D: weights D^k (feat-decay-0.9); feat-decay alone: 0.8
+        feat-decay*)  d=${v#feat-decay}; d=${d#-}
+                      args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15
+                            --position-decay "${d:-0.8}") ;;
         # the data-size curve: the first K shards of data-sampled (scripts/data_subset.py makes data-size-K)
         size-*)       args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8) ;;
         *) echo "unknown variant $v"; exit 2 ;;
