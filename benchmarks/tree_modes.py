@@ -123,7 +123,7 @@ def main():
     try:
         shapes = {text: None if text == "plain" else parse_setting(text, not args.no_lookup) for text in args.settings.split(",")}
     except (ValueError, TypeError):
-        raise SystemExit(f"error: --settings {args.settings!r}: each is plain or TREE:WxL[:NODES][+LOOKUP_LENGTH][@MIN_PROB], "
+        raise SystemExit(f"error: --settings {args.settings!r}: each is plain or TREE:WxL[:NODES][+LOOKUP_LENGTH][*LOOKUP_BEAMS][@MIN_PROB], "
                          "e.g. ranked:32x6:32")
 
     model, tok, config = load(args.model, drafter="auto" if args.drafter is None else args.drafter, return_config=True, dtype=args.dtype)

@@ -16,9 +16,9 @@ its latest occurrence first; past the end of the context the copy repeats
 itself, as a loop would. With K beams (`BeamShape.lookup_beams`) the next
 occurrences in that order propose too, each copy unlike the ones before it
 (in the example, K = 2: 9 occurred only once before, so the second beam is
-not found; after [5 8 9 4 5 8 9 7 5 8], g0 = 9, it is [4 5 8] after [7 5 8]). It runs on the device, for every row at once, so the
-step never waits for the host (tests/test_lookup.py holds a plain-Python
-reference it is checked against).
+not found; after [5 8 9 4 5 8 9 7 5 8], g0 = 9, it is [4 5 8] after [7 5 8]).
+It runs on the device, for every row at once, so the step never waits for the
+host (tests/test_lookup.py holds a plain-Python reference it is checked against).
 """
 
 import mlx.core as mx
