@@ -308,6 +308,37 @@ def train(
         typer.echo(result.summary())
 
 
+MAX_SELF_PROMPTS = 10_000_000  # a bound on what one run holds in memory (~1 GB of text)
+
+
+@app.command("prompts")
+@guarded
+def prompts_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Prompts file to write (.jsonl or .jsonl.gz), for `train --prompts`."),
+    num: int = typer.Option(..., "--num", "-n", min=1, max=MAX_SELF_PROMPTS, help="Distinct prompts to write."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: SmolLM2-135M-Instruct); it needs a chat template."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, max=4096, help="Prompts sampled at once."),
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1, max=4096, help="Longest prompt; longer ones are dropped."),
+    temperature: float = typer.Option(1.0, "--temp", min=0.0, help="Sampling temperature (0 writes one prompt)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed, 0 .. 2**64 - 1."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+    dtype: str = typer.Option("auto", "--dtype", help="Base model dtype."),
+):
+    """Prompts the base model writes itself (sampled from its chat template's user turn), for `train --prompts`."""
+    from .loading import load
+    from .outputs import check_new_files
+    from .self_prompts import sample_prompts, write_prompts
+
+    check_seed(seed)
+    check_new_files([out], force)  # before the model loads: a refusal costs nothing
+    base, tokenizer = load(model, drafter=None, dtype=dtype)
+    texts = sample_prompts(base, tokenizer, num, batch_size=batch_size, max_tokens=max_tokens, temperature=temperature,
+                           seed=seed)
+    write_prompts(out, texts, force=force)
+    note = "" if len(texts) == num else f" (of {num} asked: the rest repeated or ran past --max-tokens)"
+    typer.echo(f"wrote {len(texts)} prompts to {out}{note}")
+
+
 @app.command("eval-drafter")
 @guarded
 def eval_drafter(

@@ -13,7 +13,7 @@
 set -euo pipefail
 phase=$1 data=$2 work=$3
 run() { ${MR:-python3 -m mlx_redrafter} "$@"; }   # MR="python3 scripts/mlx_capped.py": several processes on one GPU
-prompts=(${MODEL:+--model "$MODEL"} --prompts "$data/sharegpt.jsonl.gz" --all-turns --num-prompts "${N:-100000}" --max-new-tokens "${TOKENS:-256}"
+prompts=(${MODEL:+--model "$MODEL"} --prompts "${PROMPTS:-$data/sharegpt.jsonl.gz}" --all-turns --num-prompts "${N:-100000}" --max-new-tokens "${TOKENS:-256}"
          --gen-batch-size "${GEN_BATCH:-512}")
 data_flags() {  # the settings a finished data folder was made with, so that train takes it as it is
   [ -f "$1/manifest.json" ] || return 0
@@ -74,12 +74,16 @@ case $phase in
         feat-decay*)  d=${v#feat-decay}; d=${d#-}
                       args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15
                             --position-decay "${d:-0.8}") ;;
+        # prompts the base model wrote itself (`mlx-redrafter prompts`; PROMPTS=that file, data in WORK/data-self):
+        # the shipped recipe on them alone, and the shipped drafter continued one epoch on them
+        self)         args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15) ;;
+        self-init)    args=(--init "${INIT:?INIT=the drafter to continue}" --epochs 1 --lr 3e-4 --save-bits 8) ;;
         # the data-size curve: the first K shards of data-sampled (scripts/data_subset.py makes data-size-K)
         size-*)       args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8) ;;
         *) echo "unknown variant $v"; exit 2 ;;
       esac
       data_dir=$work/data-model; [ "$v" = gt ] && data_dir=$work/data-dataset
-      case $v in sampled*|init-sampled|v8k-feat|feat-*) data_dir=$work/data-sampled ;; size-*) data_dir=$work/data-$v ;; esac
+      case $v in sampled*|init-sampled|v8k-feat|feat-*) data_dir=$work/data-sampled ;; size-*) data_dir=$work/data-$v ;; self*) data_dir=$work/data-self ;; esac
       if [ -f "$work/$v/drafter/config.json" ] && [ -z "${FORCE:-}" ]; then   # finished: kept unless FORCE=1
         [ -n "${RESUME:-}" ] || echo "$v: finished in $work/$v, kept (FORCE=1 trains it again)"; continue
       fi

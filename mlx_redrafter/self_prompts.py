@@ -1,0 +1,84 @@
+"""Prompts the base model writes itself, for distillation data without a prompt dataset.
+
+An instruct model's chat template opens a user turn with a header (SmolLM2:
+"<|im_start|>user\\n" after its default system prompt). Sampled from there, the
+model writes what it learned users ask, until it closes the turn (Magpie: Xu et
+al., 2024). Its replies to those prompts are then distillation data like its
+replies to ShareGPT's; the prompts are as varied as sampling makes them and
+need no dataset or license.
+
+    prefix = user_turn_prefix(tokenizer)   # (24,) token ids for SmolLM2, ending "<|im_start|>user\\n"
+    texts = sample_prompts(model, tokenizer, 1024, batch_size=512)
+    # e.g. "Can you help me track the logs I've stored in the database directly (using Python)?"
+    write_prompts("self.jsonl.gz", texts)   # {"prompt": ...} per line: `train --prompts self.jsonl.gz`
+
+A row that does not close its turn within `max_tokens`, an empty one and a
+repeat are dropped; sampling stops after 4x the asked count of rows (none
+kept: an error).
+"""
+
+import gzip
+import json
+from pathlib import Path
+from typing import List
+
+import mlx.core as mx
+
+from .distill import batch_generate
+from .generate import encode_messages
+from .outputs import check_new_files, write_file
+from .progress import progress as progress_bar
+from .sampling import SamplingConfig
+
+MARK = "\x00user-text\x00"  # stands for the user's text; found in the templated chat to cut the prefix
+TRIES = 4  # rows sampled per prompt asked, at most
+
+
+def user_turn_prefix(tokenizer) -> List[int]:
+    """Token ids of a chat up to where a user's text starts (system prompt and user header)."""
+    if not getattr(tokenizer, "has_chat_template", False):
+        raise ValueError("the model has no chat template, so it cannot write its own prompts: give --prompts")
+    text = tokenizer.decode(encode_messages(tokenizer, [{"role": "user", "content": MARK}]))
+    if MARK not in text:
+        raise ValueError("the chat template does not show the user's text as given: give --prompts")
+    return list(tokenizer.encode(text[: text.index(MARK)], add_special_tokens=False))
+
+
+def finished_text(tokenizer, row: List[int], eos: set) -> str:
+    """The prompt a sampled row holds, or "" if it did not close its turn."""
+    if not row or row[-1] not in eos:
+        return ""
+    return tokenizer.decode(row[:-1]).strip()
+
+
+def sample_prompts(model, tokenizer, count: int, *, batch_size: int = 512, max_tokens: int = 128,
+                   temperature: float = 1.0, seed: int = 0, progress: bool = True) -> List[str]:
+    """`count` distinct prompts sampled from the model's user turn (fewer only if 4x as many rows gave fewer)."""
+    if count < 1:
+        raise ValueError(f"the prompt count must be at least 1, got {count}")
+    prefix, eos = user_turn_prefix(tokenizer), set(tokenizer.eos_token_ids)
+    sampling = SamplingConfig(temperature=temperature)
+    mx.random.seed(seed)
+    texts, seen, rows = [], set(), 0
+    bar = progress_bar(total=count, desc="prompts", unit="prompt", enabled=progress)
+    while len(texts) < count and rows < TRIES * count:
+        for row in batch_generate(model, [prefix] * batch_size, max_tokens, sampling, eos):
+            text = finished_text(tokenizer, row, eos)
+            if text and text not in seen and len(texts) < count:
+                seen.add(text)
+                texts.append(text)
+                bar.update(1)
+        rows += batch_size
+    bar.close()
+    if not texts:
+        raise ValueError(f"the model closed no user turn within {max_tokens} tokens in {rows} tries: "
+                         "raise --max-tokens, or give --prompts")
+    return texts
+
+
+def write_prompts(path, texts: List[str], force: bool = False) -> Path:
+    """Write prompts as JSON lines ({"prompt": text}), gzipped if `path` ends in .gz; atomic."""
+    path = Path(path)
+    check_new_files([path], force)
+    data = "".join(json.dumps({"prompt": t}) + "\n" for t in texts).encode()
+    return write_file(path, gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
