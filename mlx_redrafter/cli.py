@@ -1,5 +1,6 @@
 """The `mlx-redrafter` command line."""
 
+import math
 import pickle
 import sys
 import time
@@ -319,18 +320,21 @@ def prompts_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: SmolLM2-135M-Instruct); it needs a chat template."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, max=4096, help="Prompts sampled at once."),
     max_tokens: int = typer.Option(128, "--max-tokens", min=1, max=4096, help="Longest prompt; longer ones are dropped."),
-    temperature: float = typer.Option(1.0, "--temp", min=0.0, help="Sampling temperature (0 writes one prompt)."),
+    temperature: float = typer.Option(1.0, "--temp", min=0.0, help="Sampling temperature (0: one batch, one prompt)."),
     seed: int = typer.Option(0, "--seed", help="Random seed, 0 .. 2**64 - 1."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     dtype: str = typer.Option("auto", "--dtype", help="Base model dtype."),
 ):
     """Prompts the base model writes itself (sampled from its chat template's user turn), for `train --prompts`."""
     from .loading import load
-    from .outputs import check_new_files
+    from .outputs import check_new_files, check_writable_file
     from .self_prompts import sample_prompts, write_prompts
 
     check_seed(seed)
+    if not math.isfinite(temperature):
+        fail(f"--temp must be a finite number, got {temperature}")
     check_new_files([out], force)  # before the model loads: a refusal costs nothing
+    check_writable_file(out)
     base, tokenizer = load(model, drafter=None, dtype=dtype)
     texts = sample_prompts(base, tokenizer, num, batch_size=batch_size, max_tokens=max_tokens, temperature=temperature,
                            seed=seed)

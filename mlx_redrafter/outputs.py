@@ -31,6 +31,7 @@ import re
 import secrets
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -367,6 +368,18 @@ def check_new_files(paths: Iterable, force: bool):
             raise UnsafeOutputError(f"{path} is a folder, not a file: choose another --out")
         if os.path.lexists(path) and not force:
             raise FileExistsError(f"{path} already exists: pass --force to replace it, or choose another --out")
+
+
+def check_writable_file(path, option: str = "--out"):
+    """Refuse (ValueError) a file path whose folder cannot take a new file, by making and removing one there:
+    permissions, read-only mounts and pseudo-filesystems (/proc) all show, before any work is done."""
+    path = Path(path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe.", dir=path.parent)
+    except OSError as e:
+        raise ValueError(f"cannot write in {path.parent} ({e.strerror or e}): choose another {option}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def sweep_stale_files(path: Path):

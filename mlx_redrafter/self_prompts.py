@@ -14,7 +14,7 @@ need no dataset or license.
 
 A row that does not close its turn within `max_tokens`, an empty one and a
 repeat are dropped; sampling stops after 4x the asked count of rows (none
-kept: an error).
+kept: an error), or after one batch at temperature 0 (one prompt).
 """
 
 import gzip
@@ -37,10 +37,12 @@ TRIES = 4  # rows sampled per prompt asked, at most
 def user_turn_prefix(tokenizer) -> List[int]:
     """Token ids of a chat up to where a user's text starts (system prompt and user header)."""
     if not getattr(tokenizer, "has_chat_template", False):
-        raise ValueError("the model has no chat template, so it cannot write its own prompts: give --prompts")
+        raise ValueError("the model has no chat template, so it cannot write its own prompts: use an instruct model "
+                         "with one, or give your own prompts to `train --prompts`")
     text = tokenizer.decode(encode_messages(tokenizer, [{"role": "user", "content": MARK}]))
     if MARK not in text:
-        raise ValueError("the chat template does not show the user's text as given: give --prompts")
+        raise ValueError("the chat template does not show the user's text as given, so the user turn cannot be "
+                         "cut out: give your own prompts to `train --prompts`")
     return list(tokenizer.encode(text[: text.index(MARK)], add_special_tokens=False))
 
 
@@ -62,17 +64,20 @@ def sample_prompts(model, tokenizer, count: int, *, batch_size: int = 512, max_t
     texts, seen, rows = [], set(), 0
     bar = progress_bar(total=count, desc="prompts", unit="prompt", enabled=progress)
     while len(texts) < count and rows < TRIES * count:
-        for row in batch_generate(model, [prefix] * batch_size, max_tokens, sampling, eos):
+        size = min(batch_size, TRIES * count - rows)  # no batch larger than the rows still allowed
+        for row in batch_generate(model, [prefix] * size, max_tokens, sampling, eos):
             text = finished_text(tokenizer, row, eos)
             if text and text not in seen and len(texts) < count:
                 seen.add(text)
                 texts.append(text)
                 bar.update(1)
-        rows += batch_size
+        rows += size
+        if temperature == 0:
+            break  # greedy rows are all one prompt
     bar.close()
     if not texts:
         raise ValueError(f"the model closed no user turn within {max_tokens} tokens in {rows} tries: "
-                         "raise --max-tokens, or give --prompts")
+                         "raise --max-tokens or lower --temp")
     return texts
 
 
