@@ -340,7 +340,7 @@ def prompts_cmd(
                            seed=seed)
     write_prompts(out, texts, force=force)
     note = "" if len(texts) == num else f" (of {num} asked: the rest repeated or ran past --max-tokens)"
-    typer.echo(f"wrote {len(texts)} prompts to {out}{note}")
+    typer.echo(f"wrote {len(texts)} prompt{'s' if len(texts) != 1 else ''} to {out}{note}")
 
 
 @app.command("eval-drafter")

@@ -371,13 +371,16 @@ def check_new_files(paths: Iterable, force: bool):
 
 
 def check_writable_file(path, option: str = "--out"):
-    """Refuse (ValueError) a file path whose folder cannot take a new file, by making and removing one there:
+    """Refuse (ValueError) a file path whose folder (or, not made yet, its first existing parent) cannot take
+    a new file, found by making and removing one there:
     permissions, read-only mounts and pseudo-filesystems (/proc) all show, before any work is done."""
-    path = Path(path)
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:  # folders still to be made: their first existing parent
+        folder = folder.parent
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe.", dir=path.parent)
+        fd, probe = tempfile.mkstemp(prefix=f".{Path(path).name}.probe.", dir=folder)
     except OSError as e:
-        raise ValueError(f"cannot write in {path.parent} ({e.strerror or e}): choose another {option}") from None
+        raise ValueError(f"cannot write in {folder} ({e.strerror or e}): choose another {option}") from None
     os.close(fd)
     os.unlink(probe)
 

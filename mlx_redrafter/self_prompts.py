@@ -2,55 +2,65 @@
 
 An instruct model's chat template opens a user turn with a header (SmolLM2:
 "<|im_start|>user\\n" after its default system prompt). Sampled from there, the
-model writes what it learned users ask, until it closes the turn (Magpie: Xu et
-al., 2024). Its replies to those prompts are then distillation data like its
+model writes what it learned users ask, until it closes the turn (the
+end-of-sequence token, or the template's closing text such as "[/INST]"; Magpie:
+Xu et al., 2024). Its replies to those prompts are then distillation data like its
 replies to ShareGPT's; the prompts are as varied as sampling makes them and
 need no dataset or license.
 
-    prefix = user_turn_prefix(tokenizer)   # (24,) token ids for SmolLM2, ending "<|im_start|>user\\n"
+    prefix, closing = user_turn(tokenizer)  # (24,) token ids for SmolLM2, ending "<|im_start|>user\\n"; "<|im_end|>"
     texts = sample_prompts(model, tokenizer, 1024, batch_size=512)
     # e.g. "Can you help me track the logs I've stored in the database directly (using Python)?"
     write_prompts("self.jsonl.gz", texts)   # {"prompt": ...} per line: `train --prompts self.jsonl.gz`
 
 A row that does not close its turn within `max_tokens`, an empty one and a
 repeat are dropped; sampling stops after 4x the asked count of rows (none
-kept: an error), or after one batch at temperature 0 (one prompt).
+kept: an error), or after one row when greedy (one prompt).
 """
 
 import gzip
+import itertools
 import json
+import re
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import mlx.core as mx
 
 from .distill import batch_generate
-from .generate import encode_messages
+from .generate import chat_text, encode_messages
 from .outputs import check_new_files, write_file
 from .progress import progress as progress_bar
 from .sampling import SamplingConfig
 
-MARK = "\x00user-text\x00"  # stands for the user's text; found in the templated chat to cut the prefix
+MARK = "\x00user-text\x00"  # stands for the user's text, to find what the template writes after it
+CLOSING = re.compile(r"\s*(<\|[^|]*\|>|\S+)")  # "<|im_end|>", "<|eot_id|>", "[/INST]", "<end_of_turn>"
 TRIES = 4  # rows sampled per prompt asked, at most
 
 
-def user_turn_prefix(tokenizer) -> List[int]:
-    """Token ids of a chat up to where a user's text starts (system prompt and user header)."""
+def user_turn(tokenizer) -> Tuple[List[int], str]:
+    """(prefix, closing): a chat's token ids up to where the user's text starts (system prompt and user
+    header), and the text that closes a user turn ("" if only the end-of-sequence token is known to)."""
     if not getattr(tokenizer, "has_chat_template", False):
         raise ValueError("the model has no chat template, so it cannot write its own prompts: use an instruct model "
                          "with one, or give your own prompts to `train --prompts`")
-    text = tokenizer.decode(encode_messages(tokenizer, [{"role": "user", "content": MARK}]))
-    if MARK not in text:
-        raise ValueError("the chat template does not show the user's text as given, so the user turn cannot be "
-                         "cut out: give your own prompts to `train --prompts`")
-    return list(tokenizer.encode(text[: text.index(MARK)], add_special_tokens=False))
+    one, other = (encode_messages(tokenizer, [{"role": "user", "content": c}]) for c in ("Hello", "What"))
+    if one == other:
+        raise ValueError("the chat template leaves out the user's text, so the user turn cannot be cut out: "
+                         "give your own prompts to `train --prompts`")
+    prefix = list(itertools.takewhile(lambda pair: pair[0] == pair[1], zip(one, other)))
+    text = chat_text(tokenizer, [{"role": "user", "content": MARK}])
+    after = CLOSING.match(text[text.index(MARK) + len(MARK):]) if MARK in text else None
+    return [a for a, _ in prefix], after.group(1) if after else ""
 
 
-def finished_text(tokenizer, row: List[int], eos: set) -> str:
-    """The prompt a sampled row holds, or "" if it did not close its turn."""
-    if not row or row[-1] not in eos:
-        return ""
-    return tokenizer.decode(row[:-1]).strip()
+def finished_text(tokenizer, row: List[int], eos: set, closing: str = "") -> str:
+    """The prompt a sampled row holds, cut at `closing`; "" if the row did not close its turn."""
+    closed = bool(row) and row[-1] in eos
+    text = tokenizer.decode(row[:-1] if closed else row)
+    if closing and closing in text:
+        text, closed = text[: text.index(closing)], True
+    return text.strip() if closed else ""
 
 
 def sample_prompts(model, tokenizer, count: int, *, batch_size: int = 512, max_tokens: int = 128,
@@ -58,22 +68,22 @@ def sample_prompts(model, tokenizer, count: int, *, batch_size: int = 512, max_t
     """`count` distinct prompts sampled from the model's user turn (fewer only if 4x as many rows gave fewer)."""
     if count < 1:
         raise ValueError(f"the prompt count must be at least 1, got {count}")
-    prefix, eos = user_turn_prefix(tokenizer), set(tokenizer.eos_token_ids)
+    (prefix, closing), eos = user_turn(tokenizer), set(tokenizer.eos_token_ids)
     sampling = SamplingConfig(temperature=temperature)
     mx.random.seed(seed)
     texts, seen, rows = [], set(), 0
     bar = progress_bar(total=count, desc="prompts", unit="prompt", enabled=progress)
     while len(texts) < count and rows < TRIES * count:
-        size = min(batch_size, TRIES * count - rows)  # no batch larger than the rows still allowed
+        size = 1 if sampling.greedy else min(batch_size, TRIES * count - rows)  # greedy rows are all one prompt
         for row in batch_generate(model, [prefix] * size, max_tokens, sampling, eos):
-            text = finished_text(tokenizer, row, eos)
+            text = finished_text(tokenizer, row, eos, closing)
             if text and text not in seen and len(texts) < count:
                 seen.add(text)
                 texts.append(text)
                 bar.update(1)
         rows += size
-        if temperature == 0:
-            break  # greedy rows are all one prompt
+        if sampling.greedy:
+            break
     bar.close()
     if not texts:
         raise ValueError(f"the model closed no user turn within {max_tokens} tokens in {rows} tries: "

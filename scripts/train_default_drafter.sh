@@ -83,7 +83,8 @@ case $phase in
         *) echo "unknown variant $v"; exit 2 ;;
       esac
       data_dir=$work/data-model; [ "$v" = gt ] && data_dir=$work/data-dataset
-      case $v in sampled*|init-sampled|v8k-feat|feat-*) data_dir=$work/data-sampled ;; size-*) data_dir=$work/data-$v ;; self*) data_dir=$work/data-self ;; esac
+      case $v in sampled*|init-sampled|v8k-feat|feat-*) data_dir=$work/data-sampled ;; size-*) data_dir=$work/data-$v ;;
+        self*) data_dir=$work/data-self; : "${PROMPTS:?PROMPTS=the file mlx-redrafter prompts wrote (data-self holds its replies)}" ;; esac
       if [ -f "$work/$v/drafter/config.json" ] && [ -z "${FORCE:-}" ]; then   # finished: kept unless FORCE=1
         [ -n "${RESUME:-}" ] || echo "$v: finished in $work/$v, kept (FORCE=1 trains it again)"; continue
       fi

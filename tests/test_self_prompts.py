@@ -13,42 +13,87 @@ from mlx_redrafter import self_prompts
 from mlx_redrafter.cli import app
 from mlx_redrafter.data import read_conversations
 from mlx_redrafter.generate import encode_messages
+from mlx_redrafter.outputs import check_writable_file
 
 
 def test_prefix_is_the_templated_chat_up_to_the_users_text(default_model):
     _, tokenizer, _ = default_model
-    prefix = self_prompts.user_turn_prefix(tokenizer)
-    full = encode_messages(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    prefix, closing = self_prompts.user_turn(tokenizer)
+    full = encode_messages(tokenizer, [{"role": "user", "content": "Can you help me plan a trip?"}])
     assert full[: len(prefix)] == prefix and len(prefix) < len(full)
-    assert tokenizer.decode(prefix).endswith("user\n")
+    assert tokenizer.decode(prefix).endswith("<|im_start|>user\n") and closing == "<|im_end|>"
+
+
+def inst_tokenizer():
+    """Words t0..t9 plus a Llama-2-style chat template: "<s> [INST] text [/INST]", closed by text, not by EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    words = [f"t{i}" for i in range(10)] + ["<s>", "[INST]", "[/INST]", "Hello", "What"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="t0"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(prefix="##")
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", unk_token="t0")
+    hf.chat_template = "<s>{% for m in messages %} [INST] {{ m['content'] }} [/INST]{% endfor %}"
+    return TokenizerWrapper(hf)
+
+
+def test_a_turn_closed_by_template_text_is_cut_there():
+    tokenizer = inst_tokenizer()
+    prefix, closing = self_prompts.user_turn(tokenizer)
+    assert tokenizer.decode(prefix) == "<s> [INST]" and closing == "[/INST]"
+    eos = set(tokenizer.eos_token_ids)
+    assert self_prompts.finished_text(tokenizer, [4, 5, 12, 6, 1], eos, closing) == "t4 t5"  # "t4 t5 [/INST] t6"
+    assert self_prompts.finished_text(tokenizer, [4, 5, 12, 6], eos, closing) == "t4 t5"  # closed, then ran on
+    assert self_prompts.finished_text(tokenizer, [4, 5, 6], eos, closing) == ""  # never closed
 
 
 def test_a_model_without_a_chat_template_is_refused():
     with pytest.raises(ValueError, match="no chat template"):
-        self_prompts.user_turn_prefix(word_tokenizer(16))
+        self_prompts.user_turn(word_tokenizer(16))
 
 
-def test_unclosed_rows_are_dropped_and_none_kept_is_an_error(monkeypatch):
+def fake_sampler(monkeypatch, batches):
+    """sample_prompts over a word tokenizer, its rows from `batches` (each called with the rows asked); the
+    sizes asked are returned."""
+    monkeypatch.setattr(self_prompts, "user_turn", lambda tok: ([2, 3], ""))
+    calls = []
+    monkeypatch.setattr(self_prompts, "batch_generate", lambda m, prompts, *a: calls.append(len(prompts)) or batches(len(prompts)))
+    return calls
+
+
+def test_unclosed_empty_and_repeated_rows_are_dropped_and_none_kept_is_an_error(monkeypatch):
     tokenizer = word_tokenizer(16)
     tokenizer.has_chat_template = True
-    monkeypatch.setattr(self_prompts, "user_turn_prefix", lambda tok: [2, 3])
-    rows = iter([[[4, 5, 1], [6, 7], [4, 5, 1], [1]]] + [[[8]] * 4] * 8)  # closed, unclosed, repeat, empty
-    monkeypatch.setattr(self_prompts, "batch_generate", lambda *a: next(rows))
-    assert self_prompts.sample_prompts(None, tokenizer, 1, batch_size=4, progress=False) == ["t4 t5"]
+    first = iter([[[6, 7], [4, 5, 1], [4, 5, 1], [1]]])  # unclosed, closed, repeat, empty; then none closes
+    calls = fake_sampler(monkeypatch, lambda n: next(first, [[8]] * n))
+    assert self_prompts.sample_prompts(None, tokenizer, 3, batch_size=4, progress=False) == ["t4 t5"]
+    assert calls == [4, 4, 4]  # 4 rows per prompt asked, then it stops
     with pytest.raises(ValueError, match="closed no user turn within 9 tokens in 8 tries"):
         self_prompts.sample_prompts(None, tokenizer, 2, batch_size=4, max_tokens=9, progress=False)
 
 
-def test_greedy_sampling_stops_after_one_batch(monkeypatch):
+def test_greedy_sampling_draws_one_row_and_batches_never_exceed_the_rows_allowed(monkeypatch):
     tokenizer = word_tokenizer(16)
     tokenizer.has_chat_template = True
-    monkeypatch.setattr(self_prompts, "user_turn_prefix", lambda tok: [2, 3])
-    calls = []
-    monkeypatch.setattr(self_prompts, "batch_generate", lambda m, prompts, *a: calls.append(len(prompts)) or [[4, 5, 1]] * len(prompts))
-    assert self_prompts.sample_prompts(None, tokenizer, 5, batch_size=8, temperature=0.0, progress=False) == ["t4 t5"]
-    assert calls == [8]
-    calls.clear()  # sampled, no batch is larger than the rows still allowed (4 per prompt asked)
+    calls = fake_sampler(monkeypatch, lambda n: [[4, 5, 1]] * n)
+    for temperature in (0.0, 1e-6):  # both decode greedily
+        calls.clear()
+        assert self_prompts.sample_prompts(None, tokenizer, 5, temperature=temperature, progress=False) == ["t4 t5"]
+        assert calls == [1]
+    calls.clear()
     assert self_prompts.sample_prompts(None, tokenizer, 1, batch_size=256, progress=False) == ["t4 t5"] and calls == [4]
+
+
+def test_written_prompts_read_back_plain_or_gzipped_and_replace_only_with_force(tmp_path):
+    for name in ("p.jsonl", "p.jsonl.gz"):
+        path = self_prompts.write_prompts(tmp_path / "new" / name, ["a \"quoted\" one", "two"])
+        assert [c.prompt for c in read_conversations(path)] == ['a "quoted" one', "two"]
+        with pytest.raises(FileExistsError):
+            self_prompts.write_prompts(path, ["three"])
+        self_prompts.write_prompts(path, ["three"], force=True)
+        assert [c.prompt for c in read_conversations(path)] == ["three"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["p.jsonl", "p.jsonl.gz"]
 
 
 def test_cli_refuses_bad_output_folders_and_temperatures_before_the_model_loads(monkeypatch, tmp_path):
@@ -60,6 +105,8 @@ def test_cli_refuses_bad_output_folders_and_temperatures_before_the_model_loads(
         assert r.exit_code == 2 and r.output.startswith("error: cannot write in /proc") and "--out" in r.output, r.output
     r = CliRunner().invoke(app, ["prompts", "--out", str(tmp_path / "p.jsonl"), "--num", "2", "--temp", "inf"])
     assert r.exit_code == 2 and r.output.strip() == "error: --temp must be a finite number, got inf"
+    assert list(tmp_path.iterdir()) == []
+    check_writable_file(tmp_path / "not" / "made" / "p.jsonl")  # folders still to make: their parent is probed
     assert list(tmp_path.iterdir()) == []
 
 
