@@ -37,7 +37,7 @@ from .prompt_cache import PromptCache  # noqa: E402
 # seconds that `--help`, and a Ctrl-C during start-up, should not wait for
 _LAZY = {"load": "loading", "find_drafter": "loading", "train": "training", "TrainConfig": "training",
          "TrainResult": "training", "eval_drafter": "evaluate", "EvalResult": "evaluate",
-         "benchmark": "speed", "BenchmarkResult": "speed"}
+         "benchmark": "speed", "BenchmarkResult": "speed", "sample_prompts": "self_prompts"}
 
 
 def __getattr__(name: str):
@@ -62,6 +62,6 @@ def __dir__():
 __all__ = [
     "load", "generate", "stream_generate", "GenerationResponse", "SamplingConfig",
     "BeamShape", "default_shape", "load_drafter", "find_drafter", "Drafter", "Decoder", "PromptCache",
-    "train", "TrainConfig", "TrainResult", "eval_drafter", "EvalResult", "benchmark", "BenchmarkResult",
+    "train", "TrainConfig", "TrainResult", "sample_prompts", "eval_drafter", "EvalResult", "benchmark", "BenchmarkResult",
     "__version__",
 ]

@@ -135,3 +135,9 @@ def test_cli_refuses_a_model_without_a_chat_template(tmp_path):
     r = CliRunner().invoke(app, ["prompts", "--model", str(model_dir), "--out", str(tmp_path / "p.jsonl"), "--num", "2"])
     assert r.exit_code == 2 and r.output.startswith("error: the model has no chat template"), r.output
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_the_python_api_offers_sampling():
+    import mlx_redrafter as mr
+
+    assert mr.sample_prompts is self_prompts.sample_prompts and "sample_prompts" in mr.__all__
