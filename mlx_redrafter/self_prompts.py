@@ -48,10 +48,10 @@ def user_turn(tokenizer) -> Tuple[List[int], str]:
     if one == other:
         raise ValueError("the chat template leaves out the user's text, so the user turn cannot be cut out: "
                          "give your own prompts to `train --prompts`")
-    prefix = list(itertools.takewhile(lambda pair: pair[0] == pair[1], zip(one, other)))
+    prefix = [a for a, _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(one, other))]
     text = chat_text(tokenizer, [{"role": "user", "content": MARK}])
     after = CLOSING.match(text[text.index(MARK) + len(MARK):]) if MARK in text else None
-    return [a for a, _ in prefix], after.group(1) if after else ""
+    return prefix, after.group(1) if after else ""
 
 
 def finished_text(tokenizer, row: List[int], eos: set, closing: str = "") -> str:

@@ -36,16 +36,17 @@ def tiny_model(config, seed=0, scale=1.0):
     return model
 
 
-def word_tokenizer(vocab_size, eos=1):
-    """A whitespace tokenizer over words t0..t{V-1}, wrapped as mlx-lm does."""
+def word_tokenizer(vocab_size, eos=1, extra_words=(), chat_template=None):
+    """A whitespace tokenizer over words t0..t{V-1} (then `extra_words`), wrapped as mlx-lm does."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
+    vocab = {w: i for i, w in enumerate([f"t{i}" for i in range(vocab_size)] + list(extra_words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}", unk_token="t0")
+    hf.chat_template = chat_template
     return TokenizerWrapper(hf)
 
 

@@ -26,16 +26,8 @@ def test_prefix_is_the_templated_chat_up_to_the_users_text(default_model):
 
 def inst_tokenizer():
     """Words t0..t9 plus a Llama-2-style chat template: "<s> [INST] text [/INST]", closed by text, not by EOS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-
-    words = [f"t{i}" for i in range(10)] + ["<s>", "[INST]", "[/INST]", "Hello", "What"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="t0"))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(prefix="##")
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", unk_token="t0")
-    hf.chat_template = "<s>{% for m in messages %} [INST] {{ m['content'] }} [/INST]{% endfor %}"
-    return TokenizerWrapper(hf)
+    return word_tokenizer(10, extra_words=["<s>", "[INST]", "[/INST]", "Hello", "What"],
+                          chat_template="<s>{% for m in messages %} [INST] {{ m['content'] }} [/INST]{% endfor %}")
 
 
 def test_a_turn_closed_by_template_text_is_cut_there():
