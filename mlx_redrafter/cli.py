@@ -310,6 +310,7 @@ def train(
 
 
 MAX_SELF_PROMPTS = 10_000_000  # a bound on what one run holds in memory (~1 GB of text)
+MAX_STARTS, MAX_START_CHARS = 10_000, 1_000  # steering texts: bounded so a huge list is refused, not loaded
 
 
 @app.command("prompts")
@@ -322,6 +323,8 @@ def prompts_cmd(
     max_tokens: int = typer.Option(128, "--max-tokens", min=1, max=4096, help="Longest prompt; longer ones are dropped."),
     temperature: float = typer.Option(1.0, "--temp", min=0.0, help="Sampling temperature (0: one batch, one prompt)."),
     seed: int = typer.Option(0, "--seed", help="Random seed, 0 .. 2**64 - 1."),
+    start: Optional[List[str]] = typer.Option(None, "--start", help="Words each prompt begins with, to steer topics "
+                                              "(repeat it: rows cycle through them), e.g. --start Solve --start 'Write a story'."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     dtype: str = typer.Option("auto", "--dtype", help="Base model dtype."),
 ):
@@ -333,11 +336,14 @@ def prompts_cmd(
     check_seed(seed)
     if not math.isfinite(temperature):
         fail(f"--temp must be a finite number, got {temperature}")
+    starts = start or []
+    if len(starts) > MAX_STARTS or any(not s.strip() or len(s) > MAX_START_CHARS for s in starts):
+        fail(f"--start takes up to {MAX_STARTS} texts of 1 to {MAX_START_CHARS} characters, not blank")
     check_new_files([out], force)  # before the model loads: a refusal costs nothing
     check_writable_file(out)
     base, tokenizer = load(model, drafter=None, dtype=dtype)
     texts = sample_prompts(base, tokenizer, num, batch_size=batch_size, max_tokens=max_tokens, temperature=temperature,
-                           seed=seed)
+                           seed=seed, starts=starts)
     write_prompts(out, texts, force=force)
     note = "" if len(texts) == num else f" (of {num} asked: the rest repeated or ran past --max-tokens)"
     typer.echo(f"wrote {len(texts)} prompt{'s' if len(texts) != 1 else ''} to {out}{note}")

@@ -11,11 +11,16 @@ need no dataset or license.
     prefix, closing = user_turn(tokenizer)  # (24,) token ids for SmolLM2, ending "<|im_start|>user\\n"; "<|im_end|>"
     texts = sample_prompts(model, tokenizer, 1024, batch_size=512)
     # e.g. "Can you help me track the logs I've stored in the database directly (using Python)?"
+    steered = sample_prompts(model, tokenizer, 1024, starts=["Write a poem", "Solve"])  # rows cycle through the starts
+    # e.g. "Solve for x: 3x + 7 = 22."
     write_prompts("self.jsonl.gz", texts)   # {"prompt": ...} per line: `train --prompts self.jsonl.gz`
 
 A row that does not close its turn within `max_tokens`, an empty one and a
 repeat are dropped; sampling stops after 4x the asked count of rows (none
-kept: an error), or after one row when greedy (one prompt).
+kept: an error), or after one row per start when greedy. Starts steer the
+topics: the model writes its users' questions mostly as requests for advice
+("Can you ..."), and a user turn begun with "Solve" or "Write a story" is
+continued as such a task.
 """
 
 import gzip
@@ -23,7 +28,7 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -38,9 +43,8 @@ CLOSING = re.compile(r"\s*(<\|[^|]*\|>|\S+)")  # "<|im_end|>", "<|eot_id|>", "[/
 TRIES = 4  # rows sampled per prompt asked, at most
 
 
-def user_turn(tokenizer) -> Tuple[List[int], str]:
-    """(prefix, closing): a chat's token ids up to where the user's text starts (system prompt and user
-    header), and the text that closes a user turn ("" if only the end-of-sequence token is known to)."""
+def _probe_chats(tokenizer) -> Tuple[List[int], List[int]]:
+    """Two one-message chats that differ only in the user's text ("Hello", "What")."""
     if not getattr(tokenizer, "has_chat_template", False):
         raise ValueError("the model has no chat template, so it cannot write its own prompts: use an instruct model "
                          "with one, or give your own prompts to `train --prompts`")
@@ -48,10 +52,40 @@ def user_turn(tokenizer) -> Tuple[List[int], str]:
     if one == other:
         raise ValueError("the chat template leaves out the user's text, so the user turn cannot be cut out: "
                          "give your own prompts to `train --prompts`")
-    prefix = [a for a, _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(one, other))]
+    return one, other
+
+
+def _common_prefix(a: List[int], b: List[int]) -> List[int]:
+    return [x for x, _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a, b))]
+
+
+def user_turn(tokenizer) -> Tuple[List[int], str]:
+    """(prefix, closing): a chat's token ids up to where the user's text starts (system prompt and user
+    header), and the text that closes a user turn ("" if only the end-of-sequence token is known to)."""
+    prefix = _common_prefix(*_probe_chats(tokenizer))
     text = chat_text(tokenizer, [{"role": "user", "content": MARK}])
     after = CLOSING.match(text[text.index(MARK) + len(MARK):]) if MARK in text else None
     return prefix, after.group(1) if after else ""
+
+
+def start_tokens(tokenizer, starts: Sequence[str]) -> List[List[int]]:
+    """Each start text's token ids as the template writes them at the head of a user turn (what follows the
+    prefix of `user_turn`), cut out between the parts every chat shares."""
+    one, other = _probe_chats(tokenizer)
+    head = len(_common_prefix(one, other))
+    tail = len(_common_prefix(one[::-1], other[::-1]))
+    closing = user_turn(tokenizer)[1]
+    tokens = []
+    for text in starts:
+        if not text.strip() or (closing and closing in text):
+            what = "is empty" if not text.strip() else f"holds the template's closing text {closing!r}"
+            raise ValueError(f"the start text {text!r} {what}: give words a user's message could begin with")
+        full = encode_messages(tokenizer, [{"role": "user", "content": text.rstrip()}])
+        if full[:head] != one[:head] or full[len(full) - tail:] != one[len(one) - tail:] or len(full) <= head + tail:
+            raise ValueError(f"the chat template rewrites the start text {text!r} or what surrounds it, so it cannot "
+                             "begin a sampled user turn: give other words, or leave out --start")
+        tokens.append(full[head: len(full) - tail])
+    return tokens
 
 
 def finished_text(tokenizer, row: List[int], eos: set, closing: str = "") -> str:
@@ -64,20 +98,25 @@ def finished_text(tokenizer, row: List[int], eos: set, closing: str = "") -> str
 
 
 def sample_prompts(model, tokenizer, count: int, *, batch_size: int = 512, max_tokens: int = 128,
-                   temperature: float = 1.0, seed: int = 0, progress: bool = True) -> List[str]:
-    """`count` distinct prompts sampled from the model's user turn (fewer only if 4x as many rows gave fewer)."""
+                   temperature: float = 1.0, seed: int = 0, starts: Sequence[str] = (), progress: bool = True) -> List[str]:
+    """`count` distinct prompts sampled from the model's user turn (fewer only if 4x as many rows gave fewer);
+    with `starts`, row i's turn begins with starts[i % len(starts)] (counted across batches)."""
     if count < 1:
         raise ValueError(f"the prompt count must be at least 1, got {count}")
     (prefix, closing), eos = user_turn(tokenizer), set(tokenizer.eos_token_ids)
+    heads = start_tokens(tokenizer, starts) if starts else [[]]
     sampling = SamplingConfig(temperature=temperature)
     mx.random.seed(seed)
     texts, seen, rows = [], set(), 0
     bar = progress_bar(total=count, desc="prompts", unit="prompt", enabled=progress)
     while len(texts) < count and rows < TRIES * count:
-        size = 1 if sampling.greedy else min(batch_size, TRIES * count - rows)  # greedy rows are all one prompt
-        for row in batch_generate(model, [prefix] * size, max_tokens, sampling, eos):
-            text = finished_text(tokenizer, row, eos, closing)
-            if text and text not in seen and len(texts) < count:
+        # greedy rows of one start are all one prompt
+        size = len(heads) if sampling.greedy else min(batch_size, TRIES * count - rows)
+        begun = [heads[(rows + i) % len(heads)] for i in range(size)]
+        for head, row in zip(begun, batch_generate(model, [prefix + h for h in begun], max_tokens, sampling, eos)):
+            text = finished_text(tokenizer, head + row, eos, closing)
+            wrote = finished_text(tokenizer, row, eos, closing)  # a start alone is no prompt
+            if wrote and text not in seen and len(texts) < count:
                 seen.add(text)
                 texts.append(text)
                 bar.update(1)

@@ -78,13 +78,19 @@ case $phase in
         # the shipped recipe on them alone, and the shipped drafter continued one epoch on them
         self)         args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15) ;;
         self-init)    args=(--init "${INIT:?INIT=the drafter to continue}" --epochs 1 --lr 3e-4 --save-bits 8) ;;
+        # prompts it wrote steered by the words they begin with (`prompts --start`, scripts/prompt_starts.txt;
+        # PROMPTS=that file, data in WORK/data-steer): alone, and with the unsteered ones of data-self
+        steer)        args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15) ;;
+        steer-self)   args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8 --feature-layers 4,15
+                            --extra-data "$work/data-self") ;;
         # the data-size curve: the first K shards of data-sampled (scripts/data_subset.py makes data-size-K)
         size-*)       args=(--head reduced --draft-vocab 4096 --exit-dim 1152 --epochs 3 --save-bits 8) ;;
         *) echo "unknown variant $v"; exit 2 ;;
       esac
       data_dir=$work/data-model; [ "$v" = gt ] && data_dir=$work/data-dataset
       case $v in sampled*|init-sampled|v8k-feat|feat-*) data_dir=$work/data-sampled ;; size-*) data_dir=$work/data-$v ;;
-        self*) data_dir=$work/data-self; : "${PROMPTS:?PROMPTS=the file mlx-redrafter prompts wrote (data-self holds its replies)}" ;; esac
+        self*) data_dir=$work/data-self; : "${PROMPTS:?PROMPTS=the file mlx-redrafter prompts wrote (data-self holds its replies)}" ;;
+        steer*) data_dir=$work/data-steer; : "${PROMPTS:?PROMPTS=the file prompts --start wrote (data-steer holds its replies)}" ;; esac
       if [ -f "$work/$v/drafter/config.json" ] && [ -z "${FORCE:-}" ]; then   # finished: kept unless FORCE=1
         [ -n "${RESUME:-}" ] || echo "$v: finished in $work/$v, kept (FORCE=1 trains it again)"; continue
       fi
