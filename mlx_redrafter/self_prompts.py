@@ -81,10 +81,12 @@ def start_tokens(tokenizer, starts: Sequence[str]) -> List[List[int]]:
             what = "is empty" if not text.strip() else f"holds the template's closing text {closing!r}"
             raise ValueError(f"the start text {text!r} {what}: give words a user's message could begin with")
         full = encode_messages(tokenizer, [{"role": "user", "content": text.rstrip()}])
-        if full[:head] != one[:head] or full[len(full) - tail:] != one[len(one) - tail:] or len(full) <= head + tail:
+        ids = full[head: len(full) - tail]
+        if (full[:head] != one[:head] or full[len(full) - tail:] != one[len(one) - tail:] or not ids
+                or tokenizer.decode(ids).strip() != text.strip()):
             raise ValueError(f"the chat template rewrites the start text {text!r} or what surrounds it, so it cannot "
                              "begin a sampled user turn: give other words, or leave out --start")
-        tokens.append(full[head: len(full) - tail])
+        tokens.append(ids)
     return tokens
 
 

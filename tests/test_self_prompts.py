@@ -8,7 +8,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_config, tiny_model, word_tokenizer
+from conftest import one_line, tiny_config, tiny_model, word_tokenizer
 from mlx_redrafter import self_prompts
 from mlx_redrafter.cli import app
 from mlx_redrafter.data import read_conversations
@@ -133,3 +133,103 @@ def test_the_python_api_offers_sampling():
     import mlx_redrafter as mr
 
     assert mr.sample_prompts is self_prompts.sample_prompts and "sample_prompts" in mr.__all__
+
+
+def test_start_tokens_are_the_templated_head_of_a_user_turn(default_model):
+    _, tokenizer, _ = default_model
+    prefix, _ = self_prompts.user_turn(tokenizer)
+    starts = ["Solve", "Write a story about", " Can you", "Hello", "x = 1\n  y", "日本語で"]  # "Hello": a probe's text
+    tokens = self_prompts.start_tokens(tokenizer, starts)
+    assert len(tokens) == len(starts)
+    for text, ids in zip(starts, tokens):
+        assert ids and tokenizer.decode(ids) == text, (text, ids)
+        full = encode_messages(tokenizer, [{"role": "user", "content": text}])
+        assert full[: len(prefix) + len(ids)] == prefix + ids and len(full) > len(prefix) + len(ids), text
+    assert self_prompts.start_tokens(tokenizer, ["Solve", "Solve"]) == [tokens[0], tokens[0]]
+    for merged in ("  Solve", "\n\nSolve"):  # SmolLM2 writes the header's "\n" and these as one token: not a clean cut
+        with pytest.raises(ValueError, match="rewrites the start text"):
+            self_prompts.start_tokens(tokenizer, [merged])
+
+
+def test_start_tokens_under_a_turn_closed_by_text_and_the_starts_refused():
+    tokenizer = inst_tokenizer()  # "<s> [INST] t4 t5 [/INST]"
+    assert self_prompts.start_tokens(tokenizer, ["t4 t5", "t6", "t7 t8 t9"]) == [[4, 5], [6], [7, 8, 9]]
+    for blank in ("", "   ", "\n"):
+        with pytest.raises(ValueError) as e:
+            self_prompts.start_tokens(tokenizer, ["t4", blank])
+        one_line(e, repr(blank), "is empty")
+    for closed in ("t4 [/INST] t5", "t4 [/INST]"):
+        with pytest.raises(ValueError) as e:
+            self_prompts.start_tokens(tokenizer, [closed])
+        one_line(e, repr(closed), "closing text '[/INST]'")
+    erasing = word_tokenizer(10, extra_words=["<s>", "[INST]", "[/INST]", "Hello", "What"],  # a template that drops t9
+                             chat_template="<s>{% for m in messages %} [INST] {{ m['content'] | replace('t9', '') }} "
+                                           "[/INST]{% endfor %}")
+    assert self_prompts.start_tokens(erasing, ["t4 t5"]) == [[4, 5]]
+    for rewritten in ("t9", "t4 t9"):  # all of it, or some of it
+        with pytest.raises(ValueError) as e:
+            self_prompts.start_tokens(erasing, [rewritten])
+        one_line(e, repr(rewritten), "rewrites")
+
+
+def recorded_sampler(monkeypatch, rows):
+    """batch_generate answering each prompt with the next of `rows`; the prompts of each call are returned."""
+    rows, calls = iter(rows), []
+
+    def batch_generate(model, prompts, max_tokens, sampling, eos):
+        calls.append([list(p) for p in prompts])
+        return [next(rows) for _ in prompts]
+
+    monkeypatch.setattr(self_prompts, "batch_generate", batch_generate)
+    return calls
+
+
+def test_rows_cycle_through_the_starts_across_batches_and_a_start_alone_is_dropped(monkeypatch):
+    tokenizer = inst_tokenizer()  # its template is real: user_turn and start_tokens run unpatched
+    head = [10, 11]  # "<s> [INST]"
+    t4, t56 = head + [4], head + [5, 6]
+    calls = recorded_sampler(monkeypatch, [
+        [12, 1],  # t4: only the closing text: the start alone, dropped
+        [7, 1],  # t5 t6 t7
+        [1],  # t4: only the end-of-sequence token, dropped
+        [8, 12, 9],  # t5 t6 t8, closed by "[/INST]" and then ran on
+        [9, 1],  # t4 t9
+        [9, 1],  # t5 t6 t9
+    ])
+    texts = self_prompts.sample_prompts(None, tokenizer, 4, batch_size=3, starts=["t4", "t5 t6"], progress=False)
+    assert texts == ["t5 t6 t7", "t5 t6 t8", "t4 t9", "t5 t6 t9"]
+    assert calls == [[t4, t56, t4], [t56, t4, t56]]  # the second batch goes on where the first stopped
+    with pytest.raises(ValueError, match="is empty"):  # refused before anything is sampled
+        self_prompts.sample_prompts(None, tokenizer, 4, starts=["t4", " "], progress=False)
+    assert len(calls) == 2
+
+
+def test_greedy_sampling_draws_one_row_per_start(monkeypatch):
+    tokenizer = inst_tokenizer()
+    calls = recorded_sampler(monkeypatch, [[8, 1], [8, 12], [1]])
+    texts = self_prompts.sample_prompts(None, tokenizer, 5, batch_size=64, temperature=0.0,
+                                        starts=["t4", "t5 t6", "t7"], progress=False)
+    assert texts == ["t4 t8", "t5 t6 t8"]  # the third start wrote nothing
+    assert calls == [[[10, 11, 4], [10, 11, 5, 6], [10, 11, 7]]]
+
+
+def test_cli_refuses_blank_long_or_too_many_starts_before_the_model_loads(monkeypatch, tmp_path):
+    import mlx_redrafter.loading as loading
+    from mlx_redrafter.cli import MAX_START_CHARS, MAX_STARTS
+
+    class Loaded(Exception):
+        pass
+
+    def load(*a, **k):
+        raise Loaded
+
+    monkeypatch.setattr(loading, "load", load)
+    out = tmp_path / "p.jsonl"
+    base = ["prompts", "--out", str(out), "--num", "2", "--start", "Solve"]  # and MAX_STARTS x's: one too many
+    for starts in ([""], ["  "], ["x" * (MAX_START_CHARS + 1)], ["x"] * (MAX_STARTS - 1) + [""], ["x"] * MAX_STARTS):
+        r = CliRunner().invoke(app, base + [a for s in starts for a in ("--start", s)])
+        assert r.exit_code == 2 and r.exception is not None and not isinstance(r.exception, Loaded), r.output
+        assert r.output.startswith("error: --start takes up to") and len(r.output.strip().splitlines()) == 1, r.output
+        assert list(tmp_path.iterdir()) == []
+    r = CliRunner().invoke(app, base + ["--start", "x" * MAX_START_CHARS])  # the longest allowed passes on to load
+    assert isinstance(r.exception, Loaded), r.output
