@@ -313,6 +313,27 @@ MAX_SELF_PROMPTS = 10_000_000  # a bound on what one run holds in memory (~1 GB 
 MAX_STARTS, MAX_START_CHARS = 10_000, 1_000  # steering texts: bounded so a huge list is refused, not loaded
 
 
+def read_start_file(path: Path) -> List[str]:
+    """--start-file: one start text per line, blank lines skipped; read bounded (a FIFO or /dev/zero too)."""
+    limit = MAX_STARTS * (MAX_START_CHARS + 2)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+        text = raw.decode("utf-8")
+    except FileNotFoundError:
+        fail(f"--start-file {path} does not exist: give a text file with one start per line")
+    except UnicodeDecodeError:
+        fail(f"--start-file {path} is not UTF-8 text: give a text file with one start per line")
+    except OSError as e:
+        fail(f"cannot read --start-file {path} ({e.strerror or type(e).__name__}): give a text file with one start per line")
+    if len(raw) > limit:
+        fail(f"--start-file {path} is larger than {MAX_STARTS} starts of {MAX_START_CHARS} characters could be")
+    starts = [line for line in text.splitlines() if line.strip()]
+    if not starts:
+        fail(f"--start-file {path} holds no start text: write one per line")
+    return starts
+
+
 @app.command("prompts")
 @guarded
 def prompts_cmd(
@@ -325,6 +346,7 @@ def prompts_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed, 0 .. 2**64 - 1."),
     start: Optional[List[str]] = typer.Option(None, "--start", help="Words each prompt begins with, to steer topics "
                                               "(repeat it: rows cycle through them), e.g. --start Solve --start 'Write a story'."),
+    start_file: Optional[Path] = typer.Option(None, "--start-file", help="More start texts, one per line (e.g. scripts/prompt_starts.txt)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     dtype: str = typer.Option("auto", "--dtype", help="Base model dtype."),
 ):
@@ -336,7 +358,7 @@ def prompts_cmd(
     check_seed(seed)
     if not math.isfinite(temperature):
         fail(f"--temp must be a finite number, got {temperature}")
-    starts = start or []
+    starts = (start or []) + (read_start_file(start_file) if start_file is not None else [])
     if len(starts) > MAX_STARTS or any(not s.strip() or len(s) > MAX_START_CHARS for s in starts):
         fail(f"--start takes up to {MAX_STARTS} texts of 1 to {MAX_START_CHARS} characters, not blank")
     check_new_files([out], force)  # before the model loads: a refusal costs nothing

@@ -233,3 +233,26 @@ def test_cli_refuses_blank_long_or_too_many_starts_before_the_model_loads(monkey
         assert list(tmp_path.iterdir()) == []
     r = CliRunner().invoke(app, base + ["--start", "x" * MAX_START_CHARS])  # the longest allowed passes on to load
     assert isinstance(r.exception, Loaded), r.output
+
+
+def test_cli_reads_start_texts_from_a_file_and_refuses_one_that_is_not_text(monkeypatch, tmp_path):
+    import mlx_redrafter.loading as loading
+
+    asked = []
+    monkeypatch.setattr(loading, "load", lambda *a, **k: ("model", "tokenizer"))
+    monkeypatch.setattr(self_prompts, "sample_prompts", lambda *a, starts, **k: asked.append(starts) or ["p1", "p2"])
+    listed = tmp_path / "starts.txt"
+    listed.write_text("Solve\n\n  \nWrite a poem\r\n")
+    out = tmp_path / "p.jsonl"
+    r = CliRunner().invoke(app, ["prompts", "--out", str(out), "--num", "2", "--start", "A", "--start-file", str(listed)])
+    assert r.exit_code == 0 and asked == [["A", "Solve", "Write a poem"]], r.output
+    assert [c.prompt for c in read_conversations(out)] == ["p1", "p2"]
+    binary, empty = tmp_path / "b.txt", tmp_path / "e.txt"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    empty.write_text("\n  \n")
+    for path, problem in ((tmp_path / "none.txt", "does not exist"), (tmp_path, "cannot read"),
+                          (binary, "is not UTF-8 text"), (empty, "holds no start text")):
+        r = CliRunner().invoke(app, ["prompts", "--out", str(tmp_path / "q.jsonl"), "--num", "2", "--start-file", str(path)])
+        assert r.exit_code == 2 and problem in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not (tmp_path / "q.jsonl").exists()
+    assert len(asked) == 1  # none of the refused runs sampled
