@@ -314,21 +314,23 @@ MAX_STARTS, MAX_START_CHARS = 10_000, 1_000  # steering texts: bounded so a huge
 
 
 def read_start_file(path: Path) -> List[str]:
-    """--start-file: one start text per line, blank lines skipped; read bounded (a FIFO or /dev/zero too)."""
-    limit = MAX_STARTS * (MAX_START_CHARS + 2)
+    """--start-file: one start text per line (stripped; blank lines skipped), read bounded in memory."""
+    limit = MAX_STARTS * (4 * MAX_START_CHARS + 2)  # UTF-8 takes up to 4 bytes a character
+    how = "give a UTF-8 text file with one start per line"
     try:
         with open(path, "rb") as f:
             raw = f.read(limit + 1)
-        text = raw.decode("utf-8")
     except FileNotFoundError:
-        fail(f"--start-file {path} does not exist: give a text file with one start per line")
-    except UnicodeDecodeError:
-        fail(f"--start-file {path} is not UTF-8 text: give a text file with one start per line")
+        fail(f"--start-file {path} does not exist: {how}")
     except OSError as e:
-        fail(f"cannot read --start-file {path} ({e.strerror or type(e).__name__}): give a text file with one start per line")
+        fail(f"cannot read --start-file {path} ({e.strerror or type(e).__name__}): {how}")
     if len(raw) > limit:
-        fail(f"--start-file {path} is larger than {MAX_STARTS} starts of {MAX_START_CHARS} characters could be")
-    starts = [line for line in text.splitlines() if line.strip()]
+        fail(f"--start-file {path} is over {limit} bytes, more than {MAX_STARTS} starts can take: shorten it")
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first start
+    except UnicodeDecodeError as e:
+        fail(f"--start-file {path} is not UTF-8 text (byte {e.start}): {how}")
+    starts = [line.strip() for line in text.split("\n") if line.strip()]
     if not starts:
         fail(f"--start-file {path} holds no start text: write one per line")
     return starts
@@ -341,8 +343,8 @@ def prompts_cmd(
     num: int = typer.Option(..., "--num", "-n", min=1, max=MAX_SELF_PROMPTS, help="Distinct prompts to write."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: SmolLM2-135M-Instruct); it needs a chat template."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, max=4096, help="Prompts sampled at once."),
-    max_tokens: int = typer.Option(128, "--max-tokens", min=1, max=4096, help="Longest prompt; longer ones are dropped."),
-    temperature: float = typer.Option(1.0, "--temp", min=0.0, help="Sampling temperature (0: one batch, one prompt)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1, max=4096, help="Most tokens the model writes per prompt (after any start); longer ones are dropped."),
+    temperature: float = typer.Option(1.0, "--temp", min=0.0, help="Sampling temperature (0: one prompt, or one per start)."),
     seed: int = typer.Option(0, "--seed", help="Random seed, 0 .. 2**64 - 1."),
     start: Optional[List[str]] = typer.Option(None, "--start", help="Words each prompt begins with, to steer topics "
                                               "(repeat it: rows cycle through them), e.g. --start Solve --start 'Write a story'."),
@@ -359,8 +361,10 @@ def prompts_cmd(
     if not math.isfinite(temperature):
         fail(f"--temp must be a finite number, got {temperature}")
     starts = (start or []) + (read_start_file(start_file) if start_file is not None else [])
-    if len(starts) > MAX_STARTS or any(not s.strip() or len(s) > MAX_START_CHARS for s in starts):
-        fail(f"--start takes up to {MAX_STARTS} texts of 1 to {MAX_START_CHARS} characters, not blank")
+    bad = next((s for s in starts if not s.strip() or len(s) > MAX_START_CHARS), None)
+    if len(starts) > MAX_STARTS or bad is not None:
+        what = f"got {len(starts)}" if len(starts) > MAX_STARTS else f"not {bad[:40]!r}{'...' if len(bad) > 40 else ''}"
+        fail(f"--start takes up to {MAX_STARTS} texts of 1 to {MAX_START_CHARS} characters, not blank: {what}")
     check_new_files([out], force)  # before the model loads: a refusal costs nothing
     check_writable_file(out)
     base, tokenizer = load(model, drafter=None, dtype=dtype)

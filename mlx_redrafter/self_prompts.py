@@ -17,7 +17,8 @@ need no dataset or license.
 
 A row that does not close its turn within `max_tokens`, an empty one and a
 repeat are dropped; sampling stops after 4x the asked count of rows (none
-kept: an error), or after one row per start when greedy. Starts steer the
+kept: an error), or after one row per start when greedy. Rows cycle through the
+starts in their order, so ask at least as many prompts as there are starts. Starts steer the
 topics: the model writes its users' questions mostly as requests for advice
 ("Can you ..."), and a user turn begun with "Solve" or "Write a story" is
 continued as such a task.
@@ -105,15 +106,17 @@ def sample_prompts(model, tokenizer, count: int, *, batch_size: int = 512, max_t
     with `starts`, row i's turn begins with starts[i % len(starts)] (counted across batches)."""
     if count < 1:
         raise ValueError(f"the prompt count must be at least 1, got {count}")
+    if isinstance(starts, str):
+        raise TypeError("starts is a list of texts, e.g. starts=['Solve'], not one string")
     (prefix, closing), eos = user_turn(tokenizer), set(tokenizer.eos_token_ids)
     heads = start_tokens(tokenizer, starts) if starts else [[]]
     sampling = SamplingConfig(temperature=temperature)
     mx.random.seed(seed)
     texts, seen, rows = [], set(), 0
     bar = progress_bar(total=count, desc="prompts", unit="prompt", enabled=progress)
-    while len(texts) < count and rows < TRIES * count:
-        # greedy rows of one start are all one prompt
-        size = len(heads) if sampling.greedy else min(batch_size, TRIES * count - rows)
+    limit = min(len(heads), TRIES * count) if sampling.greedy else TRIES * count  # greedy rows of one start are one prompt
+    while len(texts) < count and rows < limit:
+        size = min(batch_size, limit - rows)
         begun = [heads[(rows + i) % len(heads)] for i in range(size)]
         for head, row in zip(begun, batch_generate(model, [prefix + h for h in begun], max_tokens, sampling, eos)):
             text = finished_text(tokenizer, head + row, eos, closing)
@@ -123,8 +126,6 @@ def sample_prompts(model, tokenizer, count: int, *, batch_size: int = 512, max_t
                 texts.append(text)
                 bar.update(1)
         rows += size
-        if sampling.greedy:
-            break
     bar.close()
     if not texts:
         raise ValueError(f"the model closed no user turn within {max_tokens} tokens in {rows} tries: "

@@ -207,10 +207,12 @@ def test_rows_cycle_through_the_starts_across_batches_and_a_start_alone_is_dropp
 def test_greedy_sampling_draws_one_row_per_start(monkeypatch):
     tokenizer = inst_tokenizer()
     calls = recorded_sampler(monkeypatch, [[8, 1], [8, 12], [1]])
-    texts = self_prompts.sample_prompts(None, tokenizer, 5, batch_size=64, temperature=0.0,
+    texts = self_prompts.sample_prompts(None, tokenizer, 5, batch_size=2, temperature=0.0,
                                         starts=["t4", "t5 t6", "t7"], progress=False)
     assert texts == ["t4 t8", "t5 t6 t8"]  # the third start wrote nothing
-    assert calls == [[[10, 11, 4], [10, 11, 5, 6], [10, 11, 7]]]
+    assert calls == [[[10, 11, 4], [10, 11, 5, 6]], [[10, 11, 7]]]  # batches stay within --batch-size
+    with pytest.raises(TypeError, match="list of texts"):
+        self_prompts.sample_prompts(None, tokenizer, 5, starts="t4", progress=False)
 
 
 def test_cli_refuses_blank_long_or_too_many_starts_before_the_model_loads(monkeypatch, tmp_path):
@@ -230,23 +232,31 @@ def test_cli_refuses_blank_long_or_too_many_starts_before_the_model_loads(monkey
         r = CliRunner().invoke(app, base + [a for s in starts for a in ("--start", s)])
         assert r.exit_code == 2 and r.exception is not None and not isinstance(r.exception, Loaded), r.output
         assert r.output.startswith("error: --start takes up to") and len(r.output.strip().splitlines()) == 1, r.output
+        assert "not ''" in r.output or "not '  '" in r.output or "'..." in r.output or f"got {MAX_STARTS + 1}" in r.output
         assert list(tmp_path.iterdir()) == []
     r = CliRunner().invoke(app, base + ["--start", "x" * MAX_START_CHARS])  # the longest allowed passes on to load
     assert isinstance(r.exception, Loaded), r.output
 
 
 def test_cli_reads_start_texts_from_a_file_and_refuses_one_that_is_not_text(monkeypatch, tmp_path):
+    import mlx_redrafter.cli as cli
     import mlx_redrafter.loading as loading
 
     asked = []
     monkeypatch.setattr(loading, "load", lambda *a, **k: ("model", "tokenizer"))
     monkeypatch.setattr(self_prompts, "sample_prompts", lambda *a, starts, **k: asked.append(starts) or ["p1", "p2"])
     listed = tmp_path / "starts.txt"
-    listed.write_text("Solve\n\n  \nWrite a poem\r\n")
+    listed.write_bytes("\ufeffSolve\n\n  \n  Write a poem\r\n".encode())  # a byte-order mark, blank and indented lines
     out = tmp_path / "p.jsonl"
     r = CliRunner().invoke(app, ["prompts", "--out", str(out), "--num", "2", "--start", "A", "--start-file", str(listed)])
     assert r.exit_code == 0 and asked == [["A", "Solve", "Write a poem"]], r.output
     assert [c.prompt for c in read_conversations(out)] == ["p1", "p2"]
+    monkeypatch.setattr(cli, "MAX_STARTS", 2)  # a file longer than 2 starts could be: refused unread past the bound
+    big = tmp_path / "big.txt"
+    big.write_text("x\n" * (2 * (4 * cli.MAX_START_CHARS + 2)))
+    r = CliRunner().invoke(app, ["prompts", "--out", str(tmp_path / "q.jsonl"), "--num", "2", "--start-file", str(big)])
+    assert r.exit_code == 2 and "bytes, more than 2 starts can take" in r.output and len(asked) == 1, r.output
+    monkeypatch.setattr(cli, "MAX_STARTS", 10_000)
     binary, empty = tmp_path / "b.txt", tmp_path / "e.txt"
     binary.write_bytes(b"\xff\xfe\x00 not text")
     empty.write_text("\n  \n")
