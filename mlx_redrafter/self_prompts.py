@@ -44,8 +44,9 @@ CLOSING = re.compile(r"\s*(<\|[^|]*\|>|\S+)")  # "<|im_end|>", "<|eot_id|>", "[/
 TRIES = 4  # rows sampled per prompt asked, at most
 
 
-def _probe_chats(tokenizer) -> Tuple[List[int], List[int]]:
-    """Two one-message chats that differ only in the user's text ("Hello", "What")."""
+def _turn_parts(tokenizer) -> Tuple[List[int], int, int, str]:
+    """(a one-message chat's ids, how many lead its user text, how many follow it, the text closing the turn),
+    from two chats that differ only in the user's text ("Hello", "What")."""
     if not getattr(tokenizer, "has_chat_template", False):
         raise ValueError("the model has no chat template, so it cannot write its own prompts: use an instruct model "
                          "with one, or give your own prompts to `train --prompts`")
@@ -53,29 +54,26 @@ def _probe_chats(tokenizer) -> Tuple[List[int], List[int]]:
     if one == other:
         raise ValueError("the chat template leaves out the user's text, so the user turn cannot be cut out: "
                          "give your own prompts to `train --prompts`")
-    return one, other
+    text = chat_text(tokenizer, [{"role": "user", "content": MARK}])
+    after = CLOSING.match(text[text.index(MARK) + len(MARK):]) if MARK in text else None
+    return one, _common_length(one, other), _common_length(one[::-1], other[::-1]), after.group(1) if after else ""
 
 
-def _common_prefix(a: List[int], b: List[int]) -> List[int]:
-    return [x for x, _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a, b))]
+def _common_length(a: List[int], b: List[int]) -> int:
+    return sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a, b)))
 
 
 def user_turn(tokenizer) -> Tuple[List[int], str]:
     """(prefix, closing): a chat's token ids up to where the user's text starts (system prompt and user
     header), and the text that closes a user turn ("" if only the end-of-sequence token is known to)."""
-    prefix = _common_prefix(*_probe_chats(tokenizer))
-    text = chat_text(tokenizer, [{"role": "user", "content": MARK}])
-    after = CLOSING.match(text[text.index(MARK) + len(MARK):]) if MARK in text else None
-    return prefix, after.group(1) if after else ""
+    one, head, _, closing = _turn_parts(tokenizer)
+    return one[:head], closing
 
 
 def start_tokens(tokenizer, starts: Sequence[str]) -> List[List[int]]:
     """Each start text's token ids as the template writes them at the head of a user turn (what follows the
     prefix of `user_turn`), cut out between the parts every chat shares."""
-    one, other = _probe_chats(tokenizer)
-    head = len(_common_prefix(one, other))
-    tail = len(_common_prefix(one[::-1], other[::-1]))
-    closing = user_turn(tokenizer)[1]
+    one, head, tail, closing = _turn_parts(tokenizer)
     tokens = []
     for text in starts:
         if not text.strip() or (closing and closing in text):
@@ -119,9 +117,11 @@ def sample_prompts(model, tokenizer, count: int, *, batch_size: int = 512, max_t
         size = min(batch_size, limit - rows)
         begun = [heads[(rows + i) % len(heads)] for i in range(size)]
         for head, row in zip(begun, batch_generate(model, [prefix + h for h in begun], max_tokens, sampling, eos)):
-            text = finished_text(tokenizer, head + row, eos, closing)
-            wrote = finished_text(tokenizer, row, eos, closing)  # a start alone is no prompt
-            if wrote and text not in seen and len(texts) < count:
+            wrote = finished_text(tokenizer, row, eos, closing)
+            if not wrote:  # unclosed, or a start alone: no prompt
+                continue
+            text = finished_text(tokenizer, head + row, eos, closing) if head else wrote
+            if text not in seen and len(texts) < count:
                 seen.add(text)
                 texts.append(text)
                 bar.update(1)
