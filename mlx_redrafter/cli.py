@@ -347,7 +347,7 @@ def prompts_cmd(
     temperature: float = typer.Option(1.0, "--temp", min=0.0, help="Sampling temperature (0: one prompt, or one per start)."),
     seed: int = typer.Option(0, "--seed", help="Random seed, 0 .. 2**64 - 1."),
     start: Optional[List[str]] = typer.Option(None, "--start", help="Words each prompt begins with, to steer topics "
-                                              "(repeat it: rows cycle through them), e.g. --start Solve --start 'Write a story'."),
+                                              "(repeat it: rows cycle through them in an order the seed shuffles), e.g. --start Solve --start 'Write a story'."),
     start_file: Optional[Path] = typer.Option(None, "--start-file", help="More start texts, one per line (e.g. scripts/prompt_starts.txt)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     dtype: str = typer.Option("auto", "--dtype", help="Base model dtype."),

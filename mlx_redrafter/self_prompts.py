@@ -18,7 +18,8 @@ need no dataset or license.
 A row that does not close its turn within `max_tokens`, an empty one and a
 repeat are dropped; sampling stops after 4x the asked count of rows (none
 kept: an error), or after one row per start when greedy. Rows cycle through the
-starts in their order, so ask at least as many prompts as there are starts. Starts steer the
+starts in an order shuffled by the seed: each is used as often as the others, and
+fewer prompts than starts take a seeded sample of them, not the first. Starts steer the
 topics: the model writes its users' questions mostly as requests for advice
 ("Can you ..."), and a user turn begun with "Solve" or "Write a story" is
 continued as such a task.
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import List, Sequence, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 from .distill import batch_generate
 from .generate import chat_text, encode_messages
@@ -101,13 +103,15 @@ def finished_text(tokenizer, row: List[int], eos: set, closing: str = "") -> str
 def sample_prompts(model, tokenizer, count: int, *, batch_size: int = 512, max_tokens: int = 128,
                    temperature: float = 1.0, seed: int = 0, starts: Sequence[str] = (), progress: bool = True) -> List[str]:
     """`count` distinct prompts sampled from the model's user turn (fewer only if 4x as many rows gave fewer);
-    with `starts`, row i's turn begins with starts[i % len(starts)] (counted across batches)."""
+    with `starts`, row i's turn begins with starts[order[i % len(starts)]] (counted across batches), `order`
+    a permutation drawn with `seed`."""
     if count < 1:
         raise ValueError(f"the prompt count must be at least 1, got {count}")
     if isinstance(starts, str):
         raise TypeError("starts is a list of texts, e.g. starts=['Solve'], not one string")
     (prefix, closing), eos = user_turn(tokenizer), set(tokenizer.eos_token_ids)
     heads = start_tokens(tokenizer, starts) if starts else [[]]
+    heads = [heads[i] for i in np.random.default_rng(seed).permutation(len(heads))]  # a short run samples the starts
     sampling = SamplingConfig(temperature=temperature)
     mx.random.seed(seed)
     texts, seen, rows = [], set(), 0

@@ -197,6 +197,7 @@ def test_rows_cycle_through_the_starts_across_batches_and_a_start_alone_is_dropp
         [9, 1],  # t5 t6 t9
     ])
     texts = self_prompts.sample_prompts(None, tokenizer, 4, batch_size=3, starts=["t4", "t5 t6"], progress=False)
+    assert calls[0][:2] == [t4, t56]  # seed 0 keeps two starts in their order (the shuffle: the next test)
     assert texts == ["t5 t6 t7", "t5 t6 t8", "t4 t9", "t5 t6 t9"]
     assert calls == [[t4, t56, t4], [t56, t4, t56]]  # the second batch goes on where the first stopped
     with pytest.raises(ValueError, match="is empty"):  # refused before anything is sampled
@@ -209,10 +210,37 @@ def test_greedy_sampling_draws_one_row_per_start(monkeypatch):
     calls = recorded_sampler(monkeypatch, [[8, 1], [8, 12], [1]])
     texts = self_prompts.sample_prompts(None, tokenizer, 5, batch_size=2, temperature=0.0,
                                         starts=["t4", "t5 t6", "t7"], progress=False)
-    assert texts == ["t4 t8", "t5 t6 t8"]  # the third start wrote nothing
-    assert calls == [[[10, 11, 4], [10, 11, 5, 6]], [[10, 11, 7]]]  # batches stay within --batch-size
+    assert [len(c) for c in calls] == [2, 1]  # batches stay within --batch-size
+    rows = [row[2:] for call in calls for row in call]  # each start's ids after "<s> [INST]", in the order drawn
+    assert sorted(rows) == [[4], [5, 6], [7]]
+    said = {4: "t4", 5: "t5 t6", 7: "t7"}
+    assert texts == [said[rows[0][0]] + " t8", said[rows[1][0]] + " t8"]  # the third row wrote nothing
     with pytest.raises(TypeError, match="list of texts"):
         self_prompts.sample_prompts(None, tokenizer, 5, starts="t4", progress=False)
+
+
+def test_the_seed_shuffles_which_start_each_row_takes(monkeypatch):
+    tokenizer = inst_tokenizer()
+    starts = [f"t{i}" for i in range(4, 10)]
+    drawn = []
+
+    def batch_generate(model, prompts, max_tokens, sampling, eos):
+        drawn.append([p[2] for p in prompts])  # the start's one id after "<s> [INST]"
+        return [[3, 1] for _ in prompts]  # every row writes "t3" and ends its turn
+
+    monkeypatch.setattr(self_prompts, "batch_generate", batch_generate)
+
+    def first(count, seed):
+        drawn.clear()
+        texts = self_prompts.sample_prompts(None, tokenizer, count, seed=seed, starts=starts, progress=False)
+        assert texts == [f"t{i} t3" for i in drawn[0][:count]]
+        return drawn[0][:count]
+
+    full = [first(6, seed) for seed in range(6)]
+    assert all(sorted(order) == list(range(4, 10)) for order in full)  # a whole cycle takes every start once
+    assert len({tuple(order) for order in full}) > 1  # in an order the seed draws
+    assert first(2, 3) == first(2, 3) == full[3][:2]  # the same seed, the same starts
+    assert {tuple(first(2, seed)) for seed in range(6)} != {(4, 5)}  # a short run is not always the first starts
 
 
 def test_cli_refuses_blank_long_or_too_many_starts_before_the_model_loads(monkeypatch, tmp_path):
