@@ -5,11 +5,15 @@ ran an H200 out of memory; capped, three used 25 GB together.
 """
 import os
 import runpy
+import signal
 import sys
 
 import mlx_redrafter  # noqa: F401  (before mlx: the fast BLAS on a CPU)
 import mlx.core as mx
 
 mx.set_cache_limit(int(float(os.environ.get("MLX_CACHE_GB", "2")) * 2**30))
+# a run started in the background (`cmd &` in a script) ignores SIGINT: restore Ctrl-C, which the CLI
+# answers by saving its checkpoint, so that `timeout --signal=INT` stops it cleanly
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.argv = ["mlx_redrafter", *sys.argv[1:]]
 runpy.run_module("mlx_redrafter", run_name="__main__", alter_sys=True)

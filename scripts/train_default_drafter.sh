@@ -11,6 +11,7 @@
 #                  drafter alone and with the context-lookup beam; replayed along greedy references)
 # DATA_DIR holds sharegpt.jsonl.gz and mt_bench.jsonl (scripts/export_prompts.py writes them).
 set -euo pipefail
+trap 'wait; exit 130' INT   # a stop (Ctrl-C, timeout) waits for the runs to save their checkpoints
 phase=$1 data=$2 work=$3
 run() { ${MR:-python3 -m mlx_redrafter} "$@"; }   # MR="python3 scripts/mlx_capped.py": several processes on one GPU
 prompts=(${MODEL:+--model "$MODEL"} --prompts "${PROMPTS:-$data/sharegpt.jsonl.gz}" --all-turns --num-prompts "${N:-100000}" --max-new-tokens "${TOKENS:-256}"
@@ -32,6 +33,7 @@ case $phase in
       --gen-batch-size 512 --gen-temp 0.7 --data-only
     [ -z "${GT:-}" ] || run train --out "$work/data-run" --data "$work/data-dataset" "${prompts[@]}" --responses dataset --data-only ;;
   train)
+    pids=()
     for v in ${VARIANTS:-r576 r1152 shared full}; do
       case $v in
         r576)   args=(--head reduced --draft-vocab 4096 --exit-dim 576) ;;
@@ -95,12 +97,14 @@ case $phase in
         [ -n "${RESUME:-}" ] || echo "$v: finished in $work/$v, kept (FORCE=1 trains it again)"; continue
       fi
       n=($(data_flags "$data_dir"))
-      if [ -n "${RESUME:-}" ] && [ -d "$work/$v/checkpoint" ]; then n+=(--resume); else rm -rf "${work:?}/$v"; : > "$work/$v.log"; fi
+      if [ -n "${RESUME:-}" ] && [ -z "${FORCE:-}" ] && [ -d "$work/$v/checkpoint" ]; then n+=(--resume); else rm -rf "${work:?}/$v"; : > "$work/$v.log"; fi
       run train --out "$work/$v" --data "$data_dir" "${prompts[@]}" "${fit[@]}" "${args[@]}" ${n[@]+"${n[@]}"} ${EXTRA:-} \
         >> "$work/$v.log" 2>&1 &
+      pids+=($!)
     done
-    wait
-    for v in ${VARIANTS:-r576 r1152 shared full}; do tr '\r' '\n' < "$work/$v.log" | grep -v "it/s\]$" | tail -2; done ;;
+    failed=0; for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || failed=1; done
+    for v in ${VARIANTS:-r576 r1152 shared full}; do tr '\r' '\n' < "$work/$v.log" | grep -v "it/s\]$" | tail -2; done
+    exit $failed ;;
   eval)
     for v in ${VARIANTS:-r576 r1152 shared full}; do
       run eval-drafter ${MODEL:+--model "$MODEL"} --drafter "$work/$v" --prompts "$data/mt_bench.jsonl" --widths "${WIDTHS:-4,16}" \

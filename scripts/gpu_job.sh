@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Distillation data, training and evaluation on the lent GPU, in calls of at most 10 minutes that resume
+# where the last one stopped. Run from the checkout's root after ../shared/device's three staging calls
+# (its README), e.g. call 3: bash .device/stage3/bootstrap.sh && bash scripts/gpu_job.sh steer steer 1 520.
+# The default drafter's data were two sets, TAG self (seed 0) and steer (seed 1; drawn before prompts shuffled
+# the openings by the seed, so today's steer set at seed 1 holds other prompts of the same mix).
+#
+#   steer TAG SEED SECS   N prompts begun with scripts/prompt_starts.txt's openings (prompts --seed SEED), then the
+#                         base model's replies sampled at T = 0.7: $W/TAG-prompts.jsonl.gz and $W/data-TAG
+#   self TAG SEED SECS    the same without openings (prompts sampled freely from the user turn)
+#   keep TAG...           $OUT/data-TAG.tar (shards and prompts) to bring back; carry them later in .device/kept/
+#   restore               unpack every .device/kept/*.tar into $W
+#   train SECS TAG...     the shipped recipe (scripts/train_default_drafter.sh train, variant steer-self) on the sets
+#                         steer and self plus --extra-data of each data-TAG given, into $W/steer-self, resuming its
+#                         checkpoint on the same machine (the same TAGs: FORCE=1 starts again); the drafter and the
+#                         log are copied to $OUT
+#   eval DIR SEEDS        the drafter in DIR (or "shipped") on 40 MT-Bench first turns, 256 tokens: sampled T = 0.7
+#                         with lookup at the GPU default (32 x 6 / 32 nodes), one run per seed (e.g. 0,1,2), and
+#                         greedy replayed at 4 x 4 and 32 x 6 / 32, with and without lookup; acceptance.json in $OUT
+#
+# Data and train stop SECS seconds in (SIGINT: the CLI saves what it has) and the same command in the next call
+# goes on; give SECS ~60 s less than what the call has left after bootstrap, since a stop may take 30 s more.
+# eval has no budget (~3 minutes on an H200). Environment: W (work folder,
+# /root/work), N (prompts per set, 30720), B (rows generated at once, 512; larger may be faster on an H200,
+# unmeasured), MODEL (the GGUF), PROMPTS_FILE (.device/data/mt_bench.jsonl, from
+# scripts/export_prompts.py --out .device/data, for eval).
+set -euo pipefail
+export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1
+W=${W:-/root/work} N=${N:-30720} B=${B:-512} MODEL=${MODEL-/root/models/SmolLM2-135M-Instruct.Q4_1.gguf}  # MODEL= : the embedded one
+OUT=${OUT:-$W/out}
+mkdir -p "$W" "$OUT"
+mr=(python3 scripts/mlx_capped.py)
+m=(${MODEL:+--model "$MODEL"})
+budget() {  # SECS COMMAND...: SIGINT at SECS (the CLI saves and stops), SIGKILL 30 s later
+  [ "$1" -ge 30 ] || { echo "no time left in this call; run it again to go on"; return 0; }
+  timeout --signal=INT --kill-after=30 "$1" "${@:2}" || { rc=$?; [ $rc = 124 ] || [ $rc = 137 ] && echo "stopped at the time budget; run again to go on"; return $rc; }
+}
+
+data() {  # TAG SEED SECS [--start-file F]
+  local tag=$1 seed=$2 secs=$3; shift 3
+  local prompts=$W/$tag-prompts.jsonl.gz end=$((SECONDS + secs))
+  [ -f "$prompts" ] || budget "$secs" "${mr[@]}" prompts --out "$prompts" --num "$N" --batch-size "$B" ${m[@]+"${m[@]}"} --seed "$seed" "$@"
+  budget $((end - SECONDS)) "${mr[@]}" train --out "$W/data-run-$tag" --data "$W/data-$tag" ${m[@]+"${m[@]}"} --prompts "$prompts" \
+    --all-turns --num-prompts "$N" --max-new-tokens 256 --gen-batch-size "$B" --gen-temp 0.7 --data-only  # finished shards are skipped
+}
+
+case ${1:?mode: steer, self, keep, restore, train or eval} in
+  steer) data "${2:?TAG}" "${3:?SEED}" "${4:?SECS}" --start-file scripts/prompt_starts.txt ;;
+  self) data "${2:?TAG}" "${3:?SEED}" "${4:?SECS}" ;;
+  keep) shift; for tag in "$@"; do tar -C "$W" -cf "$OUT/data-$tag.tar" "data-$tag" "$tag-prompts.jsonl.gz"; done ;;
+  restore) for t in .device/kept/*.tar; do tar -C "$W" -xf "$t"; done; ls "$W" ;;
+  train)  # the shipped recipe's steer-self variant (data-steer, data-self) plus each data-TAG given; resumes
+    secs=${2:?SECS}; shift 2
+    extra=(); for tag in "$@"; do extra+=(--extra-data "$W/data-$tag"); done
+    rc=0; budget "$secs" env RESUME=1 FORCE="${FORCE:-}" VARIANTS=steer-self PROMPTS="$W/steer-prompts.jsonl.gz" MODEL="$MODEL" \
+      MR="${mr[*]}" EXTRA="${extra[*]}" bash scripts/train_default_drafter.sh train .device/data "$W" || rc=$?
+    cp "$W/steer-self.log" "$OUT/" 2>/dev/null || true
+    [ ! -f "$W/steer-self/drafter/config.json" ] || cp -r "$W/steer-self/drafter" "$OUT/steer-self-drafter"
+    exit $rc ;;
+  eval)
+    dir=${2:?DIR or shipped} seeds=${3:-0}; d=(); [ "$dir" = shipped ] || d=(--drafter "$dir")
+    p=(${m[@]+"${m[@]}"} ${d[@]+"${d[@]}"} --prompts "${PROMPTS_FILE:-.device/data/mt_bench.jsonl}" --every 2 --max-tokens 256)
+    tag=$(basename "$dir")
+    for s in ${seeds//,/ }; do
+      MLX_CACHE_GB=4 "${mr[@]}" eval-drafter "${p[@]}" --widths 32 --lengths 6 --nodes 32 --lookup on --temp 0.7 --seed "$s" \
+        --out "$OUT/eval-$tag-t0.7-s$s" > "$OUT/eval-$tag-t0.7-s$s.log" 2>&1 &
+    done
+    MLX_CACHE_GB=4 "${mr[@]}" eval-drafter "${p[@]}" --widths 4 --lengths 4 --lookup both --out "$OUT/eval-$tag-4x4" > "$OUT/eval-$tag-4x4.log" 2>&1 &
+    MLX_CACHE_GB=4 "${mr[@]}" eval-drafter "${p[@]}" --widths 32 --lengths 6 --nodes 32 --lookup both --out "$OUT/eval-$tag-32x6" \
+      > "$OUT/eval-$tag-32x6.log" 2>&1 &
+    rc=0; for pid in $(jobs -p); do wait "$pid" || rc=1; done
+    cat "$OUT"/eval-"$tag"-*/acceptance.md || true; rm -f "$OUT"/eval-"$tag"-*/*.png
+    [ $rc = 0 ] || { echo "an evaluation failed: see $OUT/eval-$tag-*.log"; exit 1; } ;;
+  *) echo "unknown mode $1"; exit 2 ;;
+esac
