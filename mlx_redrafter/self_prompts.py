@@ -21,9 +21,8 @@ kept: an error), or after one row per start when greedy. Rows cycle through the
 starts in an order shuffled by the seed: each is used as often as the others (give
 or take one row), and fewer prompts than starts take a seeded sample of them, not
 the first. Starts steer the topics: the model writes its users' questions mostly as
-requests for advice
-("Can you ..."), and a user turn begun with "Solve" or "Write a story" is
-continued as such a task.
+requests for advice ("Can you ..."), and a user turn begun with "Solve" or "Write a
+story" is continued as such a task.
 """
 
 import gzip
