@@ -8,8 +8,10 @@
 #   steer TAG SEED SECS   N prompts begun with scripts/prompt_starts.txt's openings (prompts --seed SEED), then the
 #                         base model's replies sampled at T = 0.7: $W/TAG-prompts.jsonl.gz and $W/data-TAG
 #   self TAG SEED SECS    the same without openings (prompts sampled freely from the user turn)
-#   keep TAG...           $OUT/data-TAG.tar (shards and prompts) to bring back; carry them later in .device/kept/
-#   restore               unpack every .device/kept/*.tar into $W
+#   keep TAG...           $OUT/data-TAG.tar (shards and prompts) to bring back; commit them (scripts/kept_sets.txt
+#                         says how: in history, not the tree) and carry them later in .device/kept/
+#   restore               unpack every .device/kept/*.tar into $W (scripts/kept_sets.sh writes them there; carry
+#                         [".device/kept"] in a call after the staging calls: stage and sets pass 64 MiB together)
 #   train SECS TAG...     the shipped recipe (scripts/train_default_drafter.sh train, variant steer-self) on the sets
 #                         steer and self plus --extra-data of each data-TAG given, into $W/steer-self, resuming its
 #                         checkpoint on the same machine (the same TAGs: FORCE=1 starts again); the drafter and the
@@ -48,7 +50,9 @@ case ${1:?mode: steer, self, keep, restore, train or eval} in
   steer) data "${2:?TAG}" "${3:?SEED}" "${4:?SECS}" --start-file scripts/prompt_starts.txt ;;
   self) data "${2:?TAG}" "${3:?SEED}" "${4:?SECS}" ;;
   keep) shift; for tag in "$@"; do tar -C "$W" -cf "$OUT/data-$tag.tar" "data-$tag" "$tag-prompts.jsonl.gz"; done ;;
-  restore) for t in .device/kept/*.tar; do tar -C "$W" -xf "$t"; done; ls "$W" ;;
+  restore)
+    ls .device/kept/*.tar > /dev/null 2>&1 || { echo "no .device/kept/*.tar: run scripts/kept_sets.sh here, carry .device/kept"; exit 1; }
+    for t in .device/kept/*.tar; do tar -C "$W" -xf "$t"; done; ls "$W" ;;
   train)  # the shipped recipe's steer-self variant (data-steer, data-self) plus each data-TAG given; resumes
     secs=${2:?SECS}; shift 2
     extra=(); for tag in "$@"; do extra+=(--extra-data "$W/data-$tag"); done
