@@ -47,7 +47,12 @@ class DataConfig:
 
 
 def batch_generate(model, prompts: List[List[int]], max_new_tokens: int, sampling: SamplingConfig, eos: set) -> List[List[int]]:
-    """Generate for several prompts at once (left-padded, per-row positions and masks)."""
+    """Generate for several prompts at once (left-padded, per-row positions and masks).
+
+    Rows that reached EOS leave the batch each time a quarter of the rows still in it have
+    finished (their cache rows are dropped), so that the rest compute only themselves: about
+    half of sampled replies end before the token limit, and a batch runs as long as its longest.
+    """
     B, P = len(prompts), max(len(p) for p in prompts)
     pad = np.array([P - len(p) for p in prompts])
     tokens = np.zeros((B, P), dtype=np.int32)
@@ -63,6 +68,7 @@ def batch_generate(model, prompts: List[List[int]], max_new_tokens: int, samplin
     y = choose_tokens(model.logits(h[:, -1]), sampling)
     out = [[] for _ in range(B)]
     done = np.zeros(B, dtype=bool)
+    rows = np.arange(B)  # the prompt each row of the batch answers
     for step in range(max_new_tokens):
         length = cache.length
         # exact key spans: spans rounded up to 256 slots (fewer shapes) measured slower on the H200
@@ -70,13 +76,18 @@ def batch_generate(model, prompts: List[List[int]], max_new_tokens: int, samplin
         h = model(y[:, None], cache, mx.array(P + step - pad)[:, None], valid)
         next_y = choose_tokens(model.logits(h[:, -1]), sampling)
         mx.async_eval(next_y)
-        for b, t in enumerate(y.tolist()):
+        for b, t in zip(rows, y.tolist()):
             if not done[b]:
                 out[b].append(t)
                 done[b] = t in eos
         if done.all():
             break
         y = next_y
+        running = ~done[rows]
+        if running.sum() <= 0.75 * len(rows):
+            keep = mx.array(np.flatnonzero(running))
+            cache.keep_rows(keep)
+            y, pad_mx, pad, rows = y[keep], pad_mx[keep], pad[running], rows[running]
     return out
 
 

@@ -79,6 +79,12 @@ class KVCache:
     def truncate(self, length: int):
         self.length = length
 
+    def keep_rows(self, rows: mx.array):
+        """Keep only these batch rows (indices into the batch) in every layer."""
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+
     def state(self) -> List[mx.array]:
         return [a for layer in self.layers for a in layer.state()]
 

@@ -59,6 +59,25 @@ def test_batched_generation_equals_one_at_a_time(base):
         assert o == [next(steps)[0][0] for _ in range(30)]
 
 
+def test_rows_that_finish_leave_the_batch_and_the_rest_are_unchanged(base, monkeypatch):
+    """EOS tokens that end rows at different steps: finished rows are dropped from the batch (and its
+    cache) as they pile up, and every row still equals its prompt decoded alone, up to its EOS."""
+    from mlx_redrafter.kv_cache import KVCache
+
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13], [14, 15, 16, 17], [18, 19, 20, 21, 22, 23]]
+    alone = []
+    for p in prompts:
+        steps = plain_steps(base, p, SamplingConfig())
+        alone.append([next(steps)[0][0] for _ in range(30)])
+    eos = {17, 19}
+    expected = [a[:next((i + 1 for i, t in enumerate(a) if t in eos), len(a))] for a in alone]
+    assert sorted(len(e) for e in expected) == [1, 9, 24, 30, 30, 30]  # this model's rows end apart
+    kept, keep_rows = [], KVCache.keep_rows
+    monkeypatch.setattr(KVCache, "keep_rows", lambda self, rows: kept.append(rows.tolist()) or keep_rows(self, rows))
+    assert batch_generate(base, prompts, 30, SamplingConfig(), eos=eos) == expected
+    assert kept == [[0, 2, 3, 5], [0, 1, 2]]  # two of six finished, then one of the four left
+
+
 def tiny_data(base, tmp_path, n=48, interrupt_after=None, monkeypatch=None):
     tok = word_tokenizer(VOCAB, eos=1)
     rng = np.random.default_rng(0)
