@@ -158,6 +158,11 @@ class SlotCache(KVCache):
         self.lengths = self.lengths + counts
         self.bound += most
 
+    def keep_rows(self, rows: mx.array):
+        super().keep_rows(rows)
+        if self.valid is not None:
+            self.valid, self.lengths = self.valid[rows], self.lengths[rows]
+
     def maybe_compact(self, upcoming: int):
         """Compact when the next `upcoming` slots would pass bound + slack."""
         if self.length + upcoming <= self.bound + self.slack:

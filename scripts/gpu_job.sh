@@ -32,8 +32,9 @@ W=${W:-/root/work} N=${N:-30720} B=${B:-512} MODEL=${MODEL-/root/models/SmolLM2-
 OUT=${OUT:-$W/out}
 mkdir -p "$W" "$OUT"
 case ${1:-} in steer|self|train|eval)  # a machine that lost its staging fails here, not minutes into a call
-  python3 -c "import mlx.core" 2> /dev/null && { [ -z "$MODEL" ] || [ -f "$MODEL" ]; } \
-    || { echo "MLX or the model ($MODEL) is missing: run the three staging calls first (../shared/device/README.md)"; exit 1; } ;;
+  fix="run the three staging calls first (../shared/device/README.md)"
+  python3 -c "import mlx.core" 2> /dev/null || { echo "MLX is missing: $fix"; exit 1; }
+  [ -z "$MODEL" ] || [ -f "$MODEL" ] || { echo "no model at $MODEL: $fix"; exit 1; } ;;
 esac
 mr=(python3 scripts/mlx_capped.py)
 m=(${MODEL:+--model "$MODEL"})

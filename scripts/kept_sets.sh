@@ -5,15 +5,23 @@
 # Usage: scripts/kept_sets.sh [TAG...]   (no TAG: every set listed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+listed=()
+while read -r commit tag sum _ || [ -n "${commit:-}" ]; do
+  case $commit in ''|\#*) continue ;; esac
+  listed+=("$tag")
+done < scripts/kept_sets.txt
+for want in "$@"; do
+  [[ " ${listed[*]} " == *" $want "* ]] || { echo "no set named $want in scripts/kept_sets.txt (listed: ${listed[*]})"; exit 1; }
+done
 mkdir -p .device/kept
-found=0
-while read -r commit tag sum _; do
+while read -r commit tag sum _ || [ -n "${commit:-}" ]; do
   case $commit in ''|\#*) continue ;; esac
   [ $# = 0 ] || [[ " $* " == *" $tag "* ]] || continue
-  out=.device/kept/data-$tag.tar found=$((found + 1))
-  git cat-file blob "$commit:data/distill/data-$tag.tar" > "$out.tmp" \
-    || { rm -f "$out.tmp"; echo "set $tag: commit $commit is not in this clone (git fetch --unshallow?)"; exit 1; }
+  out=.device/kept/data-$tag.tar
+  if ! git cat-file blob "$commit:data/distill/data-$tag.tar" > "$out.tmp"; then
+    rm -f "$out.tmp"; echo "set $tag: data/distill/data-$tag.tar is not in commit $commit of this clone (a shallow clone? git fetch --unshallow)"; exit 1
+  fi
   echo "$sum  $out.tmp" | sha256sum -c --quiet - || { rm -f "$out.tmp"; echo "set $tag: checksum mismatch"; exit 1; }
-  mv "$out.tmp" "$out" && echo "$out ($(du -h "$out" | cut -f1))"
+  mv "$out.tmp" "$out"
+  echo "$out ($(du -h "$out" | cut -f1))"
 done < scripts/kept_sets.txt
-[ "$found" -gt 0 ] || { echo "no set named $* in scripts/kept_sets.txt"; exit 1; }

@@ -26,13 +26,14 @@ def repo(tmp_path):
         (tmp_path / "data" / "distill" / f"data-{tag}.tar").write_bytes(blob)
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", ".")
-    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "sets")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-q", "-m", "sets")
     commit = git(tmp_path, "rev-parse", "HEAD")
     git(tmp_path, "rm", "-q", "-r", "data")
     sums = {tag: hashlib.sha256(blob).hexdigest() for tag, blob in blobs.items()}
     sums["b"] = "0" * 64  # a list entry that does not match what the commit holds
+    sums["gone"] = sums["a"]  # listed, but the commit holds no such file
     lines = ["# commit tag sha256 what", *(f"{commit} {tag} {s} a set" for tag, s in sums.items())]
-    (tmp_path / "scripts" / "kept_sets.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "scripts" / "kept_sets.txt").write_text("\n".join(lines))  # no newline after the last line
     return tmp_path, blobs
 
 
@@ -54,7 +55,15 @@ def test_a_checksum_mismatch_leaves_nothing_behind(repo):
     assert list((path / ".device" / "kept").iterdir()) == []
 
 
-def test_an_unknown_set_is_named_in_the_error(repo):
+def test_an_unknown_set_is_named_in_the_error_even_beside_a_known_one(repo):
     path, _ = repo
-    result = run(path, "nope")
+    result = run(path, "a", "nope")
     assert result.returncode == 1 and "no set named nope" in result.stdout
+    assert not (path / ".device" / "kept").exists()
+
+
+def test_a_set_missing_from_its_commit_says_so(repo):
+    path, _ = repo
+    result = run(path, "gone")
+    assert result.returncode == 1 and "is not in commit" in result.stdout
+    assert list((path / ".device" / "kept").iterdir()) == []
