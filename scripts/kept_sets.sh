@@ -5,23 +5,23 @@
 # Usage: scripts/kept_sets.sh [TAG...]   (no TAG: every set listed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-listed=()
+commits=() tags=() sums=()
 while read -r commit tag sum _ || [ -n "${commit:-}" ]; do
   case $commit in ''|\#*) continue ;; esac
-  listed+=("$tag")
+  commits+=("$commit") tags+=("$tag") sums+=("$sum")
 done < scripts/kept_sets.txt
 for want in "$@"; do
-  [[ " ${listed[*]} " == *" $want "* ]] || { echo "no set named $want in scripts/kept_sets.txt (listed: ${listed[*]})"; exit 1; }
+  [[ " ${tags[*]} " == *" $want "* ]] || { echo "no set named $want in scripts/kept_sets.txt (listed: ${tags[*]})"; exit 1; }
 done
 mkdir -p .device/kept
-while read -r commit tag sum _ || [ -n "${commit:-}" ]; do
-  case $commit in ''|\#*) continue ;; esac
+for i in "${!tags[@]}"; do
+  tag=${tags[i]} commit=${commits[i]}
   [ $# = 0 ] || [[ " $* " == *" $tag "* ]] || continue
   out=.device/kept/data-$tag.tar
   if ! git cat-file blob "$commit:data/distill/data-$tag.tar" > "$out.tmp"; then
     rm -f "$out.tmp"; echo "set $tag: data/distill/data-$tag.tar is not in commit $commit of this clone (a shallow clone? git fetch --unshallow)"; exit 1
   fi
-  echo "$sum  $out.tmp" | sha256sum -c --quiet - || { rm -f "$out.tmp"; echo "set $tag: checksum mismatch"; exit 1; }
+  echo "${sums[i]}  $out.tmp" | sha256sum -c --quiet - || { rm -f "$out.tmp"; echo "set $tag: checksum mismatch"; exit 1; }
   mv "$out.tmp" "$out"
   echo "$out ($(du -h "$out" | cut -f1))"
-done < scripts/kept_sets.txt
+done
