@@ -23,8 +23,8 @@
 # Data and train stop SECS seconds in (SIGINT: the CLI saves what it has) and the same command in the next call
 # goes on; give SECS ~60 s less than what the call has left after bootstrap, since a stop may take 30 s more.
 # eval has no budget (~3 minutes on an H200). Environment: W (work folder,
-# /root/work), N (prompts per set, 30720), B (rows generated at once, 512; larger may be faster on an H200,
-# unmeasured), MODEL (the GGUF), PROMPTS_FILE (.device/data/mt_bench.jsonl, from
+# /root/work), N (prompts per set, 30720), B (rows generated at once, 512; 1024 was no faster per prompt on
+# another H200 host, README), MODEL (the GGUF), PROMPTS_FILE (.device/data/mt_bench.jsonl, from
 # scripts/export_prompts.py --out .device/data, for eval).
 set -euo pipefail
 export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1
@@ -70,13 +70,13 @@ case ${1:?mode: steer, self, keep, restore, train or eval} in
     dir=${2:?DIR or shipped} seeds=${3:-0}; d=(); [ "$dir" = shipped ] || d=(--drafter "$dir")
     p=(${m[@]+"${m[@]}"} ${d[@]+"${d[@]}"} --prompts "${PROMPTS_FILE:-.device/data/mt_bench.jsonl}" --every 2 --max-tokens 256)
     tag=$(basename "$dir")
-    for s in ${seeds//,/ }; do
-      MLX_CACHE_GB=4 "${mr[@]}" eval-drafter "${p[@]}" --widths 32 --lengths 6 --nodes 32 --lookup on --temp 0.7 --seed "$s" \
-        --out "$OUT/eval-$tag-t0.7-s$s" > "$OUT/eval-$tag-t0.7-s$s.log" 2>&1 &
-    done
-    MLX_CACHE_GB=4 "${mr[@]}" eval-drafter "${p[@]}" --widths 4 --lengths 4 --lookup both --out "$OUT/eval-$tag-4x4" > "$OUT/eval-$tag-4x4.log" 2>&1 &
-    MLX_CACHE_GB=4 "${mr[@]}" eval-drafter "${p[@]}" --widths 32 --lengths 6 --nodes 32 --lookup both --out "$OUT/eval-$tag-32x6" \
-      > "$OUT/eval-$tag-32x6.log" 2>&1 &
+    ev() {  # NAME FLAGS...: one evaluation in the background, into $OUT/eval-TAG-NAME (and .log)
+      local out=$OUT/eval-$tag-$1; shift
+      MLX_CACHE_GB=4 "${mr[@]}" eval-drafter "${p[@]}" "$@" --out "$out" > "$out.log" 2>&1 &
+    }
+    for s in ${seeds//,/ }; do ev "t0.7-s$s" --widths 32 --lengths 6 --nodes 32 --lookup on --temp 0.7 --seed "$s"; done
+    ev 4x4 --widths 4 --lengths 4 --lookup both
+    ev 32x6 --widths 32 --lengths 6 --nodes 32 --lookup both
     rc=0; for pid in $(jobs -p); do wait "$pid" || rc=1; done
     cat "$OUT"/eval-"$tag"-*/acceptance.md || true; rm -f "$OUT"/eval-"$tag"-*/*.png
     [ $rc = 0 ] || { echo "an evaluation failed: see $OUT/eval-$tag-*.log"; exit 1; } ;;
