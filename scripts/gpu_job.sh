@@ -10,8 +10,9 @@
 #   self TAG SEED SECS    the same without openings (prompts sampled freely from the user turn)
 #   keep TAG...           $OUT/data-TAG.tar (shards and prompts) to bring back; commit them (scripts/kept_sets.txt
 #                         says how: in history, not the tree) and carry them later in .device/kept/
-#   restore               unpack every .device/kept/*.tar into $W (scripts/kept_sets.sh writes them there; carry
-#                         [".device/kept"] in a call after the staging calls: stage and sets pass 64 MiB together)
+#   restore [DIR]         unpack every DIR/*.tar (.device/kept) into $W (scripts/kept_sets.sh writes them there; carry
+#                         [DIR] in a call after the staging calls: stage and sets pass 64 MiB together; sets passing
+#                         ~48 MiB go in two folders, KEPT=DIR scripts/kept_sets.sh, each carried and restored in its call)
 #   train SECS TAG...     the shipped recipe (scripts/train_default_drafter.sh train, variant steer-self) on the sets
 #                         steer and self plus --extra-data of each data-TAG given, into $W/steer-self, resuming its
 #                         checkpoint on the same machine (the same TAGs: FORCE=1 starts again); the drafter and the
@@ -56,8 +57,9 @@ case ${1:?mode: steer, self, keep, restore, train or eval} in
   self) data "${2:?TAG}" "${3:?SEED}" "${4:?SECS}" ;;
   keep) shift; for tag in "$@"; do tar -C "$W" -cf "$OUT/data-$tag.tar" "data-$tag" "$tag-prompts.jsonl.gz"; done ;;
   restore)
-    ls .device/kept/*.tar > /dev/null 2>&1 || { echo "no .device/kept/*.tar: run scripts/kept_sets.sh here, carry .device/kept"; exit 1; }
-    for t in .device/kept/*.tar; do tar -C "$W" -xf "$t"; done; ls "$W" ;;
+    kept=${2:-.device/kept}
+    ls "$kept"/*.tar > /dev/null 2>&1 || { echo "no $kept/*.tar: run scripts/kept_sets.sh here, carry $kept"; exit 1; }
+    for t in "$kept"/*.tar; do tar -C "$W" -xf "$t"; done; ls "$W" ;;
   train)  # the shipped recipe's steer-self variant (data-steer, data-self) plus each data-TAG given; resumes
     secs=${2:?SECS}; shift 2
     extra=(); for tag in "$@"; do extra+=(--extra-data "$W/data-$tag"); done

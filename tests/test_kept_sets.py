@@ -1,5 +1,6 @@
 """scripts/kept_sets.sh: distillation sets kept in git history come back byte for byte, or not at all."""
 import hashlib
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,8 +38,9 @@ def repo(tmp_path):
     return tmp_path, blobs
 
 
-def run(repo, *tags):
-    return subprocess.run(["bash", str(repo / "scripts" / "kept_sets.sh"), *tags], capture_output=True, text=True)
+def run(repo, *tags, env=None):
+    return subprocess.run(["bash", str(repo / "scripts" / "kept_sets.sh"), *tags], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_a_set_comes_back_from_history_byte_for_byte(repo):
@@ -46,6 +48,14 @@ def test_a_set_comes_back_from_history_byte_for_byte(repo):
     result = run(path, "a")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (path / ".device" / "kept" / "data-a.tar").read_bytes() == blobs["a"]
+
+
+def test_kept_names_another_folder_for_sets_carried_in_a_second_call(repo):
+    path, blobs = repo
+    result = run(path, "a", env={"KEPT": ".device/kept2"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (path / ".device" / "kept2" / "data-a.tar").read_bytes() == blobs["a"]
+    assert not (path / ".device" / "kept").exists()
 
 
 def test_a_checksum_mismatch_leaves_nothing_behind(repo):
