@@ -25,8 +25,8 @@
 # goes on; give SECS ~60 s less than what the call has left after bootstrap, since a stop may take 30 s more.
 # eval has no budget (~3 minutes on an H200). Environment: W (work folder,
 # /root/work), N (prompts per set, 30720), B (rows generated at once, 512; 1024 was no faster per prompt on
-# another H200 host, README), MODEL (the GGUF), PROMPTS_FILE (.device/data/mt_bench.jsonl, from
-# scripts/export_prompts.py --out .device/data, for eval).
+# another H200 host, README), MODEL (the GGUF), PROMPTS_FILE (eval's prompts; default the MT-Bench first turns the
+# package holds).
 set -euo pipefail
 export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1
 W=${W:-/root/work} N=${N:-30720} B=${B:-512} MODEL=${MODEL-/root/models/SmolLM2-135M-Instruct.Q4_1.gguf}  # MODEL= : the embedded one
@@ -70,7 +70,7 @@ case ${1:?mode: steer, self, keep, restore, train or eval} in
     exit $rc ;;
   eval)
     dir=${2:?DIR or shipped} seeds=${3:-0}; d=(); [ "$dir" = shipped ] || d=(--drafter "$dir")
-    p=(${m[@]+"${m[@]}"} ${d[@]+"${d[@]}"} --prompts "${PROMPTS_FILE:-.device/data/mt_bench.jsonl}" --every 2 --max-tokens 256)
+    p=(${m[@]+"${m[@]}"} ${d[@]+"${d[@]}"} ${PROMPTS_FILE:+--prompts "$PROMPTS_FILE"} --every 2 --max-tokens 256)
     tag=$(basename "$dir")
     ev() {  # NAME FLAGS...: one evaluation in the background, into $OUT/eval-TAG-NAME (and .log)
       local out=$OUT/eval-$tag-$1; shift
