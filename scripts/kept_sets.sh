@@ -3,7 +3,8 @@
 # .device/kept/data-TAG.tar, checked against their sha256, for `scripts/gpu_job.sh restore` on the GPU:
 # carry [".device/kept"] in a call after the three staging calls (stage and sets together pass 64 MiB).
 # Usage: [KEPT=DIR] scripts/kept_sets.sh [TAG...]   (no TAG: every set listed; KEPT: another folder than
-# .device/kept, for sets that pass a call's 64 MiB together: carry each folder in its own call, restore DIR)
+# .device/kept, relative to the checkout's root, for sets that pass a call's 64 MiB together: carry each folder
+# in its own call, restore DIR)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 commits=() tags=() sums=()
