@@ -368,3 +368,51 @@ def test_kl_training_runs_in_chunks_and_learns(base, tmp_path, monkeypatch):
     _, metrics = fit(base, examples, tmp_path / "d", cfg, progress=False)
     losses = metrics["loss_history"]
     assert all(np.isfinite(losses)) and np.mean(losses[-4:]) < np.mean(losses[:4])
+
+
+def test_pack_rows_places_every_sequence_whole_and_apart():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 41, 50).tolist()
+    place = training.pack_rows(lengths, 40)
+    used = {}
+    for n, (row, offset) in zip(lengths, place):
+        assert 0 <= offset and offset + n <= 40
+        cells = {(row, c) for c in range(offset, offset + n)}
+        assert not cells & used.keys()
+        used.update(dict.fromkeys(cells))
+    least = -(-sum(lengths) // 40)
+    assert max(r for r, _ in place) + 1 <= 11 * least // 9 + 1  # first-fit decreasing's bound
+
+
+@pytest.mark.parametrize("variant", ["apple", "reduced-vocab", "features"])
+def test_a_packed_batch_trains_as_its_examples_one_at_a_time(base, variant):
+    """Examples packed into shared rows (own positions, attention within each) give the same loss
+    sums, hits and counts as each example in a batch of its own, and as one example a row (plain
+    causal attention, pack=False): packing changes no training target."""
+    drafter = tiny_drafter(base, variant)
+    cfg = TrainConfig(unroll=3, seq_len=32)
+    to_draft = None
+    if drafter.config.draft_vocab_size:
+        inverse = np.full(VOCAB, -1, dtype=np.int32)
+        inverse[np.array(drafter.draft_to_token)] = np.arange(drafter.config.draft_vocab_size)
+        to_draft = mx.array(inverse)
+    rng = np.random.default_rng(1)
+    examples = [(rng.integers(2, VOCAB, n), int(p)) for n, p in zip(rng.integers(4, 40, 9), rng.integers(0, 6, 9))]
+
+    def sums(rows, pack=True):
+        batch = training.make_batch(rows, cfg.seq_len, cfg.unroll, pack)
+        inputs = training.base_inputs(base, drafter, batch, cfg, with_teacher=False)
+        return batch, [np.array(s) for s in training.drafter_sums(drafter, base, *inputs[:4], cfg, to_draft, None)]
+
+    packed, together = sums(examples)
+    assert packed.x.shape[0] < len(examples)  # several examples share a row
+    alone = [sums([e])[1] for e in examples]
+    unpacked, in_rows = sums(examples, pack=False)
+    assert unpacked.x.shape[0] == len(examples) and unpacked.mask is None
+    for part, want, row_part in zip(together, (sum(a[i] for a in alone) for i in range(3)), in_rows):
+        np.testing.assert_allclose(part, want, rtol=1e-4)
+        np.testing.assert_allclose(part, row_part, rtol=1e-4)
+    if to_draft is None:  # (a reduced vocabulary also leaves out targets it lacks)
+        # step k of a start t is counted where x_{t+k+1} exists: t from max(p - 2, 0) up to n - k - 2
+        want = [sum(max(0, min(len(t), 32) - k - 1 - max(p - 2, 0)) for t, p in examples) for k in (1, 2, 3)]
+        assert together[2].tolist() == want
