@@ -6,7 +6,9 @@ DIR is a finished distillation data folder (e.g. `scripts/kept_sets.sh steer4`, 
 .device/kept/data-steer4.tar). A step is what `training.fit` computes for one batch: the batch's
 layout, the frozen base model's forward, the drafter's loss and gradient (the optimizer's update
 is the same either way and left out). Each batch is timed both ways, the order alternating from
-batch to batch, after one warm-up of each. Prints a table and saves every row as JSON.
+batch to batch, after one warm-up of each (on a GPU, each batch is also run both ways untimed first:
+new shapes compile kernels there). The drafter's unroll and seq_len are those it was trained with.
+Prints a table and saves every row as JSON.
 """
 
 import argparse
@@ -47,17 +49,13 @@ def main():
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     base, _, _ = model_for(args.model, None, drafter=None, dtype="auto")
-    drafter = load_drafter(args.drafter or DEFAULT_DRAFTER, base, dtype=mx.float32)
+    source = args.drafter or DEFAULT_DRAFTER
+    drafter = load_drafter(source, base, dtype=mx.float32)
     base.freeze()
-    c = drafter.config
-    cfg = training.TrainConfig(exit_dim=c.exit_dim, draft_vocab_size=c.draft_vocab_size, batch_size=args.batch_size,
-                               feature_layers=c.feature_layers)
+    trained = json.loads((source / "config.json").read_text()).get("training", {}).get("train_config", {})
+    cfg = training.TrainConfig(batch_size=args.batch_size, unroll=trained.get("unroll", 6), seq_len=trained.get("seq_len", 640))
     examples = training.with_targets(training.sequences_for(base, args.data), cfg)
-    to_draft = None
-    if c.draft_vocab_size:
-        inverse = np.full(c.vocab_size, -1, dtype=np.int32)
-        inverse[np.array(drafter.draft_to_token)] = np.arange(c.draft_vocab_size)
-        to_draft = mx.array(inverse)
+    to_draft = training.draft_ids(drafter)
     loss_and_grad = nn.value_and_grad(drafter, lambda d, *a: training.drafter_sums(d, base, *a, cfg, to_draft, None))
     rng = np.random.default_rng(args.seed)
     draw = lambda: [examples[j] for j in rng.choice(len(examples), args.batch_size, replace=False)]  # noqa: E731
@@ -67,6 +65,8 @@ def main():
     for i in range(args.batches):
         batch = draw()
         timed = {}
+        for pack in (True, False) if backend.on_gpu() else ():  # a batch's shapes compile on a GPU: not timed
+            step_seconds(base, drafter, loss_and_grad, batch, cfg, pack)
         for pack in ((True, False) if i % 2 == 0 else (False, True)):
             timed[pack] = step_seconds(base, drafter, loss_and_grad, batch, cfg, pack)
         row = {"batch": i, "tokens": int(sum(min(len(t), cfg.seq_len) for t, _ in batch)),

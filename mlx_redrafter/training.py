@@ -127,7 +127,7 @@ class Batch:
     """One training batch: its examples packed into rows, flattened to the start positions that have a response target.
 
     x (R, T) tokens, positions (R, T) each token's position in its own example, mask (R, 1, T, T)
-    causal within each example (`pack_rows` places them; None: one example a row, plain causal);
+    causal within each example (`pack_rows` places them; both None: one example a row, from 0, causal);
     starts (N,) flat indices r*T + t of the start positions; inputs (K, N) flat index of x_{t+k}
     (the token step k consumes); valid (K, N) whether x_{t+k+1} exists and is a response token.
     T is the longest example rounded up to 128 (at most seq_len), R 1 or even, N a multiple of
@@ -139,7 +139,7 @@ class Batch:
     """
 
     x: mx.array
-    positions: mx.array
+    positions: Optional[mx.array]
     mask: Optional[mx.array]
     starts: mx.array
     inputs: mx.array
@@ -149,8 +149,9 @@ class Batch:
 def pack_rows(lengths, width: int):
     """(row, offset) of each sequence, first-fit by decreasing length into rows of `width` tokens.
 
-    One example a row, padded to the longest, spent ~43% of a distillation batch's base-model
-    forward on padding (examples of ~260 tokens in rows of ~460); packed, ~26% fewer positions.
+    One example a row, padded to the longest (rounded up to 128), spent ~39% of a distillation
+    batch's base-model forward on padding (examples of ~260 tokens in rows of 384-640); packed
+    into rows as wide, 21% fewer positions (results/cpu/train-packing.json).
     """
     free, place = [], [None] * len(lengths)
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -168,7 +169,8 @@ def make_batch(rows, seq_len: int, unroll: int, pack: bool = True) -> Batch:
     T = min(seq_len, -(-max(lengths) // 128) * 128)  # wider rows pack tighter but cost more attention a row
     place = pack_rows(lengths, T) if pack else [(i, 0) for i in range(len(rows))]
     R = max(r for r, _ in place) + 1
-    R += R % 2 if pack and R > 1 else 0
+    if pack and R > 1:
+        R += R % 2  # half as many shapes
     x = np.zeros((R, T), dtype=np.int32)
     positions = np.tile(np.arange(T, dtype=np.int32), (R, 1))  # padding: its own causal run at each row's end
     segment = np.full((R, T), -1)
@@ -183,12 +185,19 @@ def make_batch(rows, seq_len: int, unroll: int, pack: bool = True) -> Batch:
         starts.append(first + t)
         inputs.append(first + np.minimum(t + k, n - 1))
         valid.append(t + k + 1 < n)
-    keys = np.arange(T)
-    mask = (segment[:, None, None, :] == segment[:, None, :, None]) & (keys[None, :] <= keys[:, None])
-    starts, inputs, valid = np.concatenate(starts), np.concatenate(inputs, axis=1), np.concatenate(valid, axis=1)
-    pad = -(-len(starts) // 2048) * 2048 - len(starts)
-    return Batch(mx.array(x), mx.array(positions), mx.array(mask) if pack else None, mx.array(np.pad(starts, (0, pad))),
-                 mx.array(np.pad(inputs, ((0, 0), (0, pad)))), mx.array(np.pad(valid, ((0, 0), (0, pad)))))
+    mask = None
+    if pack:
+        keys = np.arange(T)
+        mask = mx.array((segment[:, None, None, :] == segment[:, None, :, None]) & (keys[None, :] <= keys[:, None]))
+    width = -(-sum(len(t) for t in starts) // 2048) * 2048
+    return Batch(mx.array(x), mx.array(positions) if pack else None, mask,
+                 _padded(starts, width), _padded(inputs, width), _padded(valid, width))
+
+
+def _padded(parts, width: int) -> mx.array:
+    """Per-example arrays joined along their last axis, zero-padded to `width` there."""
+    joined = np.concatenate(parts, axis=-1)
+    return mx.array(np.pad(joined, [(0, 0)] * (joined.ndim - 1) + [(0, width - joined.shape[-1])]))
 
 
 def batches(examples, cfg: TrainConfig, epoch: int):
@@ -196,6 +205,15 @@ def batches(examples, cfg: TrainConfig, epoch: int):
     order = np.random.default_rng(cfg.seed + epoch).permutation(len(examples))
     for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
         yield [examples[j] for j in order[i: i + cfg.batch_size]]
+
+
+def draft_ids(drafter) -> Optional[mx.array]:
+    """(V,) each token's id in a reduced draft vocabulary, -1 where it has none; None for a full one."""
+    if not drafter.config.draft_vocab_size:
+        return None
+    inverse = np.full(drafter.config.vocab_size, -1, dtype=np.int32)
+    inverse[np.array(drafter.draft_to_token)] = np.arange(drafter.config.draft_vocab_size)
+    return mx.array(inverse)
 
 
 def teaches(example, cfg: TrainConfig) -> bool:
@@ -427,11 +445,7 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     if not world.agree(refusal is None):
         raise ValueError(refusal or "rank 0 cannot resume this run: see its message")
     step = shared_start(world, drafter, optimizer, step)
-    token_to_draft = None
-    if dcfg.draft_vocab_size:
-        inverse = np.full(dcfg.vocab_size, -1, dtype=np.int32)
-        inverse[np.array(drafter.draft_to_token)] = np.arange(dcfg.draft_vocab_size)
-        token_to_draft = mx.array(inverse)
+    token_to_draft = draft_ids(drafter)
     base.freeze()
     sums_and_grad = nn.value_and_grad(drafter, lambda d, *a: drafter_sums(d, base, *a[:-1], cfg, token_to_draft, a[-1]))
 

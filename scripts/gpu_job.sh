@@ -17,6 +17,8 @@
 #                         steer and self plus --extra-data of each data-TAG given, into $W/steer-self, resuming its
 #                         checkpoint on the same machine (the same TAGs: FORCE=1 starts again); the drafter and the
 #                         log are copied to $OUT
+#   packing [TAG]         benchmarks/train_packing.py on data-TAG (default steer): training steps with a batch's examples
+#                         packed into shared rows against one a row, 8 batches (~1 minute): $OUT/train-packing.json
 #   eval DIR SEEDS        the drafter in DIR (or "shipped") on 40 MT-Bench first turns, 256 tokens: sampled T = 0.7
 #                         with lookup at the GPU default (32 x 6 / 32 nodes), one run per seed (e.g. 0,1,2), and
 #                         greedy replayed at 4 x 4 and 32 x 6 / 32, with and without lookup; acceptance.json in $OUT
@@ -32,7 +34,7 @@ export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1
 W=${W:-/root/work} N=${N:-30720} B=${B:-512} MODEL=${MODEL-/root/models/SmolLM2-135M-Instruct.Q4_1.gguf}  # MODEL= : the embedded one
 OUT=${OUT:-$W/out}
 mkdir -p "$W" "$OUT"
-case ${1:-} in steer|self|train|eval)  # a machine that lost its staging fails here, not minutes into a call
+case ${1:-} in steer|self|train|eval|packing)  # a machine that lost its staging fails here, not minutes into a call
   fix="run the three staging calls first (../shared/device/README.md)"
   python3 -c "import mlx.core" 2> /dev/null || { echo "MLX is missing: $fix"; exit 1; }
   [ -z "$MODEL" ] || [ -f "$MODEL" ] || { echo "no model at $MODEL: $fix"; exit 1; } ;;
@@ -52,7 +54,7 @@ data() {  # TAG SEED SECS [--start-file F]
     --all-turns --num-prompts "$N" --max-new-tokens 256 --gen-batch-size "$B" --gen-temp 0.7 --data-only  # finished shards are skipped
 }
 
-case ${1:?mode: steer, self, keep, restore, train or eval} in
+case ${1:?mode: steer, self, keep, restore, train, packing or eval} in
   steer) data "${2:?TAG}" "${3:?SEED}" "${4:?SECS}" --start-file scripts/prompt_starts.txt ;;
   self) data "${2:?TAG}" "${3:?SEED}" "${4:?SECS}" ;;
   keep) shift; for tag in "$@"; do tar -C "$W" -cf "$OUT/data-$tag.tar" "data-$tag" "$tag-prompts.jsonl.gz"; done ;;
@@ -68,6 +70,8 @@ case ${1:?mode: steer, self, keep, restore, train or eval} in
     cp "$W/steer-self.log" "$OUT/" 2>/dev/null || true
     [ ! -f "$W/steer-self/drafter/config.json" ] || cp -r "$W/steer-self/drafter" "$OUT/steer-self-drafter"
     exit $rc ;;
+  packing) python3 benchmarks/train_packing.py --data "$W/data-${2:-steer}" ${m[@]+"${m[@]}"} --batches 8 \
+    --out "$OUT/train-packing.json" ;;
   eval)
     dir=${2:?DIR or shipped} seeds=${3:-0}; d=(); [ "$dir" = shipped ] || d=(--drafter "$dir")
     p=(${m[@]+"${m[@]}"} ${d[@]+"${d[@]}"} ${PROMPTS_FILE:+--prompts "$PROMPTS_FILE"} --every 2 --max-tokens 256)

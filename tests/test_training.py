@@ -380,8 +380,11 @@ def test_pack_rows_places_every_sequence_whole_and_apart():
         cells = {(row, c) for c in range(offset, offset + n)}
         assert not cells & used.keys()
         used.update(dict.fromkeys(cells))
-    least = -(-sum(lengths) // 40)
-    assert max(r for r, _ in place) + 1 <= 11 * least // 9 + 1  # first-fit decreasing's bound
+    rows = max(r for r, _ in place) + 1
+    fill = [sum(n for n, (r, _) in zip(lengths, place) if r == row) for row in range(rows)]
+    for later in range(1, rows):  # first fit: nothing in a later row would have fit in an earlier one
+        smallest = min(n for n, (r, _) in zip(lengths, place) if r == later)
+        assert all(smallest > 40 - fill[earlier] for earlier in range(later))
 
 
 @pytest.mark.parametrize("variant", ["apple", "reduced-vocab", "features"])
@@ -391,11 +394,7 @@ def test_a_packed_batch_trains_as_its_examples_one_at_a_time(base, variant):
     causal attention, pack=False): packing changes no training target."""
     drafter = tiny_drafter(base, variant)
     cfg = TrainConfig(unroll=3, seq_len=32)
-    to_draft = None
-    if drafter.config.draft_vocab_size:
-        inverse = np.full(VOCAB, -1, dtype=np.int32)
-        inverse[np.array(drafter.draft_to_token)] = np.arange(drafter.config.draft_vocab_size)
-        to_draft = mx.array(inverse)
+    to_draft = training.draft_ids(drafter)
     rng = np.random.default_rng(1)
     examples = [(rng.integers(2, VOCAB, n), int(p)) for n, p in zip(rng.integers(4, 40, 9), rng.integers(0, 6, 9))]
 
@@ -416,3 +415,30 @@ def test_a_packed_batch_trains_as_its_examples_one_at_a_time(base, variant):
         # step k of a start t is counted where x_{t+k+1} exists: t from max(p - 2, 0) up to n - k - 2
         want = [sum(max(0, min(len(t), 32) - k - 1 - max(p - 2, 0)) for t, p in examples) for k in (1, 2, 3)]
         assert together[2].tolist() == want
+
+
+def test_make_batch_reads_each_example_where_it_was_packed():
+    """Independently of the layout: each start position reads its own example's token and position,
+    each step consumes x_{t+k} and targets x_{t+k+1} of that example, exactly the starts with a response
+    target are there (short examples, prompts past the end, truncation at seq_len included), and
+    attention stays within each example."""
+    spec = [(40, 0), (3, 1), (2, 0), (25, 30), (12, 2), (18, 5), (50, 10), (7, 7), (9, 1)]  # (length, prompt_len)
+    examples = [(1000 * (i + 1) + np.arange(n), p) for i, (n, p) in enumerate(spec)]  # token = 1000 (i + 1) + t
+    b = training.make_batch(examples, seq_len=32, unroll=3)
+    x, positions = np.array(b.x).reshape(-1), np.array(b.positions).reshape(-1)
+    starts, inputs, valid = np.array(b.starts), np.array(b.inputs), np.array(b.valid)
+    assert len(starts) % 2048 == 0 and b.x.shape[0] < len(spec)
+    seen = set()
+    for j in np.flatnonzero(valid[0]):  # padding is never valid
+        i, t = divmod(int(x[starts[j]]) - 1000, 1000)
+        n = min(spec[i][0], 32)
+        assert positions[starts[j]] == t and (i, t) not in seen
+        seen.add((i, t))
+        assert valid[:, j].tolist() == [t + k + 1 < n for k in (1, 2, 3)]
+        for k in (1, 2, 3):
+            if valid[k - 1, j]:
+                assert (x[inputs[k - 1, j]], x[inputs[k - 1, j] + 1]) == (x[starts[j]] + k, x[starts[j]] + k + 1)
+    assert seen == {(i, t) for i, (n, p) in enumerate(spec) for t in range(min(n, 32)) if p <= t + 2 < min(n, 32)}
+    ids = np.array(b.x) // 1000 - 1  # padding: -1
+    causal = np.arange(32)[None, :] <= np.arange(32)[:, None]
+    assert (np.array(b.mask)[:, 0] == ((ids[:, :, None] == ids[:, None, :]) & causal)).all()
