@@ -8,6 +8,7 @@ layout, the frozen base model's forward, the drafter's loss and gradient (the op
 is the same either way and left out). Each batch is timed both ways, the order alternating from
 batch to batch, after one warm-up of each (on a GPU, each batch is also run both ways untimed first:
 new shapes compile kernels there). The drafter's unroll and seq_len are those it was trained with.
+The host's share of a step (building its lazy graph, which the device waits for) is reported too.
 Prints a table and saves every row as JSON.
 """
 
@@ -30,12 +31,15 @@ from mlx_redrafter.outputs import write_file
 
 
 def step_seconds(base, drafter, loss_and_grad, rows, cfg, pack: bool):
-    """Seconds of one training step's computation on `rows`, and the base-model positions it ran."""
+    """Seconds of one training step's computation on `rows`, of it the host's building of the lazy graph
+    (a device waits for it, as `fit` evaluates each step before building the next), and the base-model
+    positions it ran."""
     start = time.perf_counter()
     batch = training.make_batch(rows, cfg.seq_len, cfg.unroll, pack)
     (total, _, _), grads = loss_and_grad(drafter, *training.base_inputs(base, drafter, batch, cfg, with_teacher=False)[:4])
+    built = time.perf_counter()
     mx.eval(total, grads)
-    return time.perf_counter() - start, int(batch.x.size)
+    return time.perf_counter() - start, built - start, int(batch.x.size)
 
 
 def main():
@@ -70,8 +74,8 @@ def main():
         for pack in ((True, False) if i % 2 == 0 else (False, True)):
             timed[pack] = step_seconds(base, drafter, loss_and_grad, batch, cfg, pack)
         row = {"batch": i, "tokens": int(sum(min(len(t), cfg.seq_len) for t, _ in batch)),
-               "packed_seconds": timed[True][0], "packed_positions": timed[True][1],
-               "one_a_row_seconds": timed[False][0], "one_a_row_positions": timed[False][1]}
+               "packed_seconds": timed[True][0], "packed_build_seconds": timed[True][1], "packed_positions": timed[True][2],
+               "one_a_row_seconds": timed[False][0], "one_a_row_positions": timed[False][2]}
         row["speedup"] = row["one_a_row_seconds"] / row["packed_seconds"]
         rows.append(row)
         print(f"batch {i}: {row['tokens']} tokens; one a row {row['one_a_row_positions']} positions "
@@ -83,9 +87,11 @@ def main():
                "seconds_per_step": {"packed": float(np.mean([r["packed_seconds"] for r in rows])),
                                     "one_a_row": float(np.mean([r["one_a_row_seconds"] for r in rows]))},
                "positions_per_step": {"packed": float(np.mean([r["packed_positions"] for r in rows])),
-                                      "one_a_row": float(np.mean([r["one_a_row_positions"] for r in rows]))}}
+                                      "one_a_row": float(np.mean([r["one_a_row_positions"] for r in rows]))},
+               "packed_graph_build_seconds": float(np.median([r["packed_build_seconds"] for r in rows]))}
     print(f"packed: {median:.2f}x the steps per second of one example a row (IQR {q1:.2f}-{q3:.2f}), "
-          f"{summary['seconds_per_step']['packed']:.2f} against {summary['seconds_per_step']['one_a_row']:.2f} s a step")
+          f"{summary['seconds_per_step']['packed']:.2f} against {summary['seconds_per_step']['one_a_row']:.2f} s a step; "
+          f"building a step's graph on the host: {1000 * summary['packed_graph_build_seconds']:.1f} ms (median)")
     out = args.out or Path(f"results/{'gpu' if backend.on_gpu() else 'cpu'}/train-packing.json")
     write_file(out, json.dumps({"machine": backend.machine(), "data": str(args.data), "drafter": str(drafter.source),
                                 "batch_size": args.batch_size, "seq_len": cfg.seq_len, "unroll": cfg.unroll,
