@@ -93,7 +93,8 @@ def main():
           f"{summary['seconds_per_step']['packed']:.2f} against {summary['seconds_per_step']['one_a_row']:.2f} s a step; "
           f"building a step's graph on the host: {1000 * summary['packed_graph_build_seconds']:.1f} ms (median)")
     out = args.out or Path(f"results/{'gpu' if backend.on_gpu() else 'cpu'}/train-packing.json")
-    write_file(out, json.dumps({"machine": backend.machine(), "data": str(args.data), "drafter": str(drafter.source),
+    write_file(out, json.dumps({"machine": backend.machine(), "model": args.model or "the default model",
+                                "data": str(args.data), "drafter": str(drafter.source),
                                 "batch_size": args.batch_size, "seq_len": cfg.seq_len, "unroll": cfg.unroll,
                                 "summary": summary, "rows": rows}, indent=2))
     print(f"saved {out}")
