@@ -1,6 +1,7 @@
 """Make a distillation data directory holding the first K shards of a larger one, for the data-size
 curve (issue 15): `train --data OUT --num-prompts N` then uses it as if it had generated those N prompts.
     python scripts/data_subset.py --data work/data-sampled --shards 5 --prompts sharegpt.jsonl.gz --out work/data-5
+The directory may be unfinished (a data run stopped part way): its shards from the first up to a gap count.
 The shards are hard-linked (copied across file systems); the manifest is the one a run with
 `--num-prompts N --all-turns` on the same prompt file and settings would write, so train checks it as usual."""
 
@@ -12,22 +13,32 @@ import tempfile
 from pathlib import Path
 
 from mlx_redrafter.data import conversations
-from mlx_redrafter.distill import DataConfig, complete_shards, data_manifest, shard_size
+from mlx_redrafter.distill import SHARD_NAME, DataConfig, data_manifest, shard_size
 from mlx_redrafter.validate import read_json_object
+
+
+def leading_shards(data_dir: Path):
+    """shard-00000.npz, shard-00001.npz, ... up to the first one missing: an unfinished run's shards count too."""
+    present = {p.name for p in data_dir.glob("shard-*.npz") if SHARD_NAME.fullmatch(p.name)}  # not a .tmp.npz
+    shards = []
+    while f"shard-{len(shards):05d}.npz" in present:
+        shards.append(data_dir / f"shard-{len(shards):05d}.npz")
+    return shards
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, required=True, help="a finished data directory")
+    p.add_argument("--data", type=Path, required=True, help="a data directory, finished or not (its first shards)")
     p.add_argument("--shards", type=int, required=True, help="how many of its first shards to keep")
     p.add_argument("--prompts", type=Path, required=True, help="the prompt file the data was made from")
     p.add_argument("--out", type=Path, required=True, help="a new directory")
     args = p.parse_args()
     if args.out.exists():
         raise SystemExit(f"error: {args.out} exists: name a new directory")
-    shards = complete_shards(args.data)
+    shards = leading_shards(args.data)
     if not 1 <= args.shards <= len(shards):
-        raise SystemExit(f"error: --shards must be 1..{len(shards)} ({args.data} holds {len(shards)}), got {args.shards}")
+        raise SystemExit(f"error: --shards must be 1..{len(shards)} ({args.data} holds shards 0..{len(shards) - 1} "
+                         f"without a gap), got {args.shards}")
     shards = shards[: args.shards]
     old = read_json_object(args.data / "manifest.json", "a data manifest", "use another --data directory")
     cfg = DataConfig(**old["config"])
