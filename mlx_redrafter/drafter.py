@@ -337,6 +337,14 @@ def drafter_from(model, drafter):
     return drafter
 
 
+def drafter_folder(path) -> Path:
+    """The folder holding a drafter's config.json: `path`, or its drafter/ (a `mlx-redrafter train` output)."""
+    path = Path(path).expanduser()
+    if not (path / "config.json").exists() and (path / "drafter" / "config.json").exists():
+        return path / "drafter"
+    return path
+
+
 def load_drafter(path, base=None, dtype=None) -> Drafter:
     """Load a drafter directory (config.json + *.safetensors); check it against `base`.
 
@@ -348,9 +356,8 @@ def load_drafter(path, base=None, dtype=None) -> Drafter:
     """
     if isinstance(path, str) and not path.strip():  # Path("") would be the working directory
         raise ValueError(EMPTY_DRAFTER_PATH)
-    path = source = Path(path).expanduser()
-    if not (path / "config.json").exists() and (path / "drafter" / "config.json").exists():
-        path = path / "drafter"  # a `mlx-redrafter train` output directory
+    source = Path(path).expanduser()
+    path = drafter_folder(source)
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"no drafter at {path}: expected config.json and model.safetensors there")

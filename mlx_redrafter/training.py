@@ -39,7 +39,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .distributed import World, world as current_world
-from .drafter import DrafterConfig, check_config_against_base, init_drafter, load_drafter, save_drafter, write_drafter_files
+from .drafter import (DrafterConfig, check_config_against_base, drafter_folder, init_drafter, load_drafter, read_config,
+                      save_drafter, write_drafter_files)
 from .loading import cast
 from .outputs import atomic_output, check_location, claim_dir, write_file
 from .progress import progress as progress_bar
@@ -372,6 +373,12 @@ def resume_refusal(checkpoint: Path, saved, asked, step: int, total: int) -> Opt
     return None
 
 
+def init_record(init) -> Optional[dict]:
+    """The --init drafter's own "training" record (None if it has none), kept in the continued drafter's
+    config so that it tells the whole history: data, steps and time of every stage."""
+    return read_config(drafter_folder(init) / "config.json").get("training")
+
+
 def progress_state(meta: dict, history: list, kept: dict, start_time: float) -> dict:
     """What a checkpoint keeps beside the weights: the final metrics' steps and the training time so far."""
     return {**meta, "tail": tail_of(history) or kept["tail"],
@@ -495,6 +502,7 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
         "heldout_examples": len(heldout),
         "heldout_top1_per_position": heldout_top1(drafter, base, heldout, cfg, token_to_draft) if heldout else None,
         **({"heldout_note": "the --init drafter may have trained on these"} if cfg.init and heldout else {}),
+        **({"init_training": init_record(cfg.init)} if cfg.init else {}),
         "train_config": asdict(cfg), **(record or {}),
     }
     if world.is_main:
