@@ -373,6 +373,15 @@ def resume_refusal(checkpoint: Path, saved, asked, step: int, total: int) -> Opt
     return None
 
 
+SHAPE_FIELDS = ("num_draft_layers", "exit_dim", "head", "draft_vocab_size", "rnn", "feature_layers")
+
+
+def recorded_config(cfg: TrainConfig) -> dict:
+    """The settings as config.json records them: with --init, less the shape fields the starting drafter
+    decided (config.json's top level holds its shape), which would otherwise show defaults never used."""
+    return {k: v for k, v in asdict(cfg).items() if not (cfg.init and k in SHAPE_FIELDS)}
+
+
 def init_record(init) -> Optional[dict]:
     """The --init drafter's own "training" record (None if it has none), kept in the continued drafter's
     config so that it tells the whole history: data, steps and time of every stage."""
@@ -503,7 +512,7 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
         "heldout_top1_per_position": heldout_top1(drafter, base, heldout, cfg, token_to_draft) if heldout else None,
         **({"heldout_note": "the --init drafter may have trained on these"} if cfg.init and heldout else {}),
         **({"init_training": init_record(cfg.init)} if cfg.init else {}),
-        "train_config": asdict(cfg), **(record or {}),
+        "train_config": recorded_config(cfg), **(record or {}),
     }
     if world.is_main:
         save_drafter(drafter, out / "drafter", dtype=save_dtype, extra_config={"training": metrics}, bits=save_bits)

@@ -186,6 +186,7 @@ def test_training_continues_from_a_drafter(base, tmp_path):
     first_record = json.loads((tmp_path / "a" / "drafter" / "config.json").read_text())["training"]
     saved = json.loads((tmp_path / "b" / "drafter" / "config.json").read_text())["training"]
     assert saved["init_training"] == first_record and saved["steps"] == 1 != first_record["steps"]  # both stages told
+    assert "head" not in saved["train_config"] and "exit_dim" not in saved["train_config"]  # gave way to --init's
     a, b = weights(first), weights(again)
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert np.array_equal(np.array(first.draft_to_token), np.array(again.draft_to_token))
