@@ -445,6 +445,7 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     optimizer = optim.AdamW(learning_rate=schedule(cfg, total), weight_decay=cfg.weight_decay)
     mx.random.seed(cfg.seed)
     start_from = load_drafter(cfg.init, base, dtype=mx.float32) if cfg.init else None
+    history_before = init_record(cfg.init) if cfg.init else None  # read with its weights, not after the run
     dcfg = start_from.config if start_from else drafter_config(base, cfg)
     vocab_map, coverage = None, 1.0
     if dcfg.draft_vocab_size:
@@ -511,7 +512,7 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
         "heldout_examples": len(heldout),
         "heldout_top1_per_position": heldout_top1(drafter, base, heldout, cfg, token_to_draft) if heldout else None,
         **({"heldout_note": "the --init drafter may have trained on these"} if cfg.init and heldout else {}),
-        **({"init_training": init_record(cfg.init)} if cfg.init else {}),
+        **({"init_training": history_before} if history_before else {}),
         "train_config": recorded_config(cfg), **(record or {}),
     }
     if world.is_main:

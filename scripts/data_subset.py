@@ -36,12 +36,17 @@ def main():
     if args.out.exists():
         raise SystemExit(f"error: {args.out} exists: name a new directory")
     shards = leading_shards(args.data)
+    if not shards:
+        raise SystemExit(f"error: no shard-00000.npz in {args.data}: name a distillation data directory")
     if not 1 <= args.shards <= len(shards):
         raise SystemExit(f"error: --shards must be 1..{len(shards)} ({args.data} holds shards 0..{len(shards) - 1} "
                          f"without a gap), got {args.shards}")
     shards = shards[: args.shards]
     old = read_json_object(args.data / "manifest.json", "a data manifest", "use another --data directory")
-    cfg = DataConfig(**old["config"])
+    try:
+        cfg = DataConfig(**old["config"])
+    except (KeyError, TypeError, ValueError):
+        raise SystemExit(f"error: {args.data / 'manifest.json'} is not a data manifest: use another --data directory") from None
     convs = conversations(args.prompts, int(old["prompts"]), all_turns=True)
     made = data_manifest(cfg, convs)
     if {k: old.get(k) for k in made} != made:
@@ -58,6 +63,10 @@ def main():
                 os.link(s, tmp / s.name)
             except OSError:
                 shutil.copy2(s, tmp / s.name)
+        unlisted = [s.name for s in shards if s.name not in recorded]
+        if unlisted:  # a run stopped between writing a shard and listing it, or another machine's rank manifest
+            raise SystemExit(f"error: {args.data} has {unlisted[0]} but no manifest-rank-*.json lists it: "
+                             f"pass fewer --shards, or copy the rank manifests that list it")
         kept = {s.name: recorded[s.name] for s in shards}
         (tmp / "manifest-rank-00000.json").write_text(json.dumps({"rank": 0, "ranks": 1, "shards": kept}, indent=2))
         (tmp / "manifest.json").write_text(json.dumps(data_manifest(cfg, convs[:n]), indent=2))

@@ -180,13 +180,14 @@ def test_training_continues_from_a_drafter(base, tmp_path):
                                                                batch_size=8, epochs=1), progress=False,
                    save_dtype=mx.float32)
     cfg = TrainConfig(head="full", exit_dim=32, batch_size=8, epochs=1, lr=1e-12, warmup=0.0, max_steps=1,
-                      init=str(tmp_path / "a" / "drafter"))
+                      init=str(tmp_path / "a"))  # a `train` output folder: its drafter/ is read
     again, metrics = fit(base, examples[::-1], tmp_path / "b", cfg, progress=False, save_dtype=mx.float32)
     assert again.config == first.config and metrics["train_config"]["init"] == cfg.init
     first_record = json.loads((tmp_path / "a" / "drafter" / "config.json").read_text())["training"]
     saved = json.loads((tmp_path / "b" / "drafter" / "config.json").read_text())["training"]
     assert saved["init_training"] == first_record and saved["steps"] == 1 != first_record["steps"]  # both stages told
     assert "head" not in saved["train_config"] and "exit_dim" not in saved["train_config"]  # gave way to --init's
+    assert saved["train_config"]["lr"] == 1e-12 and saved["train_config"]["max_steps"] == 1  # the rest is kept
     a, b = weights(first), weights(again)
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert np.array_equal(np.array(first.draft_to_token), np.array(again.draft_to_token))
