@@ -55,6 +55,10 @@ def main():
     recorded = {}  # every rank's manifest: under mlx.launch each rank writes its own shards
     for rank_file in sorted(args.data.glob("manifest-rank-*.json")):
         recorded.update(read_json_object(rank_file, "a rank manifest", "use another --data directory")["shards"])
+    unlisted = [s.name for s in shards if s.name not in recorded]
+    if unlisted:  # a run stopped between writing a shard and listing it, or another machine's rank manifest
+        raise SystemExit(f"error: {args.data} has {unlisted[0]} but no manifest-rank-*.json lists it: "
+                         f"pass fewer --shards, or copy the rank manifests that list it")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.partial.", dir=args.out.parent))  # ours alone
     try:
@@ -63,10 +67,6 @@ def main():
                 os.link(s, tmp / s.name)
             except OSError:
                 shutil.copy2(s, tmp / s.name)
-        unlisted = [s.name for s in shards if s.name not in recorded]
-        if unlisted:  # a run stopped between writing a shard and listing it, or another machine's rank manifest
-            raise SystemExit(f"error: {args.data} has {unlisted[0]} but no manifest-rank-*.json lists it: "
-                             f"pass fewer --shards, or copy the rank manifests that list it")
         kept = {s.name: recorded[s.name] for s in shards}
         (tmp / "manifest-rank-00000.json").write_text(json.dumps({"rank": 0, "ranks": 1, "shards": kept}, indent=2))
         (tmp / "manifest.json").write_text(json.dumps(data_manifest(cfg, convs[:n]), indent=2))
