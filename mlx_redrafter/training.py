@@ -477,6 +477,15 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     start_time, history = time.perf_counter(), []
     bar = progress_bar(total=total, initial=step, desc="training drafter", unit="step", enabled=progress)
     meta = {"train_config": asdict(cfg)}
+
+    def log_step(step_out):
+        """A finished step's loss and top-1 per position into the history and the bar."""
+        loss, accs = (x.tolist() for x in step_out)
+        history.append((loss, accs))
+        bar.set_postfix(loss=f"{loss:.3f}", acc=" ".join(f"{a:.2f}" for a in accs), refresh=False)
+        bar.update(1)
+
+    pending = None  # the last step launched; read once the next is launched, so the device never waits for the host
     try:
         while step < total:
             epoch, skip = divmod(step, per_epoch)
@@ -484,18 +493,24 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
                 if skip:
                     skip -= 1
                     continue
-                loss, accs = train_step(rows)
-                mx.eval(drafter.parameters(), optimizer.state, loss, accs)
+                launched = train_step(rows)  # built on the host while the step before runs on the device
+                mx.async_eval(drafter.parameters(), optimizer.state, *launched)
                 step += 1
-                history.append((loss.item(), accs.tolist()))
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=" ".join(f"{a:.2f}" for a in accs.tolist()), refresh=False)
-                bar.update(1)
+                if pending is not None:
+                    log_step(pending)
+                pending = launched
                 if world.is_main and step % cfg.checkpoint_every == 0 and step < total:
+                    log_step(pending)
+                    pending = None
                     save_checkpoint(checkpoint, drafter, optimizer, step, progress_state(meta, history, kept, start_time))
                 if step >= total:
                     break
+        if pending is not None:
+            log_step(pending)
     except KeyboardInterrupt:
         if world.is_main:
+            if pending is not None:
+                log_step(pending)
             save_checkpoint(checkpoint, drafter, optimizer, step, progress_state(meta, history, kept, start_time))
         bar.close()
         raise
