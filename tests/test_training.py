@@ -117,7 +117,8 @@ def weights(drafter):
 def test_resume_reaches_the_same_weights(base, tmp_path, monkeypatch):
     examples = read_sequences(tiny_data(base, tmp_path / "data"))
     cfg = TrainConfig(head="full", exit_dim=32, num_draft_layers=1, batch_size=8, epochs=2, checkpoint_every=4)
-    straight, _ = fit(base, examples, tmp_path / "a", cfg, progress=False, save_dtype=mx.float32)
+    straight, metrics = fit(base, examples, tmp_path / "a", cfg, progress=False, save_dtype=mx.float32)
+    assert len(metrics["loss_history"]) == metrics["steps"]  # every step's loss is read, the last one too
     real_batches = training.batches
 
     def interrupted(examples, cfg, epoch):
