@@ -8,7 +8,7 @@ folder copied under ROOT/mlx_redrafter). DIR is a finished distillation data fol
 for each checkout, the order alternating from round to round; a process trains the shipped recipe's
 drafter shape (reduced 4096-token head, E = 2H, base layers 4 and 15 read, unroll 6, batch 32) from
 scratch with `training.fit`: 20 steps to warm up (--warmup) (kernels, the allocator), then --steps steps timed by
-fit itself (its `wall_seconds`: the loop alone, no data loading or saving). Prints each run, the median
+fit itself (its `wall_seconds`, to 0.1 s: the loop alone, no data loading or saving). Prints each run, the median
 ratio with its range, and saves the rows as JSON.
 """
 
@@ -50,7 +50,8 @@ def run_in(root: Path, args) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--data", str(args.data.resolve()),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
-    cmd += ["--model", args.model] if args.model else []
+    model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model  # or a Hub id
+    cmd += ["--model", model] if model else []
     done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"the run under {root} failed:\n{done.stderr[-2000:]}")
@@ -72,6 +73,9 @@ def main():
     if args.worker:
         print(json.dumps(measure(args.data, args.model, args.steps, args.warmup, args.batch_size)))
         return
+    from mlx_redrafter import backend  # this checkout's, before any round runs
+    from mlx_redrafter.outputs import write_file
+
     if not args.against or not (args.against / "mlx_redrafter" / "__init__.py").is_file():
         sys.exit(f"--against {args.against}: no mlx_redrafter package there; give another checkout's root")
     roots = {"this": HERE, "against": args.against.resolve()}
@@ -88,9 +92,6 @@ def main():
     summary = {"median_ratio": float(np.median(ratios)), "range": [float(ratios.min()), float(ratios.max())]}
     print(f"this checkout: {summary['median_ratio']:.3f}x the steps per second of {args.against} "
           f"(rounds {', '.join(f'{x:.3f}' for x in ratios)})")
-    from mlx_redrafter import backend
-    from mlx_redrafter.outputs import write_file
-
     out = args.out or Path(f"results/{'gpu' if backend.on_gpu() else 'cpu'}/train-speed.json")
     write_file(out, json.dumps({"machine": backend.machine(), "model": args.model or "the default model",
                                 "data": str(args.data), "against": str(args.against), "steps": args.steps,

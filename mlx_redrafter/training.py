@@ -478,14 +478,15 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     bar = progress_bar(total=total, initial=step, desc="training drafter", unit="step", enabled=progress)
     meta = {"train_config": asdict(cfg)}
 
-    def log_step(step_out):
-        """A finished step's loss and top-1 per position into the history and the bar."""
-        loss, accs = (x.tolist() for x in step_out)
+    def log_oldest(unread):
+        """The oldest unread step's loss and top-1 per position into the history and the bar (waits for it)."""
+        loss, accs = (x.tolist() for x in unread[0])
         history.append((loss, accs))
+        unread.pop(0)
         bar.set_postfix(loss=f"{loss:.3f}", acc=" ".join(f"{a:.2f}" for a in accs), refresh=False)
         bar.update(1)
 
-    pending = None  # the last step launched; read once the next is launched, so the device never waits for the host
+    unread = []  # (loss, top-1) of steps launched, read one step late so that the device never waits for the host
     try:
         while step < total:
             epoch, skip = divmod(step, per_epoch)
@@ -493,24 +494,25 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
                 if skip:
                     skip -= 1
                     continue
-                launched = train_step(rows)  # built on the host while the step before runs on the device
-                mx.async_eval(drafter.parameters(), optimizer.state, *launched)
+                unread.append(train_step(rows))  # built on the host while the step before runs on the device
+                mx.async_eval(drafter.parameters(), optimizer.state, *unread[-1])
+                if world.size > 1:  # a step in flight needs every rank: one stopped by Ctrl-C would leave the rest waiting
+                    mx.eval(drafter.parameters(), optimizer.state, *unread[-1])
                 step += 1
-                if pending is not None:
-                    log_step(pending)
-                pending = launched
+                while len(unread) > 1:
+                    log_oldest(unread)
                 if world.is_main and step % cfg.checkpoint_every == 0 and step < total:
-                    log_step(pending)
-                    pending = None
+                    while unread:
+                        log_oldest(unread)
                     save_checkpoint(checkpoint, drafter, optimizer, step, progress_state(meta, history, kept, start_time))
                 if step >= total:
                     break
-        if pending is not None:
-            log_step(pending)
+        while unread:
+            log_oldest(unread)
     except KeyboardInterrupt:
         if world.is_main:
-            if pending is not None:
-                log_step(pending)
+            while unread:
+                log_oldest(unread)
             save_checkpoint(checkpoint, drafter, optimizer, step, progress_state(meta, history, kept, start_time))
         bar.close()
         raise

@@ -114,7 +114,8 @@ def weights(drafter):
     return {k: np.array(v) for k, v in tree_flatten(drafter.parameters())}
 
 
-def test_resume_reaches_the_same_weights(base, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_at, step", [(2, 8), (3, 9)])  # at a checkpoint; one step past it, still in flight
+def test_resume_reaches_the_same_weights(base, tmp_path, monkeypatch, stop_at, step):
     examples = read_sequences(tiny_data(base, tmp_path / "data"))
     cfg = TrainConfig(head="full", exit_dim=32, num_draft_layers=1, batch_size=8, epochs=2, checkpoint_every=4)
     straight, metrics = fit(base, examples, tmp_path / "a", cfg, progress=False, save_dtype=mx.float32)
@@ -123,7 +124,7 @@ def test_resume_reaches_the_same_weights(base, tmp_path, monkeypatch):
 
     def interrupted(examples, cfg, epoch):
         for i, batch in enumerate(real_batches(examples, cfg, epoch)):
-            if epoch == 1 and i == 2:
+            if epoch == 1 and i == stop_at:
                 raise KeyboardInterrupt  # Ctrl-C in the middle of the second epoch
             yield batch
 
@@ -131,7 +132,7 @@ def test_resume_reaches_the_same_weights(base, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fit(base, examples, tmp_path / "b", cfg, progress=False)
     state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 8  # a usable checkpoint at the interruption
+    assert state["step"] == step  # a usable checkpoint at the interruption
     monkeypatch.setattr(training, "batches", real_batches)
     resumed, _ = fit(base, examples, tmp_path / "b", cfg, resume=True, progress=False, save_dtype=mx.float32)
     a, b = weights(straight), weights(resumed)
