@@ -86,9 +86,8 @@ def main():
             rows.append(row)
             print(f"round {r} {name}: {row['steps']} steps in {row['seconds']:.1f} s, "
                   f"{row['steps_per_second']:.2f} steps/s", flush=True)
-    ratios = np.array([next(x["steps_per_second"] for x in rows if x["round"] == r and x["checkout"] == "this")
-                       / next(x["steps_per_second"] for x in rows if x["round"] == r and x["checkout"] == "against")
-                       for r in range(args.rounds)])
+    speed = {(x["round"], x["checkout"]): x["steps_per_second"] for x in rows}
+    ratios = np.array([speed[r, "this"] / speed[r, "against"] for r in range(args.rounds)])
     summary = {"median_ratio": float(np.median(ratios)), "range": [float(ratios.min()), float(ratios.max())]}
     print(f"this checkout: {summary['median_ratio']:.3f}x the steps per second of {args.against} "
           f"(rounds {', '.join(f'{x:.3f}' for x in ratios)})")

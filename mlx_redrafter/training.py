@@ -478,15 +478,20 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
     bar = progress_bar(total=total, initial=step, desc="training drafter", unit="step", enabled=progress)
     meta = {"train_config": asdict(cfg)}
 
-    def log_oldest(unread):
-        """The oldest unread step's loss and top-1 per position into the history and the bar (waits for it)."""
-        loss, accs = (x.tolist() for x in unread[0])
-        history.append((loss, accs))
-        unread.pop(0)
-        bar.set_postfix(loss=f"{loss:.3f}", acc=" ".join(f"{a:.2f}" for a in accs), refresh=False)
-        bar.update(1)
+    def read_steps(unread, keep: int = 0):
+        """The loss and top-1 per position of all but the newest `keep` unread steps, oldest first, into the
+        history and the bar (reading a step waits for it)."""
+        while len(unread) > keep:
+            loss, accs = (x.tolist() for x in unread[0])
+            history.append((loss, accs))
+            unread.pop(0)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=" ".join(f"{a:.2f}" for a in accs), refresh=False)
+            bar.update(1)
 
-    unread = []  # (loss, top-1) of steps launched, read one step late so that the device never waits for the host
+    # A step runs on the device while the host builds the next and reads the one before. Under mlx.launch each
+    # step is finished first: a step in flight needs every rank, and one stopped by Ctrl-C would leave the rest waiting.
+    launch = mx.eval if world.size > 1 else mx.async_eval
+    unread = []  # (loss, top-1) of steps launched and not yet read
     try:
         while step < total:
             epoch, skip = divmod(step, per_epoch)
@@ -494,25 +499,19 @@ def fit(base, examples: List[tuple], out, cfg: TrainConfig, resume: bool = False
                 if skip:
                     skip -= 1
                     continue
-                unread.append(train_step(rows))  # built on the host while the step before runs on the device
-                mx.async_eval(drafter.parameters(), optimizer.state, *unread[-1])
-                if world.size > 1:  # a step in flight needs every rank: one stopped by Ctrl-C would leave the rest waiting
-                    mx.eval(drafter.parameters(), optimizer.state, *unread[-1])
+                unread.append(train_step(rows))
+                launch(drafter.parameters(), optimizer.state, *unread[-1])
                 step += 1
-                while len(unread) > 1:
-                    log_oldest(unread)
+                read_steps(unread, keep=1)
                 if world.is_main and step % cfg.checkpoint_every == 0 and step < total:
-                    while unread:
-                        log_oldest(unread)
+                    read_steps(unread)
                     save_checkpoint(checkpoint, drafter, optimizer, step, progress_state(meta, history, kept, start_time))
                 if step >= total:
                     break
-        while unread:
-            log_oldest(unread)
+        read_steps(unread)
     except KeyboardInterrupt:
         if world.is_main:
-            while unread:
-                log_oldest(unread)
+            read_steps(unread)
             save_checkpoint(checkpoint, drafter, optimizer, step, progress_state(meta, history, kept, start_time))
         bar.close()
         raise
