@@ -83,7 +83,7 @@ def main():
         return
     try:
         caps = dict(zip(("this", "against"), [float(x) for x in args.cache_gb.split(",", 1)], strict=True))
-        if min(caps.values()) < 0:
+        if not all(0 <= gb < float("inf") for gb in caps.values()):  # nan fails both
             raise ValueError
     except ValueError:
         sys.exit(f"--cache-gb {args.cache_gb!r}: give two numbers of GB, THIS,AGAINST (0: MLX's default), e.g. 2,0")
@@ -98,7 +98,8 @@ def main():
         for name in (("this", "against") if r % 2 == 0 else ("against", "this")):
             row = {"round": r, "checkout": name, **run_in(roots[name], args, caps[name])}
             rows.append(row)
-            print(f"round {r} {name}: {row['steps']} steps in {row['seconds']:.1f} s, "
+            cache = f"{caps[name]:g} GB" if caps[name] else "MLX default"
+            print(f"round {r} {name} (cache {cache}): {row['steps']} steps in {row['seconds']:.1f} s, "
                   f"{row['steps_per_second']:.2f} steps/s", flush=True)
     speed = {(x["round"], x["checkout"]): x["steps_per_second"] for x in rows}
     ratios = np.array([speed[r, "this"] / speed[r, "against"] for r in range(args.rounds)])
