@@ -28,7 +28,7 @@
 # eval has no budget (~3 minutes on an H200). Environment: W (work folder,
 # /root/work), N (prompts per set, 30720), B (rows generated at once, 512; 1024 was no faster per prompt on
 # another H200 host, README), MODEL (the GGUF), PROMPTS_FILE (eval's prompts; default the MT-Bench first turns the
-# package holds), MLX_CACHE_GB (train's MLX buffer cache, 32; scripts/mlx_capped.py's 2 elsewhere).
+# package holds), MLX_CACHE_GB (train's MLX buffer cache, 32; data keep scripts/mlx_capped.py's 2, eval sets 4).
 set -euo pipefail
 export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1
 W=${W:-/root/work} N=${N:-30720} B=${B:-512} MODEL=${MODEL-/root/models/SmolLM2-135M-Instruct.Q4_1.gguf}  # MODEL= : the embedded one
