@@ -65,10 +65,8 @@ case ${1:?mode: steer, self, keep, restore, train, packing or eval} in
   train)  # the shipped recipe's steer-self variant (data-steer, data-self) plus each data-TAG given; resumes
     secs=${2:?SECS}; shift 2
     extra=(); for tag in "$@"; do extra+=(--extra-data "$W/data-$tag"); done
-    # one training alone on the GPU: MLX's buffer cache at 32 GB, not mlx_capped.py's 2. A step's buffers likely pass
-    # 2 GB (its draft logits alone, ~8k positions x 6 x 4096 in fp32, are ~0.8 GB), so the cap would hand them back to
-    # the device every step: a suspect for the full run's 18-19 steps/s against the benchmark's 28.7 (not yet measured:
-    # benchmarks/train_speed.py --against . --cache-gb 2,0)
+    # alone on the GPU, so MLX's buffer cache at 32 GB: a step's buffers likely pass mlx_capped.py's 2 GB (a suspect for
+    # the slow full run, README; measure with benchmarks/train_speed.py --data DIR --against . --cache-gb 2,32)
     rc=0; budget "$secs" env RESUME=1 FORCE="${FORCE:-}" MLX_CACHE_GB="${MLX_CACHE_GB:-32}" VARIANTS=steer-self PROMPTS="$W/steer-prompts.jsonl.gz" MODEL="$MODEL" \
       MR="${mr[*]}" EXTRA="${extra[*]}" bash scripts/train_default_drafter.sh train .device/data "$W" || rc=$?
     cp "$W/steer-self.log" "$OUT/" 2>/dev/null || true
