@@ -13,6 +13,8 @@
 #   restore [DIR]         unpack every DIR/*.tar (.device/kept) into $W (scripts/kept_sets.sh writes them there; carry
 #                         [DIR] in a call after the staging calls: stage and sets pass 64 MiB together; sets passing
 #                         ~48 MiB go in two folders, KEPT=DIR scripts/kept_sets.sh, each carried and restored in its call)
+#                         and F.part-I-of-N files (one too large for a call, e.g. a training checkpoint) are joined into F
+#                         once every part has come
 #   train SECS TAG...     the shipped recipe (scripts/train_default_drafter.sh train, variant steer-self) on the sets
 #                         steer and self plus --extra-data of each data-TAG given, into $W/steer-self, resuming its
 #                         checkpoint on the same machine (the same TAGs: FORCE=1 starts again); the drafter and the
@@ -61,7 +63,13 @@ case ${1:?mode: steer, self, keep, restore, train, packing or eval} in
   restore)
     kept=${2:-.device/kept}
     ls "$kept"/*.tar > /dev/null 2>&1 || { echo "no $kept/*.tar: run scripts/kept_sets.sh here, carry $kept"; exit 1; }
-    for t in "$kept"/*.tar; do tar -C "$W" -xf "$t"; done; ls "$W" ;;
+    for t in "$kept"/*.tar; do tar -C "$W" -xf "$t"; done
+    # a file too large for one call's carry comes as F.part-I-of-N in several sets: joined once all N are here
+    find "$W" -name '*.part-1-of-*' | while read -r first; do
+      f=${first%.part-1-of-*} n=${first##*-of-}; parts=(); for i in $(seq 1 "$n"); do parts+=("$f.part-$i-of-$n"); done
+      ls "${parts[@]}" > /dev/null 2>&1 || { echo "$f: a part still to come"; continue; }
+      cat "${parts[@]}" > "$f.tmp" && mv "$f.tmp" "$f" && rm "${parts[@]}" && echo "$f: joined"
+    done; ls "$W" ;;
   train)  # the shipped recipe's steer-self variant (data-steer, data-self) plus each data-TAG given; resumes
     secs=${2:?SECS}; shift 2
     extra=(); for tag in "$@"; do extra+=(--extra-data "$W/data-$tag"); done
