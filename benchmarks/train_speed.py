@@ -1,8 +1,8 @@
 """Training steps per second of this checkout against another one, interleaved in fresh processes.
 
     python benchmarks/train_speed.py --data DIR --against ROOT [--steps 300] [--rounds 3] [--out F]
-    python benchmarks/train_speed.py --data DIR --against . --cache-gb 2,0   (MLX's buffer cache capped at 2 GB as
-                                                                          scripts/mlx_capped.py does, against uncapped)
+    python benchmarks/train_speed.py --data DIR --against . --cache-gb 2,32  (MLX's buffer cache capped at 2 GB as
+                                                                          scripts/mlx_capped.py does, against 32 GB)
 
 ROOT is another checkout of the package (e.g. `git worktree add /tmp/prev HEAD~1`, or the package's
 folder copied under ROOT/mlx_redrafter). DIR is a finished distillation data folder (e.g.

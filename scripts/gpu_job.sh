@@ -64,17 +64,21 @@ case ${1:?mode: steer, self, keep, restore, train, packing or eval} in
     kept=${2:-.device/kept}
     ls "$kept"/*.tar > /dev/null 2>&1 || { echo "no $kept/*.tar: run scripts/kept_sets.sh here, carry $kept"; exit 1; }
     for t in "$kept"/*.tar; do tar -C "$W" -xf "$t"; done
-    # a file too large for one call's carry comes as F.part-I-of-N in several sets: joined once all N are here
-    find "$W" -name '*.part-1-of-*' | while read -r first; do
-      f=${first%.part-1-of-*} n=${first##*-of-}; parts=(); for i in $(seq 1 "$n"); do parts+=("$f.part-$i-of-$n"); done
+    # a file too large for one call's carry comes as F.part-I-of-N in several sets: joined (parts deleted) once all N are here
+    while IFS= read -r -d '' first; do
+      f=${first%.part-1-of-*} n=${first##*-of-}
+      [[ $n =~ ^[1-9][0-9]?$ ]] || { echo "$first: not a part name F.part-I-of-N"; exit 1; }
+      parts=(); for i in $(seq 1 "$n"); do parts+=("$f.part-$i-of-$n"); done
       ls "${parts[@]}" > /dev/null 2>&1 || { echo "$f: a part still to come"; continue; }
-      cat "${parts[@]}" > "$f.tmp" && mv "$f.tmp" "$f" && rm "${parts[@]}" && echo "$f: joined"
-    done; ls "$W" ;;
+      { cat "${parts[@]}" > "$f.tmp" && mv "$f.tmp" "$f" && rm "${parts[@]}"; } || { echo "$f: joining its parts failed"; exit 1; }
+      echo "$f: joined"
+    done < <(find "$W" -name '*.part-1-of-*' -print0)
+    ls "$W" ;;
   train)  # the shipped recipe's steer-self variant (data-steer, data-self) plus each data-TAG given; resumes
     secs=${2:?SECS}; shift 2
     extra=(); for tag in "$@"; do extra+=(--extra-data "$W/data-$tag"); done
-    # alone on the GPU, so MLX's buffer cache at 32 GB: a step's buffers likely pass mlx_capped.py's 2 GB (a suspect for
-    # the slow full run, README; measure with benchmarks/train_speed.py --data DIR --against . --cache-gb 2,32)
+    # alone on the GPU, so MLX's buffer cache at 32 GB: a step's buffers likely pass mlx_capped.py's 2 GB (lifting it
+    # did not close the gap to benchmarks/train_speed.py's steps/s, README)
     rc=0; budget "$secs" env RESUME=1 FORCE="${FORCE:-}" MLX_CACHE_GB="${MLX_CACHE_GB:-32}" VARIANTS=steer-self PROMPTS="$W/steer-prompts.jsonl.gz" MODEL="$MODEL" \
       MR="${mr[*]}" EXTRA="${extra[*]}" bash scripts/train_default_drafter.sh train .device/data "$W" || rc=$?
     cp "$W/steer-self.log" "$OUT/" 2>/dev/null || true
