@@ -86,7 +86,7 @@ def main():
         if not all(0 <= gb < float("inf") for gb in caps.values()):  # nan fails both
             raise ValueError
     except ValueError:
-        sys.exit(f"--cache-gb {args.cache_gb!r}: give two numbers of GB, THIS,AGAINST (0: MLX's default), e.g. 2,0")
+        sys.exit(f"--cache-gb {args.cache_gb!r}: give two numbers of GB, THIS,AGAINST (0: MLX's default), e.g. 2,32")
     from mlx_redrafter import backend  # this checkout's, before any round runs
     from mlx_redrafter.outputs import write_file
 
