@@ -22,8 +22,8 @@
 #   packing [TAG]         benchmarks/train_packing.py on data-TAG (default steer): training steps with a batch's examples
 #                         packed into shared rows against one a row, 8 batches (~1 minute): $OUT/train-packing.json
 #   eval DIR SEEDS        the drafter in DIR (or "shipped") on 40 MT-Bench first turns, 256 tokens: sampled T = 0.7
-#                         with lookup at the GPU default (32 x 6 / 32 nodes), one run per seed (e.g. 0,1,2), and
-#                         greedy replayed at 4 x 4 and 32 x 6 / 32, with and without lookup; acceptance.json in $OUT
+#                         with lookup at the GPU default (16 x 8 / 56 nodes), one run per seed (e.g. 0,1,2), and
+#                         greedy replayed at 4 x 4 and 16 x 8 / 56, with and without lookup; acceptance.json in $OUT
 #
 # Data and train stop SECS seconds in (SIGINT: the CLI saves what it has) and the same command in the next call
 # goes on; give SECS ~60 s less than what the call has left after bootstrap, since a stop may take 30 s more.
@@ -94,9 +94,9 @@ case ${1:?mode: steer, self, keep, restore, train, packing or eval} in
       local out=$OUT/eval-$tag-$1; shift
       MLX_CACHE_GB=4 "${mr[@]}" eval-drafter "${p[@]}" "$@" --out "$out" > "$out.log" 2>&1 &
     }
-    for s in ${seeds//,/ }; do ev "t0.7-s$s" --widths 32 --lengths 6 --nodes 32 --lookup on --temp 0.7 --seed "$s"; done
+    for s in ${seeds//,/ }; do ev "t0.7-s$s" --widths 16 --lengths 8 --nodes 56 --lookup on --temp 0.7 --seed "$s"; done
     ev 4x4 --widths 4 --lengths 4 --lookup both
-    ev 32x6 --widths 32 --lengths 6 --nodes 32 --lookup both
+    ev 16x8 --widths 16 --lengths 8 --nodes 56 --lookup both
     rc=0; for pid in $(jobs -p); do wait "$pid" || rc=1; done
     cat "$OUT"/eval-"$tag"-*/acceptance.md || true; rm -f "$OUT"/eval-"$tag"-*/*.png
     [ $rc = 0 ] || { echo "an evaluation failed: see $OUT/eval-$tag-*.log"; exit 1; } ;;
