@@ -97,8 +97,9 @@ class BeamShape:
 # 64 tree tokens; on the CPU every verified token costs, so the tree stays small.
 # Then the lookup beam's length (0: Lb - 1), and the least drafter prefix probability verified
 # (0: the whole budget; on the CPU a cheaper verify of the likely nodes wins, README "Speed").
-# The GPU's 16 x 8 / 56 fills the CUDA verify kernel's 64 rows (56 nodes, g0 and a 7-token lookup beam): on an
-# H100 it beat 32 x 6 / 32 greedy by 3-8% and was level sampled (README, "Larger trees"); not measured on Metal.
+# The GPU's 16 x 8 / 56 fills the 64 rows of cuda_matmul's few-row kernel (56 nodes, g0 and a 7-token lookup
+# beam; a longer lookup or more lookup beams leave the kernel): on an H100 it beat 32 x 6 / 32 greedy by 3-8%
+# and was level sampled (README, "On the GPU, 56 nodes in the kernel pay"); not measured on Metal.
 DEFAULT_SHAPE = {"gpu": (16, 8, 56, 0, 0.0), "cpu": (4, 4, 0, 0, 0.1)}
 
 

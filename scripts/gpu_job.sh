@@ -21,16 +21,17 @@
 #                         log are copied to $OUT
 #   packing [TAG]         benchmarks/train_packing.py on data-TAG (default steer): training steps with a batch's examples
 #                         packed into shared rows against one a row, 8 batches (~1 minute): $OUT/train-packing.json
-#   eval DIR SEEDS        the drafter in DIR (or "shipped") on 40 MT-Bench first turns, 256 tokens: sampled T = 0.7
+#   eval DIR SEEDS        the drafter in DIR (or "shipped") on the 80 MT-Bench first turns (EVERY=2: 40), 256 tokens: sampled T = 0.7
 #                         with lookup at the GPU default (16 x 8 / 56 nodes), one run per seed (e.g. 0,1,2), and
-#                         greedy replayed at 4 x 4 and 16 x 8 / 56, with and without lookup; acceptance.json in $OUT
+#                         greedy replayed at 4 x 4, 32 x 6 / 32 and 16 x 8 / 56, with and without lookup; acceptance.json in $OUT
 #
 # Data and train stop SECS seconds in (SIGINT: the CLI saves what it has) and the same command in the next call
 # goes on; give SECS ~60 s less than what the call has left after bootstrap, since a stop may take 30 s more.
-# eval has no budget (~3 minutes on an H200). Environment: W (work folder,
+# eval has no budget (~2 minutes for 80 prompts on an H100). Environment: W (work folder,
 # /root/work), N (prompts per set, 30720), B (rows generated at once, 512; 1024 was no faster per prompt on
-# another H200 host, README), MODEL (the GGUF), PROMPTS_FILE (eval's prompts; default the MT-Bench first turns the
-# package holds), MLX_CACHE_GB (train's MLX buffer cache, 32; data keep scripts/mlx_capped.py's 2, eval sets 4).
+# another H200 host, README), MODEL (the GGUF), PROMPTS_FILE (eval's prompts; default the MT-Bench first turns,
+# which the device cannot fetch: copy ~/.cache/mlx-redrafter/question.jsonl into a carried folder such as
+# .device/bench/ and name it), EVERY (eval's every K-th prompt, 1), MLX_CACHE_GB (train's MLX buffer cache, 32; data keep scripts/mlx_capped.py's 2, eval sets 4).
 set -euo pipefail
 export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1
 W=${W:-/root/work} N=${N:-30720} B=${B:-512} MODEL=${MODEL-/root/models/SmolLM2-135M-Instruct.Q4_1.gguf}  # MODEL= : the embedded one
@@ -88,7 +89,7 @@ case ${1:?mode: steer, self, keep, restore, train, packing or eval} in
     --out "$OUT/train-packing.json" ;;
   eval)
     dir=${2:?DIR or shipped} seeds=${3:-0}; d=(); [ "$dir" = shipped ] || d=(--drafter "$dir")
-    p=(${m[@]+"${m[@]}"} ${d[@]+"${d[@]}"} ${PROMPTS_FILE:+--prompts "$PROMPTS_FILE"} --every 2 --max-tokens 256)
+    p=(${m[@]+"${m[@]}"} ${d[@]+"${d[@]}"} ${PROMPTS_FILE:+--prompts "$PROMPTS_FILE"} --every "${EVERY:-1}" --max-tokens 256)
     tag=$(basename "$dir")
     ev() {  # NAME FLAGS...: one evaluation in the background, into $OUT/eval-TAG-NAME (and .log)
       local out=$OUT/eval-$tag-$1; shift
@@ -96,6 +97,7 @@ case ${1:?mode: steer, self, keep, restore, train, packing or eval} in
     }
     for s in ${seeds//,/ }; do ev "t0.7-s$s" --widths 16 --lengths 8 --nodes 56 --lookup on --temp 0.7 --seed "$s"; done
     ev 4x4 --widths 4 --lengths 4 --lookup both
+    ev 32x6 --widths 32 --lengths 6 --nodes 32 --lookup both
     ev 16x8 --widths 16 --lengths 8 --nodes 56 --lookup both
     rc=0; for pid in $(jobs -p); do wait "$pid" || rc=1; done
     cat "$OUT"/eval-"$tag"-*/acceptance.md || true; rm -f "$OUT"/eval-"$tag"-*/*.png

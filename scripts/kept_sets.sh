@@ -2,7 +2,7 @@
 # Writes the distillation data sets listed in scripts/kept_sets.txt (kept in git history, not the tree) to
 # .device/kept/data-TAG.tar, checked against their sha256, for `scripts/gpu_job.sh restore` on the GPU:
 # carry [".device/kept"] in a call after the three staging calls (stage and sets together pass 64 MiB).
-# Usage: [KEPT=DIR] scripts/kept_sets.sh [TAG...]   (no TAG: every set listed, checkpoint parts too; KEPT: another folder than
+# Usage: [KEPT=DIR] scripts/kept_sets.sh [TAG...]   (no TAG: every set listed; KEPT: another folder than
 # .device/kept, relative to the checkout's root, for sets that pass a call's 64 MiB together: carry each folder
 # in its own call, restore DIR)
 set -euo pipefail
