@@ -1,8 +1,8 @@
 """One picture of drafter acceptance: mean tokens per step by beam shape, drafter alone and with the
 context-lookup beam, from `mlx-redrafter eval-drafter` results (acceptance.json files).
 
-    python benchmarks/plot_acceptance.py results/gpu/h100-defaults/eval-{defaults,mid}/acceptance.json \
-        --default 4x4:CPU --default 32x8:GPU --out results/acceptance-default-drafter.png
+    python benchmarks/plot_acceptance.py results/cpu/drafters/grid-round19/acceptance.json \
+        --default 4x4:CPU --default 16x8:GPU --target 3.0 --out results/acceptance-default-drafter.png
 """
 
 import argparse
@@ -16,12 +16,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def load_rows(files):
-    """{(W, Lb): {lookup: tokens_per_step}} from eval-drafter JSON files."""
-    rows = {}
+    """{(W, Lb): {lookup: tokens_per_step}} and the prompt counts seen, from eval-drafter JSON files."""
+    rows, prompts = {}, set()
     for f in files:
         for r in json.loads(Path(f).read_text()):
             rows.setdefault((r["width"], r["length"]), {})[bool(r.get("lookup"))] = r["tokens_per_step"]
-    return rows
+            prompts.add(r.get("prompts"))
+    return rows, prompts
 
 
 def main():
@@ -32,7 +33,7 @@ def main():
     p.add_argument("--target", type=float, default=3.5)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    rows = load_rows(args.files)
+    rows, prompts = load_rows(args.files)
     for item in args.extra:
         shape, alone, lookup = item.split(":")
         w, lb = map(int, shape.split("x"))
@@ -50,9 +51,11 @@ def main():
                             for w, lb in shapes], fontsize=8)
     ax.set_xlabel("beam width W x beam length Lb")
     ax.set_ylabel("mean tokens per step")
-    ax.set_title("Default drafter on MT-Bench's 80 first turns (greedy, 256 tokens)")
-    ax.set_ylim(0, args.target * 1.15)
-    ax.legend(loc="lower right", fontsize=8)
+    count = f"{prompts.pop()} " if len(prompts) == 1 and None not in prompts else ""
+    ax.set_title(f"Default drafter on {count}MT-Bench first turns (greedy)")
+    top = max([args.target] + [v for r in rows.values() for v in r.values() if v == v])  # NaN-free
+    ax.set_ylim(0, top * 1.15)
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
