@@ -135,7 +135,10 @@ class Decoder:
         cache = state.cache
         cache.maybe_compact(self.nodes)
         state.history = _fit_history(state.history, cache.bound + 2 * self.shape.emit_length)
-        tree = self.tree(state.hidden, state.g0, state.history, cache.lengths)
+        return self.cut(self.tree(state.hidden, state.g0, state.history, cache.lengths))
+
+    def cut(self, tree: DraftTree) -> DraftTree:
+        """The tree without the drafted nodes below `BeamShape.min_prob` (`draft_tree.trim`; as it is without one)."""
         return trim(tree, self.budget, self.shape.min_prob) if self.shape.min_prob else tree
 
     def verify(self, state: DecodeState, tree: DraftTree) -> Tuple[mx.array, mx.array]:

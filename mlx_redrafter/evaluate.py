@@ -80,7 +80,7 @@ def replay_steps(model, drafter, references: Sequence[tuple], shape: BeamShape, 
         j = 0
         while j < len(reference):
             at = len(prompt) + j  # reference[j] is this step's g0
-            tree = decoder.tree(hidden[at - 1][None], mx.array([reference[j]]), history, mx.array([at]))
+            tree = decoder.cut(decoder.tree(hidden[at - 1][None], mx.array([reference[j]]), history, mx.array([at])))
             L = shape.emit_length
             truth = mx.array([(context[at + 1: at + L] + [-1] * L)[:L]])
             a = int(accept(tree, mx.take_along_axis(truth, tree.depth, axis=1)).count[0])
@@ -94,7 +94,7 @@ def summary(shape: BeamShape, prompts: int, tokens: int, accepted: List[int], te
     return {
         "width": shape.width, "length": shape.length, "lookup": shape.lookup, "nodes": shape.nodes, "tree": shape.tree,
         "lookup_length": shape.lookup_length if shape.lookup else 0,
-        "lookup_beams": shape.lookup_beams,
+        "lookup_beams": shape.lookup_beams, "min_prob": shape.min_prob,
         "prompts": prompts, "temperature": temperature,
         "steps": len(accepted), "tokens": tokens,
         "tokens_per_step": tokens / steps,
@@ -151,7 +151,8 @@ def as_list(values) -> List[int]:
 
 
 def setting_label(row: Dict) -> str:
-    """A result row's setting in a few characters: "4x4 +lookup", "32x6 32 nodes +lookup 12 x2" (two lookup beams)."""
+    """A result row's setting in a few characters: "4x4 +lookup", "32x6 32 nodes +lookup 12 x2" (two lookup beams),
+    "4x4 +lookup @0.1" (drafted nodes below prefix probability 0.1 not verified)."""
     label = f"{row['width']}x{row['length']}"
     if row.get("nodes"):
         label += f" {row['nodes']} nodes"
@@ -160,6 +161,7 @@ def setting_label(row: Dict) -> str:
     label += " +lookup" if row.get("lookup") else ""
     label += f" {row['lookup_length']}" if row.get("lookup_length") else ""
     label += f" x{row['lookup_beams']}" if row.get("lookup_beams", 1) > 1 else ""
+    label += f" @{row['min_prob']:g}" if row.get("min_prob") else ""
     return label + (f" T={row['temperature']:g}" if row.get("temperature") else "")
 
 

@@ -163,9 +163,10 @@ def trained(base, tmp_path_factory):
     return fit(base, examples, tmp / "drafter", cfg, progress=False)[0]
 
 
-@pytest.mark.parametrize("shape", [BeamShape(2, 4, lookup=False), BeamShape(3, 3, lookup=True), BeamShape(1, 6)])
+@pytest.mark.parametrize("shape", [BeamShape(2, 4, lookup=False), BeamShape(3, 3, lookup=True), BeamShape(1, 6),
+                                   BeamShape(3, 4, lookup=True, min_prob=0.5)])
 def test_replayed_acceptance_equals_decoding(base, trained, shape):
-    """Counting along greedy references gives the steps that speculative decoding takes."""
+    """Counting along greedy references gives the steps that speculative decoding takes (min_prob's cut too)."""
     tok = word_tokenizer(VOCAB, eos=1)
     drafter = trained
     prompts = ["t3 t4 t5", "t9 t2", "t7 t7 t8 t20", "t11"]
