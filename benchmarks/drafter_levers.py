@@ -6,7 +6,7 @@
         [--temp 0.7] [--sampled-every 4] [--sampled-shapes 4x4] [--sampled-drafters shipped,sampled] \\
         [--out results/drafter-levers.json]
 
-A shape is WxL[:NODES][+LOOKUP_LENGTH][*LOOKUP_BEAMS]; each is counted with and without the context-lookup beam
+A shape is WxL[:NODES][+LOOKUP_LENGTH][*LOOKUP_BEAMS][@MIN_PROB]; each is counted with and without the context-lookup beam
 (greedy; without it the lookup length changes nothing, so such a shape is counted once) and with
 it (sampled). Prints a Markdown table (drafters by settings) and saves every row as JSON.
 """
@@ -55,7 +55,7 @@ def main():
         try:
             text and parse_shape(text, True)  # a bad shape fails here, not after an hour of counting
         except ValueError:
-            raise SystemExit(f"error: a shape is WxL[:NODES][+LOOKUP_LENGTH][*LOOKUP_BEAMS] (e.g. 4x4, 32x6:32+12, 4x4*2), got {text!r}") from None
+            raise SystemExit(f"error: a shape is WxL[:NODES][+LOOKUP_LENGTH][*LOOKUP_BEAMS][@MIN_PROB] (e.g. 4x4, 32x6:32+12, 4x4*2, 4x4@0.1), got {text!r}") from None
 
     model, tokenizer = load(args.model, drafter=None, dtype=args.dtype)
     drafters = {}

@@ -67,8 +67,8 @@ def replay_steps(model, drafter, references: Sequence[tuple], shape: BeamShape, 
     """Yield (reference index k, position j, accepted a) for each replayed step: the step commits
     reference[j] (the base model's token) and the next a reference tokens, drafted.
 
-    Each step builds the decoder's own tree and applies its acceptance rule (`draft_tree.accept`)
-    with the reference as the base model's choice at every node on it.
+    Each step builds the decoder's own tree, cut as `Decoder.draft` cuts it (`min_prob`), and applies its
+    acceptance rule (`draft_tree.accept`) with the reference as the base model's choice at every node on it.
     """
     decoder = Decoder(model, drafter, shape, SamplingConfig())
     for k, (prompt, reference) in enumerate(progress_bar(references, progress, desc=f"W={shape.width} Lb={shape.length}",
@@ -94,7 +94,7 @@ def summary(shape: BeamShape, prompts: int, tokens: int, accepted: List[int], te
     return {
         "width": shape.width, "length": shape.length, "lookup": shape.lookup, "nodes": shape.nodes, "tree": shape.tree,
         "lookup_length": shape.lookup_length if shape.lookup else 0,
-        "lookup_beams": shape.lookup_beams, "min_prob": shape.min_prob,
+        "lookup_beams": shape.lookup_beams, "min_prob": float(shape.min_prob),
         "prompts": prompts, "temperature": temperature,
         "steps": len(accepted), "tokens": tokens,
         "tokens_per_step": tokens / steps,
@@ -168,7 +168,8 @@ def setting_label(row: Dict) -> str:
 @dataclass
 class EvalResult:
     """Accepted tokens per step for each setting `eval_drafter` tried (the table `mlx-redrafter
-    eval-drafter` prints). Each row: width, length, lookup, nodes, tree, prompts, steps, tokens,
+    eval-drafter` prints). Each row: width, length, lookup, nodes, tree, lookup_length, lookup_beams, min_prob,
+    prompts, temperature, steps, tokens,
     tokens_per_step, accept_at_least (share of steps accepting >= k drafted tokens, k = 1 .. emit length - 1),
     histogram (steps by drafted tokens accepted).
 
