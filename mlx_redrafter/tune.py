@@ -41,8 +41,9 @@ from .sampling import SamplingConfig
 CANDIDATES = {
     # 32x6:64 and 16x4:16 went (1.35x against 1.55-1.72x on the H200), then 32x6:32+12 and 32x8:48 (never picked in
     # four interleaved H200 runs, and 32x6:32+12 the slowest of five in all four: h200-rows-matmul/, h200-qkv-rope/tune-*); each shape's kernels are built on a
-    # GPU's first run, and fewer settings measure more rounds in the same time. 32x6:32 gave way to 32x6:56, faster
-    # greedy and sampled in both halves of MT-Bench on an H100 (benchmarks/tree_modes.py: there the fastest sampled, 16x8:56 greedy)
+    # GPU's first run, and fewer settings measure more rounds in the same time. 32x6:32 gave way to 32x6:56: 3-5% faster
+    # sampled in both halves of MT-Bench on an H100 and no slower greedy (benchmarks/tree_modes.py: there the fastest
+    # sampled, 16x8:56 the fastest greedy)
     "gpu": [(16, 8, 56), (32, 6, 56), (16, 6, 24), (64, 6, 48)],
     # 4x4 verifying every node and 4x5 @ 0.1 went: never picked in eight CPU runs (1.31x-1.44x against 1.48x-1.61x
     # for 4x4 @ 0.1 / 0.2), and each costs a slow CPU ~7 s of `tune`'s minute

@@ -78,8 +78,8 @@ case ${1:?mode: steer, self, keep, restore, train, packing or eval} in
   train)  # the shipped recipe's steer-self variant (data-steer, data-self) plus each data-TAG given; resumes
     secs=${2:?SECS}; shift 2
     extra=(); for tag in "$@"; do extra+=(--extra-data "$W/data-$tag"); done
-    # alone on the GPU, so MLX's buffer cache at 32 GB: a step's buffers likely pass mlx_capped.py's 2 GB (lifting it
-    # did not close the gap to benchmarks/train_speed.py's steps/s, README)
+    # alone on the GPU, so MLX's buffer cache at 32 GB: a step's buffers likely pass mlx_capped.py's 2 GB (with it,
+    # 17.5-18.1 steps/s on one H100 host and 25.7 on another: README, "Cost of making a drafter")
     rc=0; budget "$secs" env RESUME=1 FORCE="${FORCE:-}" MLX_CACHE_GB="${MLX_CACHE_GB:-32}" VARIANTS=steer-self PROMPTS="$W/steer-prompts.jsonl.gz" MODEL="$MODEL" \
       MR="${mr[*]}" EXTRA="${extra[*]}" bash scripts/train_default_drafter.sh train .device/data "$W" || rc=$?
     cp "$W/steer-self.log" "$OUT/" 2>/dev/null || true
